@@ -1,0 +1,50 @@
+# The Makefile mirrors CI: `.ci/run` calls `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP_CACHE ?= $(HOME)/.cache/e2ee-relay/pip
+export PIP_CACHE_DIR := $(PIP_CACHE)
+
+.PHONY: install proto run lint typecheck unit test services services-stop clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.stamp-install  ## create .venv and install the package with dev tools
+
+proto: install  ## regenerate relaypb/ from proto/
+	rm -rf relaypb
+	$(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
+	  $$(find proto -name '*.proto' | sort)
+	find relaypb -type d -exec touch {}/__init__.py \;
+	touch relaypb/py.typed
+
+run: install  ## run the relay (127.0.0.1:50051) and key directory (127.0.0.1:50052) on the embedded default
+	$(BIN)/relayd run --data-dir $${RELAY_DATA_DIR:-./data}
+
+lint: install  ## ruff
+	$(BIN)/ruff check relay keyserver tests loadtest
+	$(BIN)/ruff format --check relay keyserver tests loadtest
+
+typecheck: install  ## mypy strict on the packages
+	$(BIN)/mypy
+
+unit: install  ## only the tests that need no external services
+	$(BIN)/pytest -q -m 'not services'
+
+test: install lint typecheck  ## lint, typecheck and the whole test suite
+	$(BIN)/pytest -q
+
+clean:  ## remove caches (not the venv)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

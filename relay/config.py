@@ -1,0 +1,170 @@
+"""Configuration: frozen dataclasses, one per section, loaded once.
+
+A TOML file (``relayd --config FILE``) overrides the defaults below; unknown keys and
+wrong types are errors that name the key path (``limits.max_envelope_bytes``).
+Secrets are never inline: an API key is read from ``key_file``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_RELAY_LISTEN = "127.0.0.1:50051"
+DEFAULT_KEYSERVER_LISTEN = "127.0.0.1:50052"
+DEFAULT_DATA_DIR = "./data"
+DEFAULT_MAX_ENVELOPE_BYTES = 256 * 1024
+DEFAULT_MAX_QUEUE_DEPTH = 10_000
+DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024
+DEFAULT_TTL_SECONDS = 30 * 24 * 3600
+DEFAULT_MAX_BATCH_ENVELOPES = 1000
+DEFAULT_AUTH_TIMEOUT_SECONDS = 30.0
+DEFAULT_DELIVERY_PAGE = 256
+DEFAULT_SESSION_OUTBOX = 64
+DEFAULT_IDENTITY_CACHE_SECONDS = 60.0
+DEFAULT_GRACE_SECONDS = 5.0
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names the key path."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """This relay node: its id (in challenges and presence) and where it listens."""
+
+    id: str = "relay-1"
+    listen: str = DEFAULT_RELAY_LISTEN
+    #: Seconds a stopping server gives open calls to finish.
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class KeyserverConfig:
+    """Where the key directory listens, and where relay nodes reach it."""
+
+    listen: str = DEFAULT_KEYSERVER_LISTEN
+    target: str = DEFAULT_KEYSERVER_LISTEN
+    #: Seconds a relay node caches a device's identity key (and a miss, for a tenth of it).
+    identity_cache_seconds: float = DEFAULT_IDENTITY_CACHE_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """Which backend stores queues and keys. ``embedded``: SQLite files in ``data_dir``."""
+
+    backend: str = "embedded"
+    data_dir: str = DEFAULT_DATA_DIR
+
+    @property
+    def path(self) -> Path:
+        """``data_dir`` as a Path."""
+        return Path(self.data_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Limits the relay enforces; each is named in the RESOURCE_EXHAUSTED error it causes."""
+
+    max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
+    max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH
+    max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
+    default_ttl_seconds: int = DEFAULT_TTL_SECONDS
+    max_ttl_seconds: int = DEFAULT_TTL_SECONDS
+    max_batch_envelopes: int = DEFAULT_MAX_BATCH_ENVELOPES
+    auth_timeout_seconds: float = DEFAULT_AUTH_TIMEOUT_SECONDS
+    #: Envelopes per Deliver frame, and per store read.
+    delivery_page: int = DEFAULT_DELIVERY_PAGE
+    #: Deliver frames buffered per session before the relay stops reading the queue.
+    session_outbox: int = DEFAULT_SESSION_OUTBOX
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyConfig:
+    """A tenant API key for server-side senders. The key itself is read from ``key_file``."""
+
+    tenant: str
+    name: str
+    key_file: str
+
+    def key_digest(self) -> bytes:
+        """SHA-256 of the key in ``key_file`` (surrounding whitespace stripped)."""
+        try:
+            key = Path(self.key_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"api_keys[{self.name}].key_file: {exc}") from exc
+        if len(key) < 16:
+            raise ConfigError(f"api_keys[{self.name}].key_file: key shorter than 16 characters")
+        return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration of a ``relayd`` process."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    keyserver: KeyserverConfig = field(default_factory=KeyserverConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+
+
+C = TypeVar("C")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table, got {type(value).__name__}")
+        return from_dict(tp, value, path)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is types.UnionType:
+        raise ConfigError(f"{path}: unsupported type")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__}")
+    if tp in (int, float) and value < 0:
+        raise ConfigError(f"{path}: must not be negative, got {value}")
+    return value
+
+
+def from_dict(cls: type[C], data: dict[str, Any], path: str = "") -> C:
+    """Build dataclass ``cls`` from ``data``, naming the key path in every error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else key
+        if key not in names:
+            raise ConfigError(f"{key_path}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], key_path)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from exc
+
+
+def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load the configuration from ``path`` (or defaults) with dotted-key ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        data.setdefault(section, {})[key] = value
+    return from_dict(Config, data)

@@ -1,0 +1,4 @@
+"""The relay's domain core: it decides; servicers translate and stores persist.
+
+Imports nothing from grpc, protobuf, cassandra or redis.
+"""

@@ -1,0 +1,130 @@
+"""One error tree for the relay and the key directory.
+
+::
+
+    RelayError
+    ├── ClientError                 the caller must change something; carries a Status
+    │   ├── InvalidArgument         INVALID_ARGUMENT
+    │   ├── Unauthenticated         UNAUTHENTICATED
+    │   ├── PermissionDenied        PERMISSION_DENIED
+    │   ├── NotFound                NOT_FOUND
+    │   ├── AlreadyExists           ALREADY_EXISTS
+    │   ├── FailedPrecondition      FAILED_PRECONDITION
+    │   ├── LimitExceeded           RESOURCE_EXHAUSTED, names the limit and its value
+    │   └── SessionDisplaced        ABORTED: a newer session of the same device took over
+    └── Unavailable                 UNAVAILABLE: a backend is down; retryable
+
+Driver errors are translated at the adapter seam (``raise Unavailable(...) from exc``).
+Servicers map ``error.status`` to a gRPC status code; nothing here imports grpc.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.IntEnum):
+    """The gRPC status codes the relay uses, by their canonical numbers."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
+
+
+class RelayError(Exception):
+    """Root of every error the relay raises on purpose."""
+
+    status: Status = Status.INTERNAL
+    #: A stable machine-readable reason (google.rpc.ErrorInfo.reason).
+    reason: str = "INTERNAL"
+    #: Whether the same call may succeed if retried unchanged.
+    retryable: bool = False
+
+    def __init__(self, message: str, *, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class ClientError(RelayError):
+    """The caller sent something the relay will not accept as it is."""
+
+    status = Status.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+
+class InvalidArgument(ClientError):
+    """A field is malformed or out of range; the message names it."""
+
+
+class Unauthenticated(ClientError):
+    """Missing, forged, replayed or expired credentials."""
+
+    status = Status.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ClientError):
+    """Authenticated, but not allowed to do this."""
+
+    status = Status.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class NotFound(ClientError):
+    """The named device, user or key does not exist."""
+
+    status = Status.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(ClientError):
+    """The thing to create exists already."""
+
+    status = Status.ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ClientError):
+    """The system is not in the state the call needs (e.g. a stale device list)."""
+
+    status = Status.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class LimitExceeded(ClientError):
+    """A configured limit was hit. ``limit`` is its configuration name."""
+
+    status = Status.RESOURCE_EXHAUSTED
+    reason = "LIMIT_EXCEEDED"
+
+    def __init__(self, limit: str, value: int, message: str) -> None:
+        super().__init__(message, metadata={"limit": limit, "value": str(value)})
+        self.limit = limit
+        self.value = value
+
+
+class SessionDisplaced(ClientError):
+    """A newer receiving session of the same device replaced this one. Do not reconnect."""
+
+    status = Status.ABORTED
+    reason = "SESSION_DISPLACED"
+
+
+class Unavailable(RelayError):
+    """A backend (store, key directory) is unreachable. Retry with backoff."""
+
+    status = Status.UNAVAILABLE
+    reason = "UNAVAILABLE"
+    retryable = True

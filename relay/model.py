@@ -1,0 +1,122 @@
+"""Domain values shared by the relay core, its stores and the SDK. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from relay.errors import InvalidArgument
+
+MESSAGE_ID_BYTES = 16
+_TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_MAX_USER_CHARS = 128
+MAX_DEVICE = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Address:
+    """A device of a user of a tenant. ``device == 0`` is a service sender, never a device."""
+
+    tenant: str
+    user: str
+    device: int
+
+    def __str__(self) -> str:
+        return f"{self.tenant}/{self.user}/{self.device}"
+
+    def validate(self, *, field: str = "address", allow_service: bool = False) -> Address:
+        """Return self if well-formed, else raise InvalidArgument naming ``field``."""
+        if not _TENANT_RE.match(self.tenant):
+            raise InvalidArgument(
+                f"{field}.tenant {self.tenant!r} is invalid: use 1-64 of [a-z0-9_-], "
+                "starting with a letter or digit"
+            )
+        validate_user(self.user, field=f"{field}.user")
+        low = 0 if allow_service else 1
+        if not low <= self.device <= MAX_DEVICE:
+            raise InvalidArgument(
+                f"{field}.device {self.device} is out of range {low}..{MAX_DEVICE}"
+            )
+        return self
+
+
+def validate_user(user: str, *, field: str = "user") -> str:
+    """Return ``user`` if it is 1-128 printable characters without '/', else raise."""
+    if not user or len(user) > _MAX_USER_CHARS or "/" in user or not user.isprintable():
+        raise InvalidArgument(
+            f"{field} {user!r} is invalid: use 1-{_MAX_USER_CHARS} printable characters without '/'"
+        )
+    return user
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An opaque encrypted envelope as the relay sees it."""
+
+    message_id: bytes
+    sender: Address
+    recipient: Address
+    content: bytes
+    ephemeral: bool = False
+    ttl_seconds: int = 0
+    server_timestamp_ms: int = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes the envelope costs in a device queue (content plus fixed overhead)."""
+        return len(self.content) + 64
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedEnvelope:
+    """An envelope in a device queue: ``seq`` orders the queue, ``expires_at_ms`` ends it."""
+
+    seq: int
+    envelope: Envelope
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePage:
+    """One page of a device queue.
+
+    ``items`` are in ascending ``seq``; ``cursor`` is the seq to pass as ``after`` to
+    read the next page (the last item's seq, or the ``after`` that was asked if the
+    page is empty); ``more`` says whether a next page may hold items.
+    """
+
+    items: tuple[QueuedEnvelope, ...]
+    cursor: int
+    more: bool
+
+
+class Outcome(enum.Enum):
+    """What happened to one envelope of a send (mirrors relay.v1.Outcome)."""
+
+    STORED = 1
+    DUPLICATE = 2
+    DELIVERED = 3
+    RECIPIENT_OFFLINE = 4
+    REJECTED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    """Per-device queue bounds the store enforces atomically on append."""
+
+    max_depth: int
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """The store's answer for one envelope of an append.
+
+    ``outcome`` is STORED, DUPLICATE or REJECTED; for REJECTED, ``limit`` names the
+    queue limit that was full (``max_queue_depth`` or ``max_queue_bytes``).
+    """
+
+    outcome: Outcome
+    seq: int = 0
+    limit: str = ""

@@ -1,0 +1,1 @@
+"""gRPC servicers and process wiring: they translate, the core decides."""
