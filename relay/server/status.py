@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -17,7 +18,6 @@ log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "e2ee-relay"
 
-Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
@@ -57,23 +57,20 @@ def error_info(error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2
     return None
 
 
-def unary(
-    fn: Callable[[Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]:
-    """Wrap a unary handler so that a RelayError becomes its rich status.
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
-    Unexpected exceptions are logged (without request bodies) and become INTERNAL.
-    """
 
-    async def handler(
-        _self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
-    ) -> Resp:
+def unary(fn: F) -> F:
+    """Decorate a unary servicer method so that a RelayError becomes its rich status."""
+
+    @functools.wraps(fn)
+    async def handler(self: Any, request: Any, context: Any) -> Any:
         try:
-            return await fn(request, context)
+            return await fn(self, request, context)
         except RelayError as exc:
             await abort(context, exc)
 
-    return handler
+    return cast(F, handler)
 
 
 async def guard_stream(

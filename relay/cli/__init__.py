@@ -1,0 +1,1 @@
+"""Command-line entry points: ``relayd`` (servers) and ``relayctl`` (device CLI)."""

@@ -1,0 +1,126 @@
+"""``relayd``: run the relay node and/or the key directory.
+
+relayd run         relay node + key directory in one process (the embedded default)
+relayd relay       a relay node only
+relayd keyserver   the key directory only
+relayd config      print the effective configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from relay.config import Config, ConfigError, load
+
+log = logging.getLogger("relayd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relayd",
+        description="Run the end-to-end-encrypted relay node and key directory.",
+        epilog="Without --config every setting has its default; see docs/operations.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in (
+        ("run", "relay node and key directory in one process (embedded storage by default)"),
+        ("relay", "a relay node only (needs a key directory at keyserver.target)"),
+        ("keyserver", "the key directory only"),
+        ("config", "print the effective configuration as JSON and exit"),
+    ):
+        cmd = sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("--config", type=Path, help="TOML configuration file")
+        cmd.add_argument("--data-dir", help="directory of the embedded SQLite files (./data)")
+        cmd.add_argument("--listen", help="relay listen address host:port (127.0.0.1:50051)")
+        cmd.add_argument(
+            "--keys-listen", help="key directory listen address host:port (127.0.0.1:50052)"
+        )
+        cmd.add_argument(
+            "--keys-target", help="where relay nodes reach the key directory (host:port)"
+        )
+        cmd.add_argument("--node-id", help="this relay node's id (relay-1)")
+        cmd.add_argument(
+            "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load the configuration file and apply command-line overrides."""
+    overrides: dict[str, Any] = {}
+    if args.data_dir:
+        overrides["storage.data_dir"] = args.data_dir
+    if args.listen:
+        overrides["node.listen"] = args.listen
+    if args.node_id:
+        overrides["node.id"] = args.node_id
+    if args.keys_listen:
+        overrides["keyserver.listen"] = args.keys_listen
+        if args.command == "run" and not args.keys_target:
+            overrides["keyserver.target"] = args.keys_listen
+    if args.keys_target:
+        overrides["keyserver.target"] = args.keys_target
+    return load(args.config, overrides)
+
+
+async def serve(config: Config, command: str) -> None:
+    """Run the servers ``command`` names until SIGINT or SIGTERM."""
+    from keyserver.app import KeyserverApp  # noqa: PLC0415 - only what is run is imported
+
+    from relay.server.app import RelayApp  # noqa: PLC0415
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        if command in ("run", "keyserver"):
+            keys = await stack.enter_async_context(KeyserverApp(config))
+            log.info("key directory listening on %s", keys.address)
+        if command in ("run", "relay"):
+            node = await stack.enter_async_context(RelayApp(config))
+            log.info("relay node %s listening on %s", config.node.id, node.address)
+        log.info("ready (storage: %s at %s)", config.storage.backend, config.storage.data_dir)
+        await stop.wait()
+        log.info("stopping: letting open calls finish for up to %.0f s", config.node.grace_seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``relayd``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"relayd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(json.dumps(dataclasses.asdict(config), indent=2))
+        return 0
+    try:
+        import uvloop  # noqa: PLC0415
+
+        uvloop.run(serve(config, args.command))
+    except ConfigError as exc:
+        print(f"relayd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

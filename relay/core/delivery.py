@@ -1,0 +1,216 @@
+"""The relay core: accept sends (durable before ack), open sessions, take acks.
+
+Contract (DESIGN.md section 3): a send is answered only once every stored copy is
+durable; an envelope with a message id seen before for the same recipient is a
+duplicate; ephemeral envelopes reach only an online session and are never stored;
+limits reject with their configuration name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from relay.clock import Clock
+from relay.config import LimitsConfig
+from relay.core.ports import IdentityKeys, MessageQueue
+from relay.core.sessions import Session, SessionRegistry
+from relay.errors import ClientError, InvalidArgument, LimitExceeded, NotFound, PermissionDenied
+from relay.metrics import RelayMetrics
+from relay.model import MESSAGE_ID_BYTES, Address, Envelope, Outcome, QueueLimits
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """What happened to one envelope of a send; ``error`` is set when REJECTED."""
+
+    message_id: bytes
+    recipient: Address
+    outcome: Outcome
+    error: ClientError | None = None
+
+
+class Relay:
+    """Routes envelopes between device sessions on the embedded backends."""
+
+    def __init__(
+        self,
+        *,
+        queue: MessageQueue,
+        identities: IdentityKeys,
+        clock: Clock,
+        limits: LimitsConfig,
+        metrics: RelayMetrics,
+        registry: SessionRegistry | None = None,
+    ) -> None:
+        self._queue = queue
+        self._identities = identities
+        self._clock = clock
+        self._limits = limits
+        self._metrics = metrics
+        self._registry = registry or SessionRegistry()
+        self._queue_limits = QueueLimits(limits.max_queue_depth, limits.max_queue_bytes)
+
+    @property
+    def sessions(self) -> SessionRegistry:
+        """The receiving sessions on this node."""
+        return self._registry
+
+    async def send(self, sender: Address, envelopes: Sequence[Envelope]) -> list[SendOutcome]:
+        """Accept ``envelopes`` from ``sender``; one outcome per envelope, in order.
+
+        Raises LimitExceeded for a batch over ``max_batch_envelopes`` (nothing accepted)
+        and Unavailable when the store is down (nothing acknowledged). Per-envelope
+        problems are REJECTED outcomes carrying their error; the rest still go through.
+        """
+        limit = self._limits.max_batch_envelopes
+        if len(envelopes) > limit:
+            raise LimitExceeded(
+                "max_batch_envelopes",
+                limit,
+                f"batch of {len(envelopes)} envelopes is over limits.max_batch_envelopes "
+                f"({limit}): split it",
+            )
+        with self._metrics.send_seconds.time():
+            outcomes = await self._send(sender, envelopes)
+        for out in outcomes:
+            self._metrics.envelopes.labels(out.outcome.name.lower()).inc()
+            if out.error is not None:
+                self._metrics.rejections.labels(
+                    out.error.status.name, out.error.metadata.get("limit", "")
+                ).inc()
+        return outcomes
+
+    async def _send(self, sender: Address, envelopes: Sequence[Envelope]) -> list[SendOutcome]:
+        now = self._clock.now_ms()
+        known = await self._registered({e.recipient for e in envelopes})
+        results: list[SendOutcome | None] = [None] * len(envelopes)
+        stored: list[tuple[int, Envelope, int]] = []
+        for i, raw in enumerate(envelopes):
+            try:
+                env, ttl = self._check(i, sender, raw, known, now)
+            except ClientError as exc:
+                results[i] = SendOutcome(raw.message_id, raw.recipient, Outcome.REJECTED, exc)
+                continue
+            if env.ephemeral:
+                results[i] = self._push_ephemeral(env)
+            else:
+                stored.append((i, env, now + ttl * 1000))
+        if stored:
+            appended = await self._queue.append(
+                [env for _, env, _ in stored], [exp for _, _, exp in stored], self._queue_limits
+            )
+            for (i, env, _), result in zip(stored, appended, strict=True):
+                error = None
+                if result.outcome is Outcome.REJECTED:
+                    error = self._queue_full(env.recipient, result.limit)
+                elif result.outcome is Outcome.STORED:
+                    session = self._registry.get(env.recipient)
+                    if session is not None:
+                        session.wake()
+                results[i] = SendOutcome(env.message_id, env.recipient, result.outcome, error)
+        return [r for r in results if r is not None]
+
+    async def _registered(self, recipients: set[Address]) -> set[Address]:
+        valid = [r for r in recipients if _is_valid(r)]
+        keys = await asyncio.gather(*(self._identities.identity_key(r) for r in valid))
+        return {r for r, key in zip(valid, keys, strict=True) if key is not None}
+
+    def _check(
+        self, i: int, sender: Address, env: Envelope, known: set[Address], now: int
+    ) -> tuple[Envelope, int]:
+        field = f"envelopes[{i}]"
+        if len(env.message_id) != MESSAGE_ID_BYTES:
+            raise InvalidArgument(
+                f"{field}.message_id has {len(env.message_id)} bytes; it must be "
+                f"{MESSAGE_ID_BYTES} random bytes"
+            )
+        env.recipient.validate(field=f"{field}.recipient")
+        if env.recipient.tenant != sender.tenant:
+            raise PermissionDenied(
+                f"{field}.recipient is in tenant {env.recipient.tenant!r}; "
+                f"{sender} may only send within tenant {sender.tenant!r}"
+            )
+        limit = self._limits.max_envelope_bytes
+        if len(env.content) > limit:
+            raise LimitExceeded(
+                "max_envelope_bytes",
+                limit,
+                f"{field}.content has {len(env.content)} bytes, over "
+                f"limits.max_envelope_bytes ({limit})",
+            )
+        if env.recipient not in known:
+            raise NotFound(f"{field}.recipient {env.recipient} is not a registered device")
+        ttl = env.ttl_seconds or self._limits.default_ttl_seconds
+        if ttl > self._limits.max_ttl_seconds:
+            raise InvalidArgument(
+                f"{field}.ttl_seconds {ttl} is over limits.max_ttl_seconds "
+                f"({self._limits.max_ttl_seconds})"
+            )
+        env = dataclasses.replace(env, sender=sender, server_timestamp_ms=now, ttl_seconds=ttl)
+        return env, ttl
+
+    def _push_ephemeral(self, env: Envelope) -> SendOutcome:
+        session = self._registry.get(env.recipient)
+        if session is None:
+            return SendOutcome(env.message_id, env.recipient, Outcome.RECIPIENT_OFFLINE)
+        session.push_ephemeral(env)
+        return SendOutcome(env.message_id, env.recipient, Outcome.DELIVERED)
+
+    def _queue_full(self, recipient: Address, limit: str) -> LimitExceeded:
+        value = (
+            self._limits.max_queue_depth
+            if limit == "max_queue_depth"
+            else self._limits.max_queue_bytes
+        )
+        return LimitExceeded(
+            limit,
+            value,
+            f"queue of {recipient} is full (limits.{limit} = {value}); "
+            "retry after the device has read its messages",
+        )
+
+    def open_session(self, address: Address, *, receive: bool) -> Session:
+        """Start a session of an authenticated device; a receiving one displaces the old."""
+        session = Session(
+            address,
+            self._registry.next_epoch(address, self._clock.now_ms()),
+            receive=receive,
+            queue=self._queue,
+            clock=self._clock,
+            page_size=self._limits.delivery_page,
+        )
+        if receive and self._registry.attach(session) is not None:
+            self._metrics.displaced.inc()
+        self._metrics.sessions.labels("receive" if receive else "send").inc()
+        return session
+
+    def close_session(self, session: Session) -> None:
+        """Forget a session that ended, for whatever reason."""
+        self._registry.detach(session)
+        self._metrics.sessions.labels("receive" if session.receive else "send").dec()
+
+    async def ack(self, session: Session, message_ids: Sequence[bytes]) -> int:
+        """Remove acked envelopes from the session's own queue (never anyone else's)."""
+        for mid in message_ids:
+            if len(mid) != MESSAGE_ID_BYTES:
+                raise InvalidArgument(
+                    f"ack names a message_id of {len(mid)} bytes; ids have {MESSAGE_ID_BYTES}"
+                )
+        removed = await self._queue.ack(session.address, message_ids)
+        self._metrics.acks.inc(removed)
+        return removed
+
+    async def purge_expired(self) -> int:
+        """Delete expired envelopes; return how many."""
+        return await self._queue.purge_expired(self._clock.now_ms())
+
+
+def _is_valid(address: Address) -> bool:
+    try:
+        address.validate()
+    except InvalidArgument:
+        return False
+    return True

@@ -1,0 +1,69 @@
+"""IdentityKeys over gRPC to the key directory, cached per node.
+
+Positive answers are cached for ``ttl_ms``; misses for a tenth of that, so a device
+that registers is usable within seconds. Concurrent lookups of one device share a call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from relay.clock import Clock
+from relay.errors import Unavailable
+from relay.model import Address
+from relay.server.convert import address_to_pb
+from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
+
+#: Most cached entries; the cache is cleared when it grows past this.
+MAX_CACHE = 200_000
+
+
+class GrpcIdentityKeys:
+    """Looks up device identity keys in the key directory at ``channel``."""
+
+    def __init__(self, channel: grpc.aio.Channel, clock: Clock, ttl_ms: int) -> None:
+        self._stub = keys_pb2_grpc.KeyDirectoryStub(channel)
+        self._clock = clock
+        self._ttl = ttl_ms
+        self._cache: dict[Address, tuple[bytes | None, int]] = {}
+        self._inflight: dict[Address, asyncio.Future[bytes | None]] = {}
+
+    async def identity_key(self, device: Address) -> bytes | None:
+        """The device's Ed25519 identity key, or None if it is not registered."""
+        now = self._clock.now_ms()
+        hit = self._cache.get(device)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        pending = self._inflight.get(device)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._inflight[device] = fut
+        try:
+            key = await self._fetch(device)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved: waiters (if any) re-raise it themselves
+            raise
+        finally:
+            del self._inflight[device]
+        fut.set_result(key)
+        if len(self._cache) >= MAX_CACHE:
+            self._cache.clear()
+        self._cache[device] = (key, now + (self._ttl if key else self._ttl // 10))
+        return key
+
+    async def _fetch(self, device: Address) -> bytes | None:
+        request = keys_pb2.GetIdentityKeyRequest(device=address_to_pb(device))
+        try:
+            reply = await self._stub.GetIdentityKey(request, timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                return None
+            raise Unavailable(
+                f"key directory unreachable while checking {device}: {exc.code().name} "
+                f"{exc.details()}"
+            ) from exc
+        return reply.identity_key or None

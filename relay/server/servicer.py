@@ -1,0 +1,216 @@
+"""The Relay gRPC servicer: translates frames to core calls and core events to frames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from relay.core.auth import ApiKeys, DeviceAuthenticator
+from relay.core.delivery import Relay, SendOutcome
+from relay.core.sessions import Deliver, QueueEmpty, Session
+from relay.errors import InvalidArgument, RelayError, Status, Unauthenticated
+from relay.metrics import RelayMetrics
+from relay.server.convert import (
+    OUTCOME_TO_PB,
+    address_from_pb,
+    address_to_pb,
+    envelope_from_pb,
+    envelope_to_pb,
+)
+from relay.server.status import abort, unary
+from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+Ctx = grpc.aio.ServicerContext[relay_pb2.ClientFrame, relay_pb2.ServerFrame]
+
+
+def results_to_pb(outcomes: Sequence[SendOutcome]) -> list[relay_pb2.SendResult]:
+    """SendResult messages for core outcomes."""
+    out = []
+    for o in outcomes:
+        err = o.error
+        out.append(
+            relay_pb2.SendResult(
+                message_id=o.message_id,
+                recipient=address_to_pb(o.recipient),
+                outcome=OUTCOME_TO_PB[o.outcome],
+                code=int(err.status) if err else 0,
+                message=err.message if err else "",
+                limit=err.metadata.get("limit", "") if err else "",
+            )
+        )
+    return out
+
+
+class RelayServicer(relay_pb2_grpc.RelayServicer):
+    """relaypb.relay.v1.Relay on top of the relay core."""
+
+    def __init__(
+        self,
+        *,
+        relay: Relay,
+        authenticator: DeviceAuthenticator,
+        api_keys: ApiKeys,
+        metrics: RelayMetrics,
+        node_id: str,
+        auth_timeout_seconds: float,
+    ) -> None:
+        self._relay = relay
+        self._auth = authenticator
+        self._api_keys = api_keys
+        self._metrics = metrics
+        self._node_id = node_id
+        self._auth_timeout = auth_timeout_seconds
+
+    # Written with context.read/write rather than as a generator: a session writes from
+    # two tasks (deliveries and send results), so the stub's generator type does not fit.
+    async def Connect(  # type: ignore[override]
+        self, request_iterator: Any, context: Ctx
+    ) -> None:
+        """One device session: handshake, then sends/acks up and deliveries down."""
+        try:
+            session = await self._handshake(context)
+        except RelayError as exc:
+            if exc.status is Status.UNAUTHENTICATED:
+                self._metrics.auth_failures.inc()
+            await abort(context, exc)
+        lock = asyncio.Lock()
+        try:
+            await self._serve(session, context, lock)
+        except RelayError as exc:
+            await abort(context, exc)
+        finally:
+            self._relay.close_session(session)
+
+    async def _read(self, context: Ctx, what: str) -> relay_pb2.ClientFrame:
+        try:
+            frame: object = await asyncio.wait_for(context.read(), self._auth_timeout)
+        except TimeoutError as exc:
+            raise Unauthenticated(
+                f"no {what} frame within {self._auth_timeout} s (limits.auth_timeout_seconds)"
+            ) from exc
+        if frame is grpc.aio.EOF:
+            raise Unauthenticated(f"stream closed before the {what} frame")
+        assert isinstance(frame, relay_pb2.ClientFrame)
+        if frame.WhichOneof("frame") != what:
+            raise InvalidArgument(
+                f"expected a {what} frame, got {frame.WhichOneof('frame') or 'an empty frame'}"
+            )
+        return frame
+
+    async def _handshake(self, context: Ctx) -> Session:
+        hello = (await self._read(context, "hello")).hello
+        address = address_from_pb(hello.address).validate(field="hello.address")
+        challenge = self._auth.challenge(address)
+        await context.write(
+            relay_pb2.ServerFrame(
+                challenge=relay_pb2.Challenge(
+                    nonce=challenge.nonce,
+                    node_id=challenge.node_id,
+                    server_time_ms=challenge.server_time_ms,
+                )
+            )
+        )
+        auth = (await self._read(context, "auth")).auth
+        await self._auth.verify(challenge, auth.signature)
+        session = self._relay.open_session(address, receive=hello.receive)
+        await context.write(
+            relay_pb2.ServerFrame(
+                ready=relay_pb2.Ready(node_id=self._node_id, session_epoch=session.epoch)
+            )
+        )
+        return session
+
+    async def _serve(self, session: Session, context: Ctx, lock: asyncio.Lock) -> None:
+        reader = asyncio.ensure_future(self._read_frames(session, context, lock))
+        tasks: set[asyncio.Future[None]] = {reader}
+        if session.receive:
+            tasks.add(asyncio.ensure_future(self._write_events(session, context, lock)))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for task in done:
+            task.result()  # re-raise a RelayError (e.g. displaced) to abort the call
+
+    async def _read_frames(self, session: Session, context: Ctx, lock: asyncio.Lock) -> None:
+        while True:
+            frame: object = await context.read()
+            if frame is grpc.aio.EOF:
+                return
+            assert isinstance(frame, relay_pb2.ClientFrame)
+            kind = frame.WhichOneof("frame")
+            if kind == "send":
+                batch = frame.send
+                sender = session.address
+                envs = [envelope_from_pb(e, sender) for e in batch.envelopes]
+                try:
+                    outcomes = results_to_pb(await self._relay.send(sender, envs))
+                except RelayError as exc:
+                    outcomes = [_batch_failure(e, exc) for e in batch.envelopes]
+                reply = relay_pb2.ServerFrame(
+                    send_results=relay_pb2.SendResults(batch_id=batch.batch_id, results=outcomes)
+                )
+                async with lock:
+                    await context.write(reply)
+            elif kind == "ack":
+                if not session.receive:
+                    raise InvalidArgument("a send-only session (hello.receive=false) cannot ack")
+                await self._relay.ack(session, list(frame.ack.message_ids))
+            else:
+                raise InvalidArgument(f"unexpected {kind or 'empty'} frame after authentication")
+
+    async def _write_events(self, session: Session, context: Ctx, lock: asyncio.Lock) -> None:
+        async for event in session.events():
+            if isinstance(event, Deliver):
+                frame = relay_pb2.ServerFrame(
+                    deliver=relay_pb2.Deliver(
+                        envelopes=[envelope_to_pb(e) for e in event.envelopes]
+                    )
+                )
+                count = len(event.envelopes)
+            else:
+                assert isinstance(event, QueueEmpty)
+                frame = relay_pb2.ServerFrame(queue_empty=relay_pb2.QueueEmpty())
+                count = 0
+            async with lock:
+                await context.write(frame)
+            self._metrics.delivered.inc(count)
+
+    @unary
+    async def Send(
+        self, request: relay_pb2.SendRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> relay_pb2.SendResponse:
+        """Batch send by a server-side sender holding a tenant API key."""
+        metadata = dict(context.invocation_metadata() or ())
+        bearer = str(metadata.get("authorization", ""))
+        key = bearer.removeprefix("Bearer ").strip() if bearer.startswith("Bearer ") else None
+        try:
+            sender = self._api_keys.authenticate(key)
+        except Unauthenticated:
+            self._metrics.auth_failures.inc()
+            raise
+        envs = [envelope_from_pb(e, sender.address) for e in request.envelopes]
+        outcomes = await self._relay.send(sender.address, envs)
+        return relay_pb2.SendResponse(results=results_to_pb(outcomes))
+
+
+def _batch_failure(env: relay_pb2.Envelope, exc: RelayError) -> relay_pb2.SendResult:
+    return relay_pb2.SendResult(
+        message_id=env.message_id,
+        recipient=env.recipient,
+        outcome=relay_pb2.OUTCOME_REJECTED,
+        code=int(exc.status),
+        message=exc.message,
+        limit=exc.metadata.get("limit", ""),
+    )

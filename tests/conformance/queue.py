@@ -1,0 +1,140 @@
+"""Conformance suite for ``relay.core.ports.MessageQueue``, run against every backend.
+
+A backend's test module subclasses ``QueueConformance`` and provides a ``queue``
+fixture yielding an open, empty store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from relay.core.ports import MessageQueue
+from relay.model import Address, Envelope, Outcome, QueueLimits
+
+NOW = 1_700_000_000_000
+BIG = QueueLimits(max_depth=1_000_000, max_bytes=1 << 40)
+ALICE = Address("t", "alice", 1)
+BOB = Address("t", "bob", 1)
+BOB2 = Address("t", "bob", 2)
+
+
+def env(recipient: Address = BOB, content: bytes = b"x", sender: Address = ALICE) -> Envelope:
+    return Envelope(os.urandom(16), sender, recipient, content, server_timestamp_ms=NOW)
+
+
+async def read_all(queue: MessageQueue, device: Address, now: int = NOW) -> list[Envelope]:
+    out: list[Envelope] = []
+    cursor = 0
+    while True:
+        page = await queue.read(device, cursor, 7, now)
+        out.extend(i.envelope for i in page.items)
+        cursor = page.cursor
+        if not page.more:
+            return out
+
+
+class QueueConformance:
+    async def test_append_then_read_in_order(self, queue: MessageQueue) -> None:
+        envs = [env(content=bytes([i])) for i in range(20)]
+        res = await queue.append(envs, [NOW + 10_000] * 20, BIG)
+        assert [r.outcome for r in res] == [Outcome.STORED] * 20
+        got = await read_all(queue, BOB)
+        assert [e.message_id for e in got] == [e.message_id for e in envs]
+        assert [e.content for e in got] == [bytes([i]) for i in range(20)]
+        assert all(e.sender == ALICE and e.recipient == BOB for e in got)
+
+    async def test_devices_are_separate(self, queue: MessageQueue) -> None:
+        a, b = env(BOB), env(BOB2)
+        await queue.append([a, b], [NOW + 1000] * 2, BIG)
+        assert [e.message_id for e in await read_all(queue, BOB)] == [a.message_id]
+        assert [e.message_id for e in await read_all(queue, BOB2)] == [b.message_id]
+
+    async def test_duplicate_is_not_stored_twice_even_after_ack(
+        self, queue: MessageQueue
+    ) -> None:
+        e = env()
+        assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.STORED
+        assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.DUPLICATE
+        assert await queue.ack(BOB, [e.message_id]) == 1
+        assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.DUPLICATE
+        assert await read_all(queue, BOB) == []
+
+    async def test_same_id_for_two_devices_is_two_copies(self, queue: MessageQueue) -> None:
+        e = env(BOB)
+        e2 = Envelope(e.message_id, ALICE, BOB2, b"y")
+        res = await queue.append([e, e2], [NOW + 1000] * 2, BIG)
+        assert [r.outcome for r in res] == [Outcome.STORED, Outcome.STORED]
+
+    async def test_ack_removes_only_named_and_is_idempotent(self, queue: MessageQueue) -> None:
+        envs = [env() for _ in range(5)]
+        await queue.append(envs, [NOW + 1000] * 5, BIG)
+        assert await queue.ack(BOB, [envs[1].message_id, envs[3].message_id]) == 2
+        assert await queue.ack(BOB, [envs[1].message_id]) == 0
+        assert await queue.ack(BOB2, [envs[0].message_id]) == 0  # not BOB2's
+        left = [e.message_id for e in await read_all(queue, BOB)]
+        assert left == [envs[i].message_id for i in (0, 2, 4)]
+
+    async def test_depth_limit_names_limit(self, queue: MessageQueue) -> None:
+        limits = QueueLimits(max_depth=3, max_bytes=1 << 30)
+        res = await queue.append([env() for _ in range(5)], [NOW + 1000] * 5, limits)
+        assert [r.outcome for r in res[:3]] == [Outcome.STORED] * 3
+        assert [(r.outcome, r.limit) for r in res[3:]] == [
+            (Outcome.REJECTED, "max_queue_depth")
+        ] * 2
+        first = (await queue.read(BOB, 0, 10, NOW)).items[0].envelope.message_id
+        await queue.ack(BOB, [first])
+        res = await queue.append([env()], [NOW + 1000], limits)
+        assert res[0].outcome is Outcome.STORED
+
+    async def test_bytes_limit_names_limit(self, queue: MessageQueue) -> None:
+        one = env(content=b"z" * 1000)
+        limits = QueueLimits(max_depth=100, max_bytes=2 * one.size)
+        envs = [env(content=b"z" * 1000) for _ in range(3)]
+        res = await queue.append(envs, [NOW + 1000] * 3, limits)
+        assert [r.outcome for r in res] == [Outcome.STORED, Outcome.STORED, Outcome.REJECTED]
+        assert res[2].limit == "max_queue_bytes"
+
+    async def test_expired_are_skipped_and_purged(self, queue: MessageQueue) -> None:
+        old, new = env(), env()
+        await queue.append([old, new], [NOW + 10, NOW + 10_000], BIG)
+        later = NOW + 100
+        got = await read_all(queue, BOB, now=later)
+        assert [e.message_id for e in got] == [new.message_id]
+        assert await queue.purge_expired(later) == 1
+        assert [e.message_id for e in await read_all(queue, BOB, now=NOW)] == [new.message_id]
+
+    async def test_cursor_resumes_exactly(self, queue: MessageQueue) -> None:
+        envs = [env() for _ in range(10)]
+        await queue.append(envs, [NOW + 1000] * 10, BIG)
+        page = await queue.read(BOB, 0, 4, NOW)
+        assert len(page.items) == 4 and page.more
+        assert page.cursor == page.items[-1].seq
+        rest = await queue.read(BOB, page.cursor, 100, NOW)
+        assert [i.envelope.message_id for i in page.items + rest.items] == [
+            e.message_id for e in envs
+        ]
+        assert not rest.more
+        empty = await queue.read(BOB, rest.cursor, 100, NOW)
+        assert empty.items == () and empty.cursor == rest.cursor
+
+    async def test_new_items_after_cursor_are_found(self, queue: MessageQueue) -> None:
+        a = env()
+        await queue.append([a], [NOW + 1000], BIG)
+        page = await queue.read(BOB, 0, 10, NOW)
+        await queue.ack(BOB, [a.message_id])
+        b = env()
+        await queue.append([b], [NOW + 1000], BIG)
+        nxt = await queue.read(BOB, page.cursor, 10, NOW)
+        assert [i.envelope.message_id for i in nxt.items] == [b.message_id]
+
+    async def test_concurrent_appends_keep_per_call_order(self, queue: MessageQueue) -> None:
+        senders = [Address("t", f"s{i}", 1) for i in range(8)]
+        batches = [[env(sender=s, content=bytes([n])) for n in range(10)] for s in senders]
+        await asyncio.gather(
+            *(queue.append(b, [NOW + 1000] * len(b), BIG) for b in batches)
+        )
+        got = await read_all(queue, BOB)
+        assert len(got) == 80
+        for s in senders:
+            assert [e.content for e in got if e.sender == s] == [bytes([n]) for n in range(10)]
