@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP_CACHE ?= $(HOME)/.cache/e2ee-relay/pip
 export PIP_CACHE_DIR := $(PIP_CACHE)
 
-.PHONY: install proto run lint typecheck unit test services services-stop clean help
+.PHONY: install proto run lint typecheck unit test services services-stop services-status clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -45,6 +45,15 @@ unit: install  ## only the tests that need no external services
 
 test: install lint typecheck  ## lint, typecheck and the whole test suite
 	$(BIN)/pytest -q
+
+services:  ## install (cached) and start Redis and Cassandra on loopback
+	bash scripts/services/services.sh start
+
+services-stop:  ## stop the services started by `make services`
+	bash scripts/services/services.sh stop
+
+services-status:  ## show whether Redis and Cassandra are up
+	bash scripts/services/services.sh status
 
 clean:  ## remove caches (not the venv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

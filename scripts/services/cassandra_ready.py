@@ -47,19 +47,24 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 def query_with_driver(host: str, port: int, timeout: float) -> str:
-    from cassandra.cluster import Cluster  # type: ignore[import-not-found]
+    from cassandra.cluster import (  # type: ignore[import-not-found]
+        EXEC_PROFILE_DEFAULT,
+        Cluster,
+        ExecutionProfile,
+    )
     from cassandra.policies import RoundRobinPolicy  # type: ignore[import-not-found]
 
+    profile = ExecutionProfile(load_balancing_policy=RoundRobinPolicy(), request_timeout=timeout)
     cluster = Cluster(
         contact_points=[host],
         port=port,
-        load_balancing_policy=RoundRobinPolicy(),
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
         connect_timeout=timeout,
         control_connection_timeout=timeout,
     )
     try:
         session = cluster.connect()
-        row = session.execute(QUERY, timeout=timeout).one()
+        row = session.execute(QUERY).one()
         return str(row[0])
     finally:
         cluster.shutdown()

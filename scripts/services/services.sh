@@ -217,7 +217,7 @@ install_redis() {
     fi
   fi
   command -v redis-server >/dev/null 2>&1 || die "redis: redis-server still not on PATH after install"
-  say "redis: installed $(redis-server --version | awk '{print $3}') in $(since "$t0") s"
+  say "redis: installed $(redis-server --version | awk '{sub(/^v=/, "", $3); print $3}') in $(since "$t0") s"
 }
 
 start_redis() {
@@ -298,7 +298,7 @@ fetch_cassandra() {
 
 write_cassandra_conf() {
   local tpl
-  mkdir -p "$CASS_CONF" "$CASS_DIR/logs"
+  mkdir -p "$CASS_CONF" "$CASS_DIR/logs" "$CASS_DIR/triggers"
   tpl=$(<"$SCRIPT_DIR/cassandra.yaml.template")
   tpl=${tpl//@CLUSTER_NAME@/$CASSANDRA_CLUSTER_NAME}
   tpl=${tpl//@HOST@/$HOST}
@@ -313,9 +313,11 @@ write_cassandra_conf() {
 
 # wait_cassandra PID T0: wait for CQL; on failure show the log and exit 1
 wait_cassandra() {
-  local pid=$1 t0=$2 rc=0 out
-  out=$("$(python_bin)" "$SCRIPT_DIR/cassandra_ready.py" --host "$HOST" --port "$CASSANDRA_PORT" \
-    --timeout "$CASSANDRA_READY_TIMEOUT" --pid "$pid" 9>&-) || rc=$?
+  local pid=$1 t0=$2 rc=0 out py
+  py=$(python_bin)
+  # exec: no subshell left holding the lock fd if this script is killed.
+  out=$(exec 9>&- "$py" "$SCRIPT_DIR/cassandra_ready.py" --host "$HOST" --port "$CASSANDRA_PORT" \
+    --timeout "$CASSANDRA_READY_TIMEOUT" --pid "$pid") || rc=$?
   case $rc in
     0)
       say "cassandra: ready on $HOST:$CASSANDRA_PORT after $(since "$t0") s (release $out, pid $pid, log $CASS_LOG)"
@@ -363,7 +365,7 @@ start_cassandra() {
   fetch_cassandra
   write_cassandra_conf
   jamm=$(compgen -G "$CASS_LIB/jamm-*.jar" | head -n 1)
-  [[ -f $CASS_LOG ]] && mv -f "$CASS_LOG" "$CASS_LOG.1"
+  if [[ -f $CASS_LOG ]]; then mv -f "$CASS_LOG" "$CASS_LOG.1"; fi
   t0=$(now)
   # setsid: own session, so the node outlives this shell and its terminal.
   setsid "$JAVA" "@$CASS_CONF/jvm.args" \
@@ -372,6 +374,7 @@ start_cassandra() {
     "-Dcassandra.config=file://$CASS_CONF/cassandra.yaml" \
     "-Dcassandra.storagedir=$CASS_DIR" \
     "-Dcassandra.logdir=$CASS_DIR/logs" \
+    "-Dcassandra.triggers_dir=$CASS_DIR/triggers" \
     "-Dlogback.configurationFile=$CASS_CONF/logback.xml" \
     -cp "$CASS_LIB/*" org.apache.cassandra.service.CassandraDaemon \
     </dev/null >"$CASS_LOG" 2>&1 9>&- &
@@ -452,12 +455,31 @@ main() {
       start_cassandra
       ;;
     status) status ;;
-    start-redis) take_lock && start_redis ;;
-    stop-redis) take_lock && stop_redis ;;
-    start-cassandra) take_lock && start_cassandra ;;
-    stop-cassandra) take_lock && stop_cassandra ;;
-    fetch) take_lock && fetch_cassandra && say "cassandra: jars cached in $CASS_LIB" ;;
-    wipe) take_lock && wipe ;;
+    start-redis)
+      take_lock
+      start_redis
+      ;;
+    stop-redis)
+      take_lock
+      stop_redis
+      ;;
+    start-cassandra)
+      take_lock
+      start_cassandra
+      ;;
+    stop-cassandra)
+      take_lock
+      stop_cassandra
+      ;;
+    fetch)
+      take_lock
+      fetch_cassandra
+      say "cassandra: jars cached in $CASS_LIB"
+      ;;
+    wipe)
+      take_lock
+      wipe
+      ;;
     -h | --help | help) usage ;;
     *)
       usage >&2

@@ -50,9 +50,7 @@ class QueueConformance:
         assert [e.message_id for e in await read_all(queue, BOB)] == [a.message_id]
         assert [e.message_id for e in await read_all(queue, BOB2)] == [b.message_id]
 
-    async def test_duplicate_is_not_stored_twice_even_after_ack(
-        self, queue: MessageQueue
-    ) -> None:
+    async def test_duplicate_is_not_stored_twice_even_after_ack(self, queue: MessageQueue) -> None:
         e = env()
         assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.STORED
         assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.DUPLICATE
@@ -131,9 +129,7 @@ class QueueConformance:
     async def test_concurrent_appends_keep_per_call_order(self, queue: MessageQueue) -> None:
         senders = [Address("t", f"s{i}", 1) for i in range(8)]
         batches = [[env(sender=s, content=bytes([n])) for n in range(10)] for s in senders]
-        await asyncio.gather(
-            *(queue.append(b, [NOW + 1000] * len(b), BIG) for b in batches)
-        )
+        await asyncio.gather(*(queue.append(b, [NOW + 1000] * len(b), BIG) for b in batches))
         got = await read_all(queue, BOB)
         assert len(got) == 80
         for s in senders:

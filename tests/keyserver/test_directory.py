@@ -1,0 +1,398 @@
+"""The key directory core on the embedded store, with a fake clock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyserver.directory import DirectoryLimits, KeyDirectory
+from keyserver.model import Registration, SignedPrekey
+from keyserver.sqlite_store import KEYS_DB, SCHEMA, SqliteDeviceDirectory, SqlitePrekeyStore
+from relay import authproof
+from relay.clock import FakeClock
+from relay.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from relay.model import Address
+from relay.stores.sqlite_worker import SqliteWorker
+from tests.keyserver.keys import DeviceKeys, one_time_prekeys, x25519
+
+METHOD = "/relaypb.keys.v1.KeyDirectory/PublishPrekeys"
+MakeCore = Callable[..., KeyDirectory]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def make_core(tmp_path: Path, clock: FakeClock) -> AsyncIterator[MakeCore]:
+    async with SqliteWorker(tmp_path / KEYS_DB, SCHEMA) as worker:
+
+        def make(**limits: Any) -> KeyDirectory:
+            return KeyDirectory(
+                SqliteDeviceDirectory(worker),
+                SqlitePrekeyStore(worker),
+                clock,
+                DirectoryLimits(**limits),
+            )
+
+        yield make
+
+
+@pytest.fixture
+def core(make_core: MakeCore) -> KeyDirectory:
+    return make_core()
+
+
+async def test_register_numbers_devices_and_stamps_the_time(
+    core: KeyDirectory, clock: FakeClock
+) -> None:
+    first = await core.register(DeviceKeys().registration(one_time=range(3)))
+    clock.advance(5)
+    second = await core.register(DeviceKeys().registration())
+    assert first.address == Address("acme", "alice", 1)
+    assert second.address == Address("acme", "alice", 2)
+    assert second.registered_at_ms == clock.now_ms()
+    assert await core.list_devices("acme", "alice") == (first, second)
+    assert await core.identity_key(first.address) == first.identity_key
+
+
+def _other_signature(data: bytes) -> bytes:
+    return DeviceKeys().sign(data)
+
+
+def _bad_registrations(keys: DeviceKeys) -> dict[str, tuple[dict[str, Any], str]]:
+    good = keys.registration()
+    spk = good.signed_prekey
+    assert spk is not None
+    ik, dhk = good.identity_key, good.identity_dh_key
+    return {
+        "tenant": ({"tenant": "Not A Tenant"}, "request.tenant"),
+        "user": ({"user": "a/b"}, "request.user"),
+        "empty user": ({"user": ""}, "request.user"),
+        "short identity key": ({"identity_key": ik[:31]}, "identity_key must be 32 bytes"),
+        "long dh key": ({"identity_dh_key": dhk + b"x"}, "identity_dh_key must be 32 bytes"),
+        "short dh signature": (
+            {"identity_dh_signature": b"x" * 63},
+            "identity_dh_signature must be 64 bytes",
+        ),
+        "short proof": ({"proof": b""}, "proof must be 64 bytes"),
+        "proof by another key": (
+            {
+                "proof": _other_signature(
+                    authproof.registration_transcript("acme", "alice", ik, dhk)
+                )
+            },
+            "proof does not verify with identity_key",
+        ),
+        "proof for another user": (
+            {"proof": keys.sign(authproof.registration_transcript("acme", "bob", ik, dhk))},
+            "proof does not verify with identity_key",
+        ),
+        "dh signature by another key": (
+            {"identity_dh_signature": _other_signature(authproof.identity_dh_transcript(dhk))},
+            "identity_dh_signature does not verify with identity_key",
+        ),
+        "dh signature over another key": (
+            {"identity_dh_signature": keys.sign(authproof.identity_dh_transcript(x25519()))},
+            "identity_dh_signature does not verify with identity_key",
+        ),
+        "no signed prekey": ({"signed_prekey": None}, "signed_prekey is required"),
+        "signed prekey by another key": (
+            {"signed_prekey": replace(spk, signature=DeviceKeys().signed_prekey().signature)},
+            "signed_prekey.signature does not verify with identity_key",
+        ),
+        "signed prekey signed for another purpose": (
+            {
+                "signed_prekey": replace(
+                    spk, signature=keys.sign(authproof.identity_dh_transcript(spk.public_key))
+                )
+            },
+            "signed_prekey.signature does not verify with identity_key",
+        ),
+        "short signed prekey": (
+            {"signed_prekey": replace(spk, public_key=spk.public_key[:31])},
+            "signed_prekey.public_key must be 32 bytes",
+        ),
+        "signed prekey key id": (
+            {"signed_prekey": replace(spk, key_id=2**32)},
+            "signed_prekey.key_id 4294967296 is out of range",
+        ),
+        "one-time key length": (
+            {
+                "one_time_prekeys": (
+                    *one_time_prekeys([1]),
+                    replace(one_time_prekeys([2])[0], public_key=b"k"),
+                )
+            },
+            "one_time_prekeys[1].public_key must be 32 bytes",
+        ),
+        "one-time key id twice": (
+            {"one_time_prekeys": one_time_prekeys([7, 7])},
+            "one_time_prekeys[1].key_id 7 repeats",
+        ),
+        "one-time key id range": (
+            {"one_time_prekeys": one_time_prekeys([-1])},
+            "one_time_prekeys[0].key_id -1 is out of range",
+        ),
+    }
+
+
+CASES = sorted(_bad_registrations(DeviceKeys()))
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_bad_registration_is_rejected_naming_the_field(core: KeyDirectory, case: str) -> None:
+    keys = DeviceKeys()
+    changes, message = _bad_registrations(keys)[case]
+    with pytest.raises(InvalidArgument) as info:
+        await core.register(replace(keys.registration(), **changes))
+    assert message in info.value.message
+    assert await core.list_devices("acme", "alice") == ()
+
+
+async def test_the_unchanged_registration_of_those_cases_is_accepted(core: KeyDirectory) -> None:
+    # The bad cases above differ from this one only in the named field.
+    assert (await core.register(DeviceKeys().registration())).address.device == 1
+
+
+async def test_small_order_identity_key_is_rejected_though_its_proofs_verify(
+    core: KeyDirectory,
+) -> None:
+    identity = bytes([1]) + bytes(31)
+    forged = identity + bytes(32)  # verifies for any message under this key
+    dhk, spk = x25519(), x25519()
+    reg = Registration(
+        tenant="acme",
+        user="alice",
+        identity_key=identity,
+        identity_dh_key=dhk,
+        identity_dh_signature=forged,
+        signed_prekey=SignedPrekey(1, spk, forged),
+        one_time_prekeys=(),
+        proof=forged,
+    )
+    assert authproof.verify(
+        identity, forged, authproof.registration_transcript("acme", "alice", identity, dhk)
+    )
+    with pytest.raises(InvalidArgument, match="identity_key is a small-order point"):
+        await core.register(reg)
+
+
+async def test_too_many_one_time_prekeys_in_one_request(core: KeyDirectory) -> None:
+    with pytest.raises(LimitExceeded) as info:
+        await core.register(DeviceKeys().registration(one_time=range(101)))
+    assert (info.value.limit, info.value.value) == ("max_one_time_prekeys_per_request", 100)
+    assert info.value.metadata == {"limit": "max_one_time_prekeys_per_request", "value": "100"}
+    assert "max_one_time_prekeys_per_request" in info.value.message
+
+
+async def test_a_device_holds_at_most_max_one_time_prekeys(
+    core: KeyDirectory, clock: FakeClock
+) -> None:
+    keys = DeviceKeys()
+    device = (await core.register(keys.registration(one_time=range(100)))).address
+    for batch in range(1, 10):
+        ids = range(batch * 100, batch * 100 + 100)
+        assert (
+            await core.publish_prekeys(device, device, None, one_time_prekeys(ids))
+            == (batch + 1) * 100
+        )
+    rotated = keys.signed_prekey(key_id=2)
+    with pytest.raises(LimitExceeded) as info:
+        await core.publish_prekeys(device, device, rotated, one_time_prekeys([5000]))
+    assert (info.value.limit, info.value.value) == ("max_one_time_prekeys", 1000)
+    assert "max_one_time_prekeys = 1000" in info.value.message
+    assert await core.count_one_time_prekeys(device, device) == 1000
+    # The refused request changed nothing, not even the signed prekey.
+    bundle = (await core.fetch_bundles("acme", "alice", []))[0]
+    assert bundle.signed_prekey is not None
+    assert bundle.signed_prekey.key_id == 1
+
+
+async def test_publish_rotates_the_signed_prekey_and_checks_it(core: KeyDirectory) -> None:
+    keys = DeviceKeys()
+    device = (await core.register(keys.registration())).address
+    rotated = keys.signed_prekey(key_id=9)
+    assert await core.publish_prekeys(device, device, rotated, ()) == 0
+    bundle = (await core.fetch_bundles("acme", "alice", [1]))[0]
+    assert bundle.signed_prekey == rotated
+    forged = DeviceKeys().signed_prekey(key_id=10)
+    with pytest.raises(InvalidArgument, match=r"signed_prekey\.signature does not verify"):
+        await core.publish_prekeys(device, device, forged, ())
+
+
+async def test_a_device_publishes_and_counts_only_for_itself(core: KeyDirectory) -> None:
+    one = (await core.register(DeviceKeys().registration())).address
+    two = (await core.register(DeviceKeys().registration())).address
+    with pytest.raises(PermissionDenied, match="acme/alice/1 may not publish"):
+        await core.publish_prekeys(one, two, None, one_time_prekeys([1]))
+    with pytest.raises(PermissionDenied):
+        await core.count_one_time_prekeys(two, one)
+    assert await core.count_one_time_prekeys(two, two) == 0
+
+
+async def test_retried_registration_returns_the_same_device(core: KeyDirectory) -> None:
+    keys = DeviceKeys()
+    reg = keys.registration(one_time=[1, 2])
+    first = await core.register(reg)
+    rotated = keys.signed_prekey(key_id=2)
+    await core.publish_prekeys(first.address, first.address, rotated, ())
+    await core.fetch_bundles("acme", "alice", [])  # claims key 1
+    assert await core.register(reg) == first
+    bundle = (await core.fetch_bundles("acme", "alice", []))[0]
+    # A replayed registration neither rolls back the signed prekey nor revives key 1.
+    assert bundle.signed_prekey == rotated
+    assert bundle.one_time_prekey == reg.one_time_prekeys[1]
+    assert await core.count_one_time_prekeys(first.address, first.address) == 0
+
+
+async def test_same_identity_key_with_another_dh_key_already_exists(core: KeyDirectory) -> None:
+    keys = DeviceKeys()
+    await core.register(keys.registration())
+    keys.identity_dh_key = x25519()
+    with pytest.raises(AlreadyExists, match="already registered as device acme/alice/1"):
+        await core.register(keys.registration())
+
+
+async def test_fetch_claims_one_key_per_device_then_falls_back(core: KeyDirectory) -> None:
+    one = await core.register(DeviceKeys().registration(one_time=[1]))
+    two = await core.register(DeviceKeys().registration(one_time=[]))
+    bundles = await core.fetch_bundles("acme", "alice", [])
+    assert [b.device for b in bundles] == [one, two]
+    assert [b.one_time_prekey and b.one_time_prekey.key_id for b in bundles] == [1, None]
+    again = await core.fetch_bundles("acme", "alice", [1])
+    assert [(b.device, b.one_time_prekey) for b in again] == [(one, None)]
+    assert again[0].signed_prekey is not None
+
+
+async def test_fetch_errors(core: KeyDirectory) -> None:
+    with pytest.raises(NotFound, match="user acme/nobody has no registered devices"):
+        await core.fetch_bundles("acme", "nobody", [])
+    await core.register(DeviceKeys().registration(one_time=[1]))
+    with pytest.raises(NotFound, match="device acme/alice/2 is not registered"):
+        await core.fetch_bundles("acme", "alice", [1, 2])
+    with pytest.raises(InvalidArgument, match=r"devices\[1\] repeats device 1"):
+        await core.fetch_bundles("acme", "alice", [1, 1])
+    with pytest.raises(InvalidArgument, match=r"devices\[0\] 0 is out of range"):
+        await core.fetch_bundles("acme", "alice", [0])
+    with pytest.raises(InvalidArgument, match=r"request\.tenant"):
+        await core.fetch_bundles("", "alice", [])
+    # None of the failed fetches claimed the key.
+    assert (
+        await core.count_one_time_prekeys(Address("acme", "alice", 1), Address("acme", "alice", 1))
+        == 1
+    )
+
+
+async def test_identity_key_of_unknown_device(core: KeyDirectory) -> None:
+    with pytest.raises(NotFound, match="device acme/alice/1 is not registered"):
+        await core.identity_key(Address("acme", "alice", 1))
+    with pytest.raises(InvalidArgument, match=r"device\.device 0 is out of range"):
+        await core.identity_key(Address("acme", "alice", 0))
+
+
+# --- device-signed requests -------------------------------------------------------------
+
+
+async def _device(core: KeyDirectory) -> tuple[DeviceKeys, Address]:
+    keys = DeviceKeys()
+    return keys, (await core.register(keys.registration())).address
+
+
+def _sign(keys: DeviceKeys, address: Address, time_ms: int, body: bytes = b"body") -> bytes:
+    return keys.sign(authproof.request_transcript(METHOD, address, time_ms, body))
+
+
+async def test_a_signed_request_is_accepted_once(core: KeyDirectory, clock: FakeClock) -> None:
+    keys, device = await _device(core)
+    now = clock.now_ms()
+    signature = _sign(keys, device, now)
+    assert await core.authenticate(METHOD, device, now, b"body", signature) == device
+    clock.advance(30_000)
+    with pytest.raises(Unauthenticated, match="replayed request"):
+        await core.authenticate(METHOD, device, now, b"body", signature)
+    clock.advance(30_001)
+    with pytest.raises(Unauthenticated, match="60001 ms from the server's time"):
+        await core.authenticate(METHOD, device, now, b"body", signature)
+
+
+@pytest.mark.parametrize(
+    ("offset", "accepted"), [(-60_000, True), (60_000, True), (-60_001, False), (60_001, False)]
+)
+async def test_request_time_window(
+    core: KeyDirectory, clock: FakeClock, offset: int, accepted: bool
+) -> None:
+    keys, device = await _device(core)
+    time_ms = clock.now_ms() + offset
+    call = core.authenticate(METHOD, device, time_ms, b"body", _sign(keys, device, time_ms))
+    if accepted:
+        assert await call == device
+    else:
+        with pytest.raises(Unauthenticated, match="at most 60000 ms allowed"):
+            await call
+
+
+async def test_forged_signed_requests_are_rejected(core: KeyDirectory, clock: FakeClock) -> None:
+    keys, device = await _device(core)
+    now = clock.now_ms()
+    good = _sign(keys, device, now)
+    cases = [
+        (device, now, b"body", DeviceKeys().sign(b"x"), "does not verify with the identity key"),
+        (device, now, b"other body", good, "does not verify with the identity key of acme/alice/1"),
+        (device, now + 1, b"body", good, "does not verify"),
+        (device, now, b"body", good[:63], "does not verify"),
+        (Address("acme", "alice", 2), now, b"body", good, "acme/alice/2 is not registered"),
+        (Address("acme", "alice", 0), now, b"body", good, "signing device.device 0"),
+    ]
+    for address, time_ms, body, signature, message in cases:
+        with pytest.raises(Unauthenticated, match=message):
+            await core.authenticate(METHOD, address, time_ms, body, signature)
+    other_method = keys.sign(authproof.request_transcript("/x/Count", device, now, b"body"))
+    with pytest.raises(Unauthenticated, match="does not verify"):
+        await core.authenticate(METHOD, device, now, b"body", other_method)
+    # The genuine request is still accepted: the failures above did not use it up.
+    assert await core.authenticate(METHOD, device, now, b"body", good) == device
+
+
+async def test_replay_cache_is_bounded_without_forgetting_early(
+    make_core: MakeCore, clock: FakeClock
+) -> None:
+    core = make_core(replay_cache_entries=3)
+    keys, device = await _device(core)
+    now = clock.now_ms()
+    for i in range(3):
+        body = bytes([i])
+        await core.authenticate(METHOD, device, now, body, _sign(keys, device, now, body))
+    with pytest.raises(Unavailable, match="retry later"):
+        await core.authenticate(METHOD, device, now, b"4", _sign(keys, device, now, b"4"))
+    clock.advance(60_001)
+    later = clock.now_ms()
+    assert await core.authenticate(METHOD, device, later, b"4", _sign(keys, device, later, b"4"))
+
+
+def test_the_core_imports_no_grpc_or_protobuf() -> None:
+    code = (
+        "import sys, keyserver.directory, keyserver.sqlite_store;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('grpc', 'google', 'relaypb', 'cassandra', 'redis'));"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

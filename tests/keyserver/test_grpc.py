@@ -1,0 +1,349 @@
+"""A real KeyserverApp on 127.0.0.1 port 0, called over a real grpc.aio channel."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from keyserver.app import KeyserverApp
+from keyserver.client import (
+    COUNT_ONE_TIME_PREKEYS_METHOD,
+    PUBLISH_PREKEYS_METHOD,
+    SERVICE_NAME,
+    sign_request_metadata,
+)
+from relay import authproof
+from relay.clock import FakeClock
+from relay.config import Config, ConfigError, load
+from relay.model import Address
+from relay.server.convert import address_from_pb, address_to_pb
+from relay.server.status import error_info
+from relaypb.keys.v1 import keys_pb2 as pb
+from relaypb.keys.v1 import keys_pb2_grpc
+from tests.keyserver.keys import DeviceKeys, one_time_pb, one_time_prekeys, registration_pb
+
+if TYPE_CHECKING:
+    from relaypb.keys.v1.keys_pb2_grpc import KeyDirectoryAsyncStub
+
+pytestmark = pytest.mark.integration
+
+
+def config(data_dir: Path, **overrides: Any) -> Config:
+    return load(
+        None,
+        {
+            "storage.data_dir": str(data_dir),
+            "keyserver.listen": "127.0.0.1:0",
+            "node.grace_seconds": 0.5,
+            **overrides,
+        },
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[KeyserverApp]:
+    async with KeyserverApp(config(tmp_path), clock) as app:
+        yield app
+
+
+@pytest.fixture
+async def channel(app: KeyserverApp) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> KeyDirectoryAsyncStub:
+    return keys_pb2_grpc.KeyDirectoryStub(channel)
+
+
+async def register(stub: KeyDirectoryAsyncStub, keys: DeviceKeys, **kw: Any) -> Address:
+    reply = await stub.RegisterDevice(registration_pb(keys.registration(**kw)))
+    return address_from_pb(reply.address)
+
+
+async def publish(
+    stub: KeyDirectoryAsyncStub,
+    clock: FakeClock,
+    keys: DeviceKeys,
+    device: Address,
+    request: pb.PublishPrekeysRequest,
+) -> int:
+    md = sign_request_metadata(PUBLISH_PREKEYS_METHOD, device, keys.signing, request, clock)
+    clock.advance(1)  # the next signed request gets its own time
+    return (await stub.PublishPrekeys(request, metadata=md)).one_time_prekeys_remaining
+
+
+async def count(
+    stub: KeyDirectoryAsyncStub, clock: FakeClock, keys: DeviceKeys, device: Address
+) -> int:
+    request = pb.CountOneTimePrekeysRequest(device=address_to_pb(device))
+    md = sign_request_metadata(COUNT_ONE_TIME_PREKEYS_METHOD, device, keys.signing, request, clock)
+    clock.advance(1)
+    return (await stub.CountOneTimePrekeys(request, metadata=md)).count
+
+
+async def test_the_key_directory_end_to_end(stub: KeyDirectoryAsyncStub, clock: FakeClock) -> None:
+    phone, laptop = DeviceKeys(), DeviceKeys()
+    one = await register(stub, phone, one_time=[1])
+    two = await register(stub, laptop)
+    assert (one, two) == (Address("acme", "alice", 1), Address("acme", "alice", 2))
+
+    rotated = laptop.signed_prekey(key_id=2)
+    request = pb.PublishPrekeysRequest(
+        device=address_to_pb(two),
+        signed_prekey=pb.SignedPrekey(
+            key_id=2, public_key=rotated.public_key, signature=rotated.signature
+        ),
+        one_time_prekeys=one_time_pb(one_time_prekeys([10, 11])),
+    )
+    assert await publish(stub, clock, laptop, two, request) == 2
+    assert await count(stub, clock, laptop, two) == 2
+    assert await count(stub, clock, phone, one) == 1
+
+    fetch = pb.FetchPrekeyBundlesRequest(tenant="acme", user="alice")
+    bundles = (await stub.FetchPrekeyBundles(fetch)).bundles
+    assert [address_from_pb(b.address) for b in bundles] == [one, two]
+    assert [b.one_time_prekey.key_id for b in bundles] == [1, 10]
+    assert bundles[1].signed_prekey.public_key == rotated.public_key
+    assert bundles[0].identity_key == phone.identity_key
+    assert bundles[0].identity_dh_key == phone.identity_dh_key
+    assert authproof.verify(
+        bundles[0].identity_key,
+        bundles[0].identity_dh_signature,
+        authproof.identity_dh_transcript(bundles[0].identity_dh_key),
+    )
+    # The phone's only one-time key is gone: its next bundle has none.
+    again = (await stub.FetchPrekeyBundles(fetch)).bundles
+    assert not again[0].HasField("one_time_prekey")
+    assert again[0].HasField("signed_prekey")
+    assert again[1].one_time_prekey.key_id == 11
+    assert await count(stub, clock, phone, one) == 0
+
+    listed = (await stub.ListDevices(pb.ListDevicesRequest(tenant="acme", user="alice"))).devices
+    assert [address_from_pb(d.address) for d in listed] == [one, two]
+    assert [d.identity_key for d in listed] == [phone.identity_key, laptop.identity_key]
+    assert all(d.registered_at_ms == clock.now_ms() - 4 for d in listed)
+
+    reply = await stub.GetIdentityKey(pb.GetIdentityKeyRequest(device=address_to_pb(two)))
+    assert reply.identity_key == laptop.identity_key
+
+
+async def test_bad_input_is_invalid_argument_with_error_info(stub: KeyDirectoryAsyncStub) -> None:
+    request = registration_pb(DeviceKeys().registration())
+    request.signed_prekey.signature = DeviceKeys().sign(b"something else")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.RegisterDevice(request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == "signed_prekey.signature does not verify with identity_key"
+    info = error_info(raised.value)
+    assert info is not None
+    assert (info.reason, info.domain) == ("INVALID_ARGUMENT", "e2ee-relay")
+
+
+async def test_limits_and_missing_things_get_their_status(stub: KeyDirectoryAsyncStub) -> None:
+    too_many = registration_pb(DeviceKeys().registration(one_time=range(101)))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.RegisterDevice(too_many)
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(raised.value)
+    assert info is not None
+    assert dict(info.metadata) == {"limit": "max_one_time_prekeys_per_request", "value": "100"}
+
+    for call in (
+        stub.FetchPrekeyBundles(pb.FetchPrekeyBundlesRequest(tenant="acme", user="nobody")),
+        stub.GetIdentityKey(
+            pb.GetIdentityKeyRequest(device=address_to_pb(Address("acme", "nobody", 1)))
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_signed_requests_without_or_with_forged_headers(
+    stub: KeyDirectoryAsyncStub, clock: FakeClock
+) -> None:
+    keys = DeviceKeys()
+    device = await register(stub, keys)
+    request = pb.PublishPrekeysRequest(
+        device=address_to_pb(device), one_time_prekeys=one_time_pb(one_time_prekeys([1]))
+    )
+    good = dict(sign_request_metadata(PUBLISH_PREKEYS_METHOD, device, keys.signing, request, clock))
+    other = dict(
+        sign_request_metadata(PUBLISH_PREKEYS_METHOD, device, DeviceKeys().signing, request, clock)
+    )
+    dev, time, sig = (
+        authproof.REQUEST_DEVICE_HEADER,
+        authproof.REQUEST_TIME_HEADER,
+        authproof.REQUEST_SIGNATURE_HEADER,
+    )
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({}, f"missing header {dev}"),
+        ({dev: good[dev], time: good[time]}, f"missing header {sig}"),
+        ({dev: good[dev], sig: good[sig]}, f"missing header {time}"),
+        ({**good, dev: "acme/alice"}, f"header {dev} is not tenant/user/device"),
+        ({**good, time: "1_700"}, f"header {time} is not a time in milliseconds"),
+        ({**good, sig: other[sig]}, "does not verify with the identity key of acme/alice/1"),
+        ({**good, dev: "acme/alice/2"}, "acme/alice/2 is not registered"),
+        ({**good, time: str(clock.now_ms() + 1)}, "does not verify"),
+        ({**good, time: str(clock.now_ms() + 60_001)}, "ms from the server's time"),
+    ]
+    for headers, message in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.PublishPrekeys(request, metadata=tuple(headers.items()))
+        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED, message
+        assert message in (raised.value.details() or ""), raised.value.details()
+
+    # The same body signed for CountOneTimePrekeys is no PublishPrekeys signature.
+    swapped = sign_request_metadata(
+        COUNT_ONE_TIME_PREKEYS_METHOD, device, keys.signing, request, clock
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.PublishPrekeys(request, metadata=swapped)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # A changed body invalidates the signature.
+    tampered = pb.PublishPrekeysRequest()
+    tampered.CopyFrom(request)
+    tampered.one_time_prekeys[0].key_id = 2
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.PublishPrekeys(tampered, metadata=tuple(good.items()))
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # The genuine request works once; the replay does not.
+    assert (
+        await stub.PublishPrekeys(request, metadata=tuple(good.items()))
+    ).one_time_prekeys_remaining == 1
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.PublishPrekeys(request, metadata=tuple(good.items()))
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "replayed request" in (raised.value.details() or "")
+
+
+async def test_a_device_cannot_publish_for_another(
+    stub: KeyDirectoryAsyncStub, clock: FakeClock
+) -> None:
+    mine, theirs = DeviceKeys(), DeviceKeys()
+    me = await register(stub, mine)
+    them = await register(stub, theirs)
+    request = pb.PublishPrekeysRequest(
+        device=address_to_pb(them), one_time_prekeys=one_time_pb(one_time_prekeys([1]))
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await publish(stub, clock, mine, me, request)
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await count(stub, clock, theirs, them) == 0
+
+
+async def test_concurrent_fetches_never_hand_out_a_key_twice(
+    stub: KeyDirectoryAsyncStub,
+) -> None:
+    keys = DeviceKeys()
+    await register(stub, keys, user="bob", one_time=range(20))
+    fetch = pb.FetchPrekeyBundlesRequest(tenant="acme", user="bob")
+    replies = await asyncio.gather(*(stub.FetchPrekeyBundles(fetch) for _ in range(60)))
+    bundles = [r.bundles[0] for r in replies]
+    handed = [b.one_time_prekey.key_id for b in bundles if b.HasField("one_time_prekey")]
+    assert sorted(handed) == list(range(20))
+    assert (
+        len({b.one_time_prekey.public_key for b in bundles if b.HasField("one_time_prekey")}) == 20
+    )
+    assert all(b.HasField("signed_prekey") for b in bundles)
+
+
+async def test_health_reports_serving(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE_NAME):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_devices_survive_a_restart(tmp_path: Path, clock: FakeClock) -> None:
+    keys = DeviceKeys()
+    async with (
+        KeyserverApp(config(tmp_path), clock) as app,
+        grpc.aio.insecure_channel(app.address) as channel,
+    ):
+        await register(keys_pb2_grpc.KeyDirectoryStub(channel), keys, one_time=[1, 2])
+    async with (
+        KeyserverApp(config(tmp_path), clock) as app,
+        grpc.aio.insecure_channel(app.address) as channel,
+    ):
+        stub = keys_pb2_grpc.KeyDirectoryStub(channel)
+        listed = await stub.ListDevices(pb.ListDevicesRequest(tenant="acme", user="alice"))
+        assert [d.identity_key for d in listed.devices] == [keys.identity_key]
+        assert await count(stub, clock, keys, Address("acme", "alice", 1)) == 2
+
+
+def test_unknown_storage_backend_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"storage\.backend"):
+        KeyserverApp(config(tmp_path, **{"storage.backend": "etcd"}))
+
+
+def test_app_is_not_running_before_entry(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="not running"):
+        _ = KeyserverApp(config(tmp_path)).port
+
+
+_bytes = st.one_of(st.binary(max_size=80), st.sampled_from([b"", bytes(32), bytes(64)]))
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    tenant=st.one_of(st.just("acme"), st.text(max_size=70)),
+    user=st.one_of(st.just("alice"), st.text(max_size=140)),
+    identity_key=_bytes,
+    identity_dh_key=_bytes,
+    signature=_bytes,
+    proof=_bytes,
+    key_ids=st.lists(st.integers(0, 2**32 - 1), max_size=5),
+    with_signed_prekey=st.booleans(),
+)
+async def test_random_registrations_get_a_clean_invalid_argument(
+    stub: KeyDirectoryAsyncStub,
+    tenant: str,
+    user: str,
+    identity_key: bytes,
+    identity_dh_key: bytes,
+    signature: bytes,
+    proof: bytes,
+    key_ids: list[int],
+    with_signed_prekey: bool,
+) -> None:
+    request = pb.RegisterDeviceRequest(
+        tenant=tenant,
+        user=user,
+        identity_key=identity_key,
+        identity_dh_key=identity_dh_key,
+        identity_dh_signature=signature,
+        one_time_prekeys=[pb.OneTimePrekey(key_id=k, public_key=bytes(32)) for k in key_ids],
+        proof=proof,
+    )
+    if with_signed_prekey:
+        request.signed_prekey.CopyFrom(
+            pb.SignedPrekey(key_id=1, public_key=identity_dh_key, signature=signature)
+        )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.RegisterDevice(request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    info = error_info(raised.value)
+    assert info is not None
+    assert info.reason == "INVALID_ARGUMENT"

@@ -1,0 +1,29 @@
+"""The embedded SQLite key store against the key store conformance suites."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from keyserver.sqlite_store import KEYS_DB, SCHEMA, SqliteDeviceDirectory, SqlitePrekeyStore
+from relay.stores.sqlite_worker import SqliteWorker
+from tests.keyserver.conformance import (
+    DeviceDirectoryConformance,
+    OpenStores,
+    PrekeyStoreConformance,
+    Stores,
+)
+
+
+class TestSqliteKeyStores(DeviceDirectoryConformance, PrekeyStoreConformance):
+    @pytest.fixture
+    def open_stores(self, tmp_path: Path) -> OpenStores:
+        @asynccontextmanager
+        async def open_stores() -> AsyncIterator[Stores]:
+            async with SqliteWorker(tmp_path / KEYS_DB, SCHEMA) as worker:
+                yield Stores(SqliteDeviceDirectory(worker), SqlitePrekeyStore(worker))
+
+        return open_stores

@@ -1,0 +1,92 @@
+"""Run ``relayd`` as a real subprocess on free loopback ports (integration tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Relayd:
+    """A ``relayd run`` process; ``start()`` returns when both servers report SERVING."""
+
+    data_dir: Path
+    relay_port: int = field(default_factory=free_port)
+    keys_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def relay_address(self) -> str:
+        return f"127.0.0.1:{self.relay_port}"
+
+    @property
+    def keys_address(self) -> str:
+        return f"127.0.0.1:{self.keys_port}"
+
+    def spawn(self) -> None:
+        self.log_path = self.data_dir.parent / f"relayd-{self.relay_port}.log"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "relay.cli.relayd",
+                "run",
+                "--data-dir",
+                str(self.data_dir),
+                "--listen",
+                self.relay_address,
+                "--keys-listen",
+                self.keys_address,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        log.close()
+
+    async def start(self, timeout: float = 30.0) -> None:
+        self.spawn()
+        for target, service in (
+            (self.keys_address, "relaypb.keys.v1.KeyDirectory"),
+            (self.relay_address, "relaypb.relay.v1.Relay"),
+        ):
+            async with grpc.aio.insecure_channel(target) as channel:
+                try:
+                    reply = await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=service),
+                        wait_for_ready=True,
+                        timeout=timeout,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    raise AssertionError(f"relayd did not start: {self.log()}") from exc
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:] if self.log_path else ""
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)

@@ -1,0 +1,168 @@
+"""Test helpers that speak the wire protocol directly (independent of the SDK)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from relay import authproof
+from relay.model import Address
+from relay.server.convert import address_from_pb, address_to_pb
+from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
+from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
+
+RAW = (Encoding.Raw, PublicFormat.Raw)
+
+
+def pub(key: Any) -> bytes:
+    return bytes(key.public_key().public_bytes(*RAW))
+
+
+@dataclass
+class Device:
+    address: Address
+    signing_key: Ed25519PrivateKey
+
+
+async def register(keys_target: str, user: str, tenant: str = "default") -> Device:
+    """Register a new device of ``user`` with real keys and proofs."""
+    sk = Ed25519PrivateKey.generate()
+    dh = X25519PrivateKey.generate()
+    spk = X25519PrivateKey.generate()
+    ik, dhk = pub(sk), pub(dh)
+    request = keys_pb2.RegisterDeviceRequest(
+        tenant=tenant,
+        user=user,
+        identity_key=ik,
+        identity_dh_key=dhk,
+        identity_dh_signature=sk.sign(authproof.identity_dh_transcript(dhk)),
+        signed_prekey=keys_pb2.SignedPrekey(
+            key_id=1,
+            public_key=pub(spk),
+            signature=sk.sign(authproof.signed_prekey_transcript(pub(spk))),
+        ),
+        proof=sk.sign(authproof.registration_transcript(tenant, user, ik, dhk)),
+    )
+    async with grpc.aio.insecure_channel(keys_target) as channel:
+        reply = await keys_pb2_grpc.KeyDirectoryStub(channel).RegisterDevice(request)
+    return Device(address_from_pb(reply.address), sk)
+
+
+def envelope(recipient: Address, content: bytes, **kw: Any) -> relay_pb2.Envelope:
+    return relay_pb2.Envelope(
+        message_id=kw.pop("message_id", os.urandom(16)),
+        recipient=address_to_pb(recipient),
+        content=content,
+        **kw,
+    )
+
+
+@dataclass
+class RawSession:
+    """One Connect stream driven frame by frame."""
+
+    call: Any
+    ready: relay_pb2.Ready
+    frames: asyncio.Queue[relay_pb2.ServerFrame | BaseException] = field(
+        default_factory=asyncio.Queue
+    )
+    results: dict[int, asyncio.Future[relay_pb2.SendResults]] = field(default_factory=dict)
+    _reader: asyncio.Task[None] | None = None
+    _batch: int = 0
+
+    def start(self) -> None:
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                frame = await self.call.read()
+                if frame is grpc.aio.EOF:
+                    break
+                if frame.WhichOneof("frame") == "send_results":
+                    fut = self.results.pop(frame.send_results.batch_id)
+                    fut.set_result(frame.send_results)
+                else:
+                    await self.frames.put(frame)
+            await self.frames.put(EOFError("stream ended"))
+        except BaseException as exc:
+            await self.frames.put(exc)
+
+    async def send(self, *envs: relay_pb2.Envelope) -> list[relay_pb2.SendResult]:
+        self._batch += 1
+        fut: asyncio.Future[relay_pb2.SendResults] = asyncio.get_running_loop().create_future()
+        self.results[self._batch] = fut
+        await self.call.write(
+            relay_pb2.ClientFrame(
+                send=relay_pb2.SendBatch(batch_id=self._batch, envelopes=list(envs))
+            )
+        )
+        return list((await asyncio.wait_for(fut, 30)).results)
+
+    async def ack(self, *ids: bytes) -> None:
+        await self.call.write(relay_pb2.ClientFrame(ack=relay_pb2.AckBatch(message_ids=list(ids))))
+
+    async def frame(self, timeout: float = 30) -> relay_pb2.ServerFrame:
+        item = await asyncio.wait_for(self.frames.get(), timeout)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def receive(self, count: int, timeout: float = 30) -> list[relay_pb2.Envelope]:
+        """Collect ``count`` envelopes, skipping a queue-empty marker."""
+        out: list[relay_pb2.Envelope] = []
+        while len(out) < count:
+            f = await self.frame(timeout)
+            if f.WhichOneof("frame") == "deliver":
+                out.extend(f.deliver.envelopes)
+        return out
+
+    async def until_queue_empty(self, timeout: float = 30) -> list[relay_pb2.Envelope]:
+        """Envelopes delivered before the queue-empty marker."""
+        out: list[relay_pb2.Envelope] = []
+        while True:
+            f = await self.frame(timeout)
+            kind = f.WhichOneof("frame")
+            if kind == "queue_empty":
+                return out
+            assert kind == "deliver", kind
+            out.extend(f.deliver.envelopes)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+async def connect(channel: grpc.aio.Channel, device: Device, *, receive: bool = True) -> RawSession:
+    """Open and authenticate a Connect stream."""
+    call = relay_pb2_grpc.RelayStub(channel).Connect()
+    await call.write(
+        relay_pb2.ClientFrame(
+            hello=relay_pb2.Hello(address=address_to_pb(device.address), receive=receive)
+        )
+    )
+    first = await call.read()
+    ch = first.challenge
+    transcript = authproof.connect_transcript(
+        ch.nonce, ch.node_id, ch.server_time_ms, device.address
+    )
+    await call.write(
+        relay_pb2.ClientFrame(
+            auth=relay_pb2.AuthResponse(signature=device.signing_key.sign(transcript))
+        )
+    )
+    second = await call.read()
+    if second is grpc.aio.EOF or second.WhichOneof("frame") != "ready":
+        await call  # raises the status the server ended with
+        raise AssertionError(f"expected ready, got {second}")
+    session = RawSession(call, second.ready)
+    session.start()
+    return session

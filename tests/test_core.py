@@ -1,0 +1,163 @@
+"""Unit tests of the relay core on the embedded store with a fake clock (no network)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from relay.clock import FakeClock
+from relay.config import LimitsConfig
+from relay.core.auth import ApiKeys, DeviceAuthenticator, ServiceSender
+from relay.core.delivery import Relay
+from relay.core.sessions import Deliver, QueueEmpty, Session
+from relay.errors import LimitExceeded, SessionDisplaced, Unauthenticated
+from relay.metrics import RelayMetrics
+from relay.model import Address, Envelope, Outcome
+from relay.stores.sqlite_queue import SqliteQueue
+from tests.support import pub
+
+ALICE = Address("t", "alice", 1)
+BOB = Address("t", "bob", 1)
+
+
+class FakeIdentities:
+    """IdentityKeys from a dict."""
+
+    def __init__(self) -> None:
+        self.keys: dict[Address, bytes] = {}
+
+    async def identity_key(self, device: Address) -> bytes | None:
+        return self.keys.get(device)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def identities() -> FakeIdentities:
+    ids = FakeIdentities()
+    ids.keys[ALICE] = b"a" * 32
+    ids.keys[BOB] = b"b" * 32
+    return ids
+
+
+@pytest.fixture
+async def relay(
+    tmp_path: Path, clock: FakeClock, identities: FakeIdentities
+) -> AsyncIterator[Relay]:
+    async with SqliteQueue(tmp_path / "q.db") as queue:
+        yield Relay(
+            queue=queue,
+            identities=identities,
+            clock=clock,
+            limits=LimitsConfig(default_ttl_seconds=60, max_ttl_seconds=3600),
+            metrics=RelayMetrics(),
+        )
+
+
+def env(content: bytes = b"c", ttl: int = 0, to: Address = BOB) -> Envelope:
+    return Envelope(os.urandom(16), ALICE, to, content, ttl_seconds=ttl)
+
+
+async def drain(session: Session) -> list[bytes]:
+    """Contents delivered up to the QueueEmpty marker."""
+    out: list[bytes] = []
+    events = session.events()
+    async for ev in events:
+        if isinstance(ev, QueueEmpty):
+            break
+        assert isinstance(ev, Deliver)
+        out += [e.content for e in ev.envelopes]
+    await events.aclose()
+    return out
+
+
+async def test_ttl_expiry_skips_and_purges(relay: Relay, clock: FakeClock) -> None:
+    res = await relay.send(ALICE, [env(b"short", ttl=10), env(b"default")])
+    assert [r.outcome for r in res] == [Outcome.STORED, Outcome.STORED]
+    clock.advance(11_000)
+    assert await drain(relay.open_session(BOB, receive=True)) == [b"default"]
+    clock.advance(60_000)
+    assert await relay.purge_expired() == 2
+    assert await drain(relay.open_session(BOB, receive=True)) == []
+
+
+async def test_ttl_over_maximum_is_rejected(relay: Relay) -> None:
+    (res,) = await relay.send(ALICE, [env(ttl=3601)])
+    assert res.outcome is Outcome.REJECTED
+    assert res.error is not None and "max_ttl_seconds" in res.error.message
+
+
+async def test_batch_over_limit_raises_naming_it(relay: Relay) -> None:
+    with pytest.raises(LimitExceeded) as info:
+        await relay.send(ALICE, [env() for _ in range(1001)])
+    assert info.value.limit == "max_batch_envelopes" and info.value.value == 1000
+
+
+async def test_sender_is_the_authenticated_one(relay: Relay) -> None:
+    forged = Envelope(os.urandom(16), Address("t", "mallory", 9), BOB, b"x")
+    await relay.send(ALICE, [forged])
+    session = relay.open_session(BOB, receive=True)
+    events = session.events()
+    first = await anext(events)
+    assert isinstance(first, Deliver) and first.envelopes[0].sender == ALICE
+    await events.aclose()
+
+
+async def test_displaced_session_raises(relay: Relay) -> None:
+    old = relay.open_session(BOB, receive=True)
+    events = old.events()
+    assert isinstance(await anext(events), QueueEmpty)
+    new = relay.open_session(BOB, receive=True)
+    assert new.epoch > old.epoch
+    with pytest.raises(SessionDisplaced):
+        await anext(events)
+    assert relay.sessions.get(BOB) is new
+    relay.close_session(old)  # late close of the old one keeps the new one
+    assert relay.sessions.get(BOB) is new
+
+
+async def test_live_envelope_wakes_session(relay: Relay) -> None:
+    session = relay.open_session(BOB, receive=True)
+    events = session.events()
+    assert isinstance(await anext(events), QueueEmpty)
+    await relay.send(ALICE, [env(b"live")])
+    ev = await anext(events)
+    assert isinstance(ev, Deliver) and [e.content for e in ev.envelopes] == [b"live"]
+    await events.aclose()
+
+
+async def test_challenge_is_time_bounded_and_bound_to_the_device(clock: FakeClock) -> None:
+    sk = Ed25519PrivateKey.generate()
+    ids = FakeIdentities()
+    ids.keys[BOB] = pub(sk)
+    auth = DeviceAuthenticator(ids, clock, "node-a", timeout_ms=30_000)
+    ch = auth.challenge(BOB)
+    await auth.verify(ch, sk.sign(ch.transcript()))
+    other = auth.challenge(BOB)
+    assert other.nonce != ch.nonce
+    with pytest.raises(Unauthenticated, match="does not verify"):
+        await auth.verify(other, sk.sign(ch.transcript()))  # replay of the first answer
+    late = auth.challenge(BOB)
+    clock.advance(30_001)
+    with pytest.raises(Unauthenticated, match="auth_timeout_seconds"):
+        await auth.verify(late, sk.sign(late.transcript()))
+
+
+def test_api_keys() -> None:
+    import hashlib
+
+    keys = ApiKeys({hashlib.sha256(b"k" * 20).digest(): ServiceSender("t", "svc")})
+    assert keys.authenticate("k" * 20).address == Address("t", "service:svc", 0)
+    with pytest.raises(Unauthenticated):
+        keys.authenticate("wrong")
+    with pytest.raises(Unauthenticated, match="missing"):
+        keys.authenticate(None)
+    with pytest.raises(Unauthenticated, match="no API keys"):
+        ApiKeys({}).authenticate("k" * 20)

@@ -1,0 +1,41 @@
+"""The core imports no transport or driver: servicers translate, the core decides."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = ("grpc", "grpc_status", "google.protobuf", "relaypb", "cassandra", "redis")
+CORE = [
+    *sorted((ROOT / "relay" / "core").glob("*.py")),
+    ROOT / "relay" / "model.py",
+    ROOT / "relay" / "errors.py",
+    ROOT / "keyserver" / "directory.py",
+    ROOT / "keyserver" / "ports.py",
+    ROOT / "keyserver" / "model.py",
+]
+
+
+def imported(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("path", CORE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_core_imports_no_transport_or_driver(path: Path) -> None:
+    bad = {n for n in imported(path) if n.split(".")[0] in FORBIDDEN or n.startswith(FORBIDDEN)}
+    assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_the_check_catches_a_forbidden_import(tmp_path: Path) -> None:
+    sample = tmp_path / "x.py"
+    sample.write_text("from grpc import aio\nimport relay.model\n")
+    assert "grpc" in imported(sample)
