@@ -26,7 +26,7 @@ DEFAULT_TTL_SECONDS = 30 * 24 * 3600
 DEFAULT_MAX_BATCH_ENVELOPES = 1000
 DEFAULT_AUTH_TIMEOUT_SECONDS = 30.0
 DEFAULT_DELIVERY_PAGE = 256
-DEFAULT_SESSION_OUTBOX = 64
+DEFAULT_SESSION_REPOLL_SECONDS = 30.0
 DEFAULT_IDENTITY_CACHE_SECONDS = 60.0
 DEFAULT_GRACE_SECONDS = 5.0
 
@@ -41,6 +41,10 @@ class NodeConfig:
 
     id: str = "relay-1"
     listen: str = DEFAULT_RELAY_LISTEN
+    #: Address other relay nodes use to reach this one (default: the bound listen address).
+    advertise: str = ""
+    #: Prometheus /metrics on host:port; empty: off.
+    metrics_listen: str = ""
     #: Seconds a stopping server gives open calls to finish.
     grace_seconds: float = DEFAULT_GRACE_SECONDS
 
@@ -55,17 +59,81 @@ class KeyserverConfig:
     identity_cache_seconds: float = DEFAULT_IDENTITY_CACHE_SECONDS
 
 
+STORAGE_BACKENDS = ("embedded", "cassandra")
+PRESENCE_BACKENDS = ("local", "redis")
+CONSISTENCY_LEVELS = ("ONE", "LOCAL_ONE", "QUORUM", "LOCAL_QUORUM", "EACH_QUORUM", "ALL")
+
+
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    """Which backend stores queues and keys. ``embedded``: SQLite files in ``data_dir``."""
+    """Which backend stores queues and keys.
+
+    ``embedded``: SQLite files in ``data_dir`` (one process, no servers).
+    ``cassandra``: the ``[cassandra]`` section (several stateless relay nodes).
+    """
 
     backend: str = "embedded"
     data_dir: str = DEFAULT_DATA_DIR
+
+    def __post_init__(self) -> None:
+        if self.backend not in STORAGE_BACKENDS:
+            raise ConfigError(
+                f"storage.backend: {self.backend!r} is unknown "
+                f"(known: {', '.join(STORAGE_BACKENDS)})"
+            )
 
     @property
     def path(self) -> Path:
         """``data_dir`` as a Path."""
         return Path(self.data_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class CassandraConfig:
+    """The Cassandra cluster behind ``storage.backend = "cassandra"``."""
+
+    contact_points: tuple[str, ...] = ("127.0.0.1",)
+    port: int = 9042
+    keyspace: str = "relay"
+    local_dc: str = "datacenter1"
+    #: Consistency of reads and writes; LOCAL_QUORUM keeps "durable before ack" honest.
+    consistency: str = "LOCAL_QUORUM"
+    #: Replication factor used by ``relayd migrate`` when it creates the keyspace.
+    replication_factor: int = 1
+    username: str = ""
+    #: File holding the password (never inline).
+    password_file: str = ""
+    request_timeout_seconds: float = 5.0
+    #: Concurrent statements per batch of writes.
+    write_concurrency: int = 64
+
+    def __post_init__(self) -> None:
+        if self.consistency not in CONSISTENCY_LEVELS:
+            raise ConfigError(
+                f"cassandra.consistency: {self.consistency!r} is unknown "
+                f"(known: {', '.join(CONSISTENCY_LEVELS)})"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceConfig:
+    """Where devices are online. ``local``: this process only; ``redis``: the cluster."""
+
+    backend: str = "local"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Lifetime of a device's presence entry; the node refreshes it at a third of this.
+    device_ttl_seconds: float = 30.0
+    #: Lifetime of a node's liveness key; a dead node's devices count as offline after it.
+    node_ttl_seconds: float = 10.0
+    #: How long a node caches where a device is.
+    cache_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.backend not in PRESENCE_BACKENDS:
+            raise ConfigError(
+                f"presence.backend: {self.backend!r} is unknown "
+                f"(known: {', '.join(PRESENCE_BACKENDS)})"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +149,9 @@ class LimitsConfig:
     auth_timeout_seconds: float = DEFAULT_AUTH_TIMEOUT_SECONDS
     #: Envelopes per Deliver frame, and per store read.
     delivery_page: int = DEFAULT_DELIVERY_PAGE
-    #: Deliver frames buffered per session before the relay stops reading the queue.
-    session_outbox: int = DEFAULT_SESSION_OUTBOX
+    #: A receiving session re-reads its queue this often as a safety net for wake-ups
+    #: lost between nodes (a lost wake-up delays a stored envelope, never loses it).
+    session_repoll_seconds: float = DEFAULT_SESSION_REPOLL_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +180,8 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     keyserver: KeyserverConfig = field(default_factory=KeyserverConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    cassandra: CassandraConfig = field(default_factory=CassandraConfig)
+    presence: PresenceConfig = field(default_factory=PresenceConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     api_keys: tuple[ApiKeyConfig, ...] = ()
 
