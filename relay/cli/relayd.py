@@ -76,7 +76,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
 async def serve(config: Config, command: str) -> None:
     """Run the servers ``command`` names until SIGINT or SIGTERM."""
     from keyserver.app import KeyserverApp  # noqa: PLC0415 - only what is run is imported
-
     from relay.server.app import RelayApp  # noqa: PLC0415
 
     stop = asyncio.Event()
