@@ -120,3 +120,24 @@ class Appended:
     outcome: Outcome
     seq: int = 0
     limit: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Pushed:
+    """An envelope handed to a session directly (live), with its place in the queue.
+
+    ``seq`` is its queue seq (0 for ephemeral envelopes); ``prev_seq`` the seq of the
+    previous envelope from the same sender session to the same recipient (0: unknown).
+    """
+
+    envelope: Envelope
+    seq: int = 0
+    prev_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a device's receiving session is: a node and the session's epoch."""
+
+    node_id: str
+    epoch: int

@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 import pytest
-from keyserver.app import KeyserverApp
 
+from keyserver.app import KeyserverApp
 from relay.config import Config, load
 from relay.server.app import RelayApp
 

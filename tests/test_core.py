@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from relay.core.delivery import Relay
 from relay.core.sessions import Deliver, QueueEmpty, Session
 from relay.errors import LimitExceeded, SessionDisplaced, Unauthenticated
 from relay.metrics import RelayMetrics
-from relay.model import Address, Envelope, Outcome
+from relay.model import Address, Envelope, Outcome, Pushed
 from relay.stores.sqlite_queue import SqliteQueue
 from tests.support import pub
 
@@ -82,10 +83,10 @@ async def test_ttl_expiry_skips_and_purges(relay: Relay, clock: FakeClock) -> No
     res = await relay.send(ALICE, [env(b"short", ttl=10), env(b"default")])
     assert [r.outcome for r in res] == [Outcome.STORED, Outcome.STORED]
     clock.advance(11_000)
-    assert await drain(relay.open_session(BOB, receive=True)) == [b"default"]
+    assert await drain(await relay.open_session(BOB, receive=True)) == [b"default"]
     clock.advance(60_000)
     assert await relay.purge_expired() == 2
-    assert await drain(relay.open_session(BOB, receive=True)) == []
+    assert await drain(await relay.open_session(BOB, receive=True)) == []
 
 
 async def test_ttl_over_maximum_is_rejected(relay: Relay) -> None:
@@ -103,7 +104,7 @@ async def test_batch_over_limit_raises_naming_it(relay: Relay) -> None:
 async def test_sender_is_the_authenticated_one(relay: Relay) -> None:
     forged = Envelope(os.urandom(16), Address("t", "mallory", 9), BOB, b"x")
     await relay.send(ALICE, [forged])
-    session = relay.open_session(BOB, receive=True)
+    session = await relay.open_session(BOB, receive=True)
     events = session.events()
     first = await anext(events)
     assert isinstance(first, Deliver) and first.envelopes[0].sender == ALICE
@@ -111,20 +112,20 @@ async def test_sender_is_the_authenticated_one(relay: Relay) -> None:
 
 
 async def test_displaced_session_raises(relay: Relay) -> None:
-    old = relay.open_session(BOB, receive=True)
+    old = await relay.open_session(BOB, receive=True)
     events = old.events()
     assert isinstance(await anext(events), QueueEmpty)
-    new = relay.open_session(BOB, receive=True)
+    new = await relay.open_session(BOB, receive=True)
     assert new.epoch > old.epoch
     with pytest.raises(SessionDisplaced):
         await anext(events)
     assert relay.sessions.get(BOB) is new
-    relay.close_session(old)  # late close of the old one keeps the new one
+    await relay.close_session(old)  # late close of the old one keeps the new one
     assert relay.sessions.get(BOB) is new
 
 
 async def test_live_envelope_wakes_session(relay: Relay) -> None:
-    session = relay.open_session(BOB, receive=True)
+    session = await relay.open_session(BOB, receive=True)
     events = session.events()
     assert isinstance(await anext(events), QueueEmpty)
     await relay.send(ALICE, [env(b"live")])
@@ -161,3 +162,87 @@ def test_api_keys() -> None:
         keys.authenticate(None)
     with pytest.raises(Unauthenticated, match="no API keys"):
         ApiKeys({}).authenticate("k" * 20)
+
+
+class CountingQueue:
+    """Wraps a queue and counts reads (to see when a session reads its store)."""
+
+    def __init__(self, inner: SqliteQueue) -> None:
+        self.inner = inner
+        self.reads = 0
+
+    async def append(self, *a, **k):  # type: ignore[no-untyped-def]
+        return await self.inner.append(*a, **k)
+
+    async def read(self, *a, **k):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return await self.inner.read(*a, **k)
+
+    async def ack(self, *a, **k):  # type: ignore[no-untyped-def]
+        return await self.inner.ack(*a, **k)
+
+    async def purge_expired(self, *a, **k):  # type: ignore[no-untyped-def]
+        return await self.inner.purge_expired(*a, **k)
+
+
+@pytest.fixture
+async def counting(tmp_path: Path, clock: FakeClock, identities: FakeIdentities):  # type: ignore[no-untyped-def]
+    async with SqliteQueue(tmp_path / "c.db") as inner:
+        queue = CountingQueue(inner)
+        relay = Relay(
+            queue=queue,
+            identities=identities,
+            clock=clock,
+            limits=LimitsConfig(session_repoll_seconds=3600),  # no safety net here
+            metrics=RelayMetrics(),
+        )
+        yield relay, queue
+
+
+async def test_in_order_pushes_skip_the_store(counting) -> None:  # type: ignore[no-untyped-def]
+    relay, queue = counting
+    bob = await relay.open_session(BOB, receive=True)
+    alice = await relay.open_session(ALICE, receive=False)
+    events = bob.events()
+    assert isinstance(await anext(events), QueueEmpty)
+    await relay.send(ALICE, [env(b"1")], alice)
+    first = await anext(events)  # prev_seq unknown: read from the store once
+    assert [e.content for e in first.envelopes] == [b"1"]
+    reads = queue.reads
+    for n in range(2, 6):
+        await relay.send(ALICE, [env(b"%d" % n)], alice)
+        ev = await anext(events)
+        assert [e.content for e in ev.envelopes] == [b"%d" % n]
+    assert queue.reads == reads  # delivered directly, provably in order
+    await events.aclose()
+
+
+async def test_lost_wakeup_is_caught_in_order(counting) -> None:  # type: ignore[no-untyped-def]
+    relay, queue = counting
+    bob = await relay.open_session(BOB, receive=True)
+    events = bob.events()
+    assert isinstance(await anext(events), QueueEmpty)
+    # Three envelopes are stored, but only the last one's wake-up arrives.
+    stored = [env(b"a"), env(b"b"), env(b"c")]
+    results = await queue.append(stored, [2**62] * 3, relay._queue_limits)
+    seqs = [r.seq for r in results]
+    bob.push([Pushed(stored[2], seqs[2], seqs[1])])
+    got: list[bytes] = []
+    async with asyncio.timeout(10):
+        while len(got) < 3:
+            ev = await anext(events)
+            got += [e.content for e in ev.envelopes]
+    assert got == [b"a", b"b", b"c"]
+    await events.aclose()
+
+
+async def test_reread_all_and_remote_displace(relay: Relay) -> None:
+    bob = await relay.open_session(BOB, receive=True)
+    events = bob.events()
+    assert isinstance(await anext(events), QueueEmpty)
+    relay.router.displace(BOB, bob.epoch - 1)  # older epoch: ignored
+    assert relay.sessions.get(BOB) is bob and not bob.displaced
+    relay.router.displace(BOB, bob.epoch + 1)
+    assert bob.displaced and relay.sessions.get(BOB) is None
+    with pytest.raises(SessionDisplaced):
+        await anext(events)

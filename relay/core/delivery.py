@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from relay.clock import Clock
 from relay.config import LimitsConfig
-from relay.core.ports import IdentityKeys, MessageQueue
+from relay.core.ports import IdentityKeys, MessageQueue, NodeLinks, Presence
+from relay.core.presence_local import LocalPresence, NoLinks
+from relay.core.routing import Router
 from relay.core.sessions import Session, SessionRegistry
-from relay.errors import ClientError, InvalidArgument, LimitExceeded, NotFound, PermissionDenied
+from relay.errors import (
+    ClientError,
+    InvalidArgument,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    RelayError,
+)
 from relay.metrics import RelayMetrics
-from relay.model import MESSAGE_ID_BYTES, Address, Envelope, Outcome, QueueLimits
+from relay.model import MESSAGE_ID_BYTES, Address, Envelope, Outcome, Pushed, QueueLimits
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +55,20 @@ class Relay:
         clock: Clock,
         limits: LimitsConfig,
         metrics: RelayMetrics,
-        registry: SessionRegistry | None = None,
+        node_id: str = "relay-1",
+        presence: Presence | None = None,
+        links: NodeLinks | None = None,
     ) -> None:
         self._queue = queue
         self._identities = identities
         self._clock = clock
         self._limits = limits
         self._metrics = metrics
-        self._registry = registry or SessionRegistry()
+        self._node_id = node_id
+        self._presence: Presence = presence or LocalPresence()
+        self._links: NodeLinks = links or NoLinks()
+        self._registry = SessionRegistry()
+        self.router = Router(node_id, self._registry, self._presence, self._links)
         self._queue_limits = QueueLimits(limits.max_queue_depth, limits.max_queue_bytes)
 
     @property
@@ -58,8 +76,13 @@ class Relay:
         """The receiving sessions on this node."""
         return self._registry
 
-    async def send(self, sender: Address, envelopes: Sequence[Envelope]) -> list[SendOutcome]:
+    async def send(
+        self, sender: Address, envelopes: Sequence[Envelope], session: Session | None = None
+    ) -> list[SendOutcome]:
         """Accept ``envelopes`` from ``sender``; one outcome per envelope, in order.
+
+        ``session`` is the sender's own session, if it sends on one: it lets recipients'
+        sessions prove the order of live envelopes from it (see ``Session``).
 
         Raises LimitExceeded for a batch over ``max_batch_envelopes`` (nothing accepted)
         and Unavailable when the store is down (nothing acknowledged). Per-envelope
@@ -74,7 +97,7 @@ class Relay:
                 f"({limit}): split it",
             )
         with self._metrics.send_seconds.time():
-            outcomes = await self._send(sender, envelopes)
+            outcomes = await self._send(sender, envelopes, session)
         for out in outcomes:
             self._metrics.envelopes.labels(out.outcome.name.lower()).inc()
             if out.error is not None:
@@ -83,11 +106,14 @@ class Relay:
                 ).inc()
         return outcomes
 
-    async def _send(self, sender: Address, envelopes: Sequence[Envelope]) -> list[SendOutcome]:
+    async def _send(
+        self, sender: Address, envelopes: Sequence[Envelope], session: Session | None
+    ) -> list[SendOutcome]:
         now = self._clock.now_ms()
         known = await self._registered({e.recipient for e in envelopes})
         results: list[SendOutcome | None] = [None] * len(envelopes)
         stored: list[tuple[int, Envelope, int]] = []
+        ephemeral: list[tuple[int, Envelope]] = []
         for i, raw in enumerate(envelopes):
             try:
                 env, ttl = self._check(i, sender, raw, known, now)
@@ -95,22 +121,30 @@ class Relay:
                 results[i] = SendOutcome(raw.message_id, raw.recipient, Outcome.REJECTED, exc)
                 continue
             if env.ephemeral:
-                results[i] = self._push_ephemeral(env)
+                ephemeral.append((i, env))
             else:
                 stored.append((i, env, now + ttl * 1000))
+        live: list[Pushed] = []
         if stored:
             appended = await self._queue.append(
                 [env for _, env, _ in stored], [exp for _, _, exp in stored], self._queue_limits
             )
+            last_sent = session.last_sent_to if session is not None else {}
             for (i, env, _), result in zip(stored, appended, strict=True):
                 error = None
                 if result.outcome is Outcome.REJECTED:
                     error = self._queue_full(env.recipient, result.limit)
                 elif result.outcome is Outcome.STORED:
-                    session = self._registry.get(env.recipient)
+                    live.append(Pushed(env, result.seq, last_sent.get(env.recipient, 0)))
                     if session is not None:
-                        session.wake()
+                        last_sent[env.recipient] = result.seq
                 results[i] = SendOutcome(env.message_id, env.recipient, result.outcome, error)
+        if ephemeral:
+            live.extend(Pushed(env) for _, env in ephemeral)
+        online = await self.router.route(live) if live else set()
+        for i, env in ephemeral:
+            outcome = Outcome.DELIVERED if env.recipient in online else Outcome.RECIPIENT_OFFLINE
+            results[i] = SendOutcome(env.message_id, env.recipient, outcome)
         return [r for r in results if r is not None]
 
     async def _registered(self, recipients: set[Address]) -> set[Address]:
@@ -152,13 +186,6 @@ class Relay:
         env = dataclasses.replace(env, sender=sender, server_timestamp_ms=now, ttl_seconds=ttl)
         return env, ttl
 
-    def _push_ephemeral(self, env: Envelope) -> SendOutcome:
-        session = self._registry.get(env.recipient)
-        if session is None:
-            return SendOutcome(env.message_id, env.recipient, Outcome.RECIPIENT_OFFLINE)
-        session.push_ephemeral(env)
-        return SendOutcome(env.message_id, env.recipient, Outcome.DELIVERED)
-
     def _queue_full(self, recipient: Address, limit: str) -> LimitExceeded:
         value = (
             self._limits.max_queue_depth
@@ -172,25 +199,44 @@ class Relay:
             "retry after the device has read its messages",
         )
 
-    def open_session(self, address: Address, *, receive: bool) -> Session:
-        """Start a session of an authenticated device; a receiving one displaces the old."""
+    async def open_session(self, address: Address, *, receive: bool) -> Session:
+        """Start a session of an authenticated device; a receiving one displaces the old.
+
+        A receiving session claims the device in presence first and is attached before
+        its first queue read, so every envelope stored from then on is either in that
+        read or routed to it.
+        """
+        now = self._clock.now_ms()
+        epoch, previous = 0, None
+        if receive:
+            epoch, previous = await self._presence.claim(address, self._node_id, now)
         session = Session(
             address,
-            self._registry.next_epoch(address, self._clock.now_ms()),
+            epoch,
             receive=receive,
             queue=self._queue,
             clock=self._clock,
             page_size=self._limits.delivery_page,
+            repoll_seconds=self._limits.session_repoll_seconds,
         )
-        if receive and self._registry.attach(session) is not None:
-            self._metrics.displaced.inc()
+        if receive:
+            if self._registry.attach(session) is not None:
+                self._metrics.displaced.inc()
+            if previous is not None and previous.node_id != self._node_id:
+                self._links.displace(previous.node_id, address, epoch)
         self._metrics.sessions.labels("receive" if receive else "send").inc()
         return session
 
-    def close_session(self, session: Session) -> None:
-        """Forget a session that ended, for whatever reason."""
-        self._registry.detach(session)
+    async def close_session(self, session: Session) -> None:
+        """Forget a session that ended, for whatever reason (never raises)."""
         self._metrics.sessions.labels("receive" if session.receive else "send").dec()
+        if not session.receive or self._registry.get(session.address) is not session:
+            return
+        self._registry.detach(session)
+        try:
+            await self._presence.release(session.address, self._node_id, session.epoch)
+        except RelayError as exc:
+            log.info("presence release of %s failed (its entry expires): %s", session.address, exc)
 
     async def ack(self, session: Session, message_ids: Sequence[bytes]) -> int:
         """Remove acked envelopes from the session's own queue (never anyone else's)."""
@@ -200,6 +246,7 @@ class Relay:
                     f"ack names a message_id of {len(mid)} bytes; ids have {MESSAGE_ID_BYTES}"
                 )
         removed = await self._queue.ack(session.address, message_ids)
+        session.acked(message_ids)
         self._metrics.acks.inc(removed)
         return removed
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from relay.model import Address, Appended, Envelope, QueueLimits, QueuePage
+from relay.model import Address, Appended, Envelope, Location, Pushed, QueueLimits, QueuePage
 
 
 class MessageQueue(Protocol):
@@ -48,4 +48,52 @@ class IdentityKeys(Protocol):
 
     async def identity_key(self, device: Address) -> bytes | None:
         """Return the Ed25519 identity key of ``device``, or None if it is not registered."""
+        ...
+
+
+class Presence(Protocol):
+    """Which node holds each device's receiving session (Redis in a cluster)."""
+
+    async def claim(
+        self, device: Address, node_id: str, now_ms: int
+    ) -> tuple[int, Location | None]:
+        """Record ``device`` as online at ``node_id``; return (new epoch, previous location).
+
+        The epoch is larger than any earlier epoch of the device, even across a loss of the
+        presence store's data (it is at least ``now_ms * 1000``).
+        """
+        ...
+
+    async def release(self, device: Address, node_id: str, epoch: int) -> None:
+        """Forget ``device``'s entry if it is still the one with ``epoch`` at ``node_id``."""
+        ...
+
+    async def locate(self, devices: Sequence[Address]) -> dict[Address, Location]:
+        """Locations of those ``devices`` that are online on a live node (may be cached)."""
+        ...
+
+    async def heartbeat(
+        self, node_id: str, advertise: str, sessions: Sequence[tuple[Address, int]]
+    ) -> bool:
+        """Refresh this node's liveness and its sessions' entries.
+
+        Returns False if the presence store had lost this node's state (e.g. a restart),
+        so sessions may have missed wake-ups and should re-read their queues.
+        """
+        ...
+
+    async def node_address(self, node_id: str) -> str | None:
+        """The advertised address of a live node, or None if it is not alive."""
+        ...
+
+
+class NodeLinks(Protocol):
+    """Batched one-way traffic to other relay nodes. Never blocks the caller."""
+
+    def forward(self, node_id: str, items: Sequence[Pushed]) -> None:
+        """Queue live envelopes for sessions on ``node_id`` (dropped if its link is full)."""
+        ...
+
+    def displace(self, node_id: str, device: Address, epoch: int) -> None:
+        """Tell ``node_id`` that sessions of ``device`` older than ``epoch`` must end."""
         ...

@@ -1,22 +1,21 @@
 """Device sessions on this node, and the events a receiving session yields.
 
 A receiving session first yields every stored envelope (in queue order, page by page),
-then one QueueEmpty marker, then new envelopes as they are appended. New envelopes are
-read back from the store after a wake-up rather than handed over in memory: the store
-is the single source of order, so a session never skips or reorders what was stored.
+then one QueueEmpty marker, then live envelopes as they are pushed to it (from this node
+or, over node links, from others), re-reading its queue whenever order cannot be proven.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from relay.clock import Clock
 from relay.core.ports import MessageQueue
 from relay.errors import SessionDisplaced
-from relay.model import Address, Envelope
+from relay.model import Address, Envelope, Pushed
 
 #: Ephemeral envelopes buffered per session; older ones are dropped past it
 #: (they are typing indicators and the like, never stored by contract).
@@ -39,7 +38,14 @@ SessionEvent = Deliver | QueueEmpty
 
 
 class Session:
-    """One authenticated session of one device on this node."""
+    """One authenticated session of one device on this node.
+
+    A receiving session delivers live envelopes handed to it (``push``) directly when it
+    can prove they are next in order from their sender (``Pushed.prev_seq`` equals the
+    seq it last delivered from that sender session), and otherwise re-reads its queue,
+    which the store keeps in order. A lost wake-up therefore delays an envelope until the
+    next read, but never reorders or loses one.
+    """
 
     def __init__(
         self,
@@ -50,6 +56,7 @@ class Session:
         queue: MessageQueue,
         clock: Clock,
         page_size: int,
+        repoll_seconds: float = 30.0,
     ) -> None:
         self.address = address
         self.epoch = epoch
@@ -57,17 +64,36 @@ class Session:
         self._queue = queue
         self._clock = clock
         self._page = page_size
+        self._repoll_seconds = repoll_seconds
         self._wake = asyncio.Event()
         self._displaced = False
+        self._reread = False
+        self._pending: list[Pushed] = []
         self._ephemeral: deque[Envelope] = deque(maxlen=MAX_EPHEMERAL_BUFFER)
+        #: Ids delivered in this session and not acked yet (never delivered twice here).
+        self._delivered: set[bytes] = set()
+        #: Per sender: seq of the last envelope delivered from it.
+        self._last_from: dict[Address, int] = {}
+        #: As a sender: seq of the last envelope stored per recipient (for prev_seq).
+        self.last_sent_to: dict[Address, int] = {}
 
     @property
     def displaced(self) -> bool:
         """Whether a newer session of the same device replaced this one."""
         return self._displaced
 
-    def wake(self) -> None:
-        """Tell the session that its queue may have grown."""
+    def push(self, items: Sequence[Pushed]) -> None:
+        """Hand live envelopes (already durable, or ephemeral) to the session."""
+        for item in items:
+            if item.envelope.ephemeral:
+                self._ephemeral.append(item.envelope)
+            else:
+                self._pending.append(item)
+        self._wake.set()
+
+    def reread(self) -> None:
+        """Make the session re-read its queue (wake-ups may have been lost)."""
+        self._reread = True
         self._wake.set()
 
     def displace(self) -> None:
@@ -75,10 +101,9 @@ class Session:
         self._displaced = True
         self._wake.set()
 
-    def push_ephemeral(self, envelope: Envelope) -> None:
-        """Hand an ephemeral envelope to the session (never stored)."""
-        self._ephemeral.append(envelope)
-        self._wake.set()
+    def acked(self, message_ids: Sequence[bytes]) -> None:
+        """Forget acked ids (they are gone from the queue)."""
+        self._delivered.difference_update(message_ids)
 
     async def events(self) -> AsyncIterator[SessionEvent]:
         """Yield stored envelopes, then QueueEmpty, then live envelopes, until displaced.
@@ -86,17 +111,14 @@ class Session:
         Pulling drives the store reads, so a slow consumer slows the reads (backpressure)
         instead of growing a buffer. Raises SessionDisplaced when displaced.
         """
-        cursor = 0
-        while True:
-            page = await self._queue.read(self.address, cursor, self._page, self._clock.now_ms())
-            cursor = page.cursor
-            if page.items:
-                yield Deliver(tuple(item.envelope for item in page.items))
-            if not page.more:
-                break
+        async for stored in self._read_queue():
+            yield stored
         yield QueueEmpty()
         while True:
-            await self._wake.wait()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._repoll_seconds)
+            except TimeoutError:
+                self._reread = True  # the periodic safety net
             self._wake.clear()
             if self._displaced:
                 raise SessionDisplaced(
@@ -104,17 +126,54 @@ class Session:
                     "same device; not reconnecting is the right response"
                 )
             if self._ephemeral:
-                batch = tuple(self._ephemeral)
+                ephemeral = tuple(self._ephemeral)
                 self._ephemeral.clear()
-                yield Deliver(batch)
-            more = True
-            while more:
-                page = await self._queue.read(
-                    self.address, cursor, self._page, self._clock.now_ms()
-                )
-                cursor, more = page.cursor, page.more
-                if page.items:
-                    yield Deliver(tuple(item.envelope for item in page.items))
+                yield Deliver(ephemeral)
+            direct = self._take_in_order()
+            if direct:
+                yield Deliver(direct)
+            if self._reread:
+                self._reread = False
+                async for deliver in self._read_queue():
+                    yield deliver
+
+    def _take_in_order(self) -> tuple[Envelope, ...]:
+        """Pending envelopes provably next in order; on any gap, ask for a re-read."""
+        out: list[Envelope] = []
+        for item in self._pending:
+            env = item.envelope
+            if env.message_id in self._delivered:
+                continue
+            if item.prev_seq == 0 or self._last_from.get(env.sender) != item.prev_seq:
+                self._reread = True  # it is in the store: the read delivers it in order
+                continue
+            if self._reread:
+                continue  # something before it must come from the store first
+            out.append(env)
+            self._delivered.add(env.message_id)
+            self._last_from[env.sender] = item.seq
+        self._pending.clear()
+        return tuple(out)
+
+    async def _read_queue(self) -> AsyncIterator[Deliver]:
+        """Everything unacked in the queue that this session has not delivered, in order."""
+        cursor = 0
+        while True:
+            page = await self._queue.read(self.address, cursor, self._page, self._clock.now_ms())
+            cursor = page.cursor
+            fresh = []
+            for item in page.items:
+                env = item.envelope
+                if env.message_id in self._delivered:
+                    continue
+                fresh.append(env)
+                self._delivered.add(env.message_id)
+                if item.seq > self._last_from.get(env.sender, 0):
+                    self._last_from[env.sender] = item.seq
+            if fresh:
+                yield Deliver(tuple(fresh))
+            if not page.more:
+                return
 
 
 class SessionRegistry:
@@ -122,13 +181,6 @@ class SessionRegistry:
 
     def __init__(self) -> None:
         self._sessions: dict[Address, Session] = {}
-        self._epochs: dict[Address, int] = {}
-
-    def next_epoch(self, address: Address, now_ms: int) -> int:
-        """A session epoch for ``address`` larger than any before it on this node."""
-        epoch = max(self._epochs.get(address, 0) + 1, now_ms)
-        self._epochs[address] = epoch
-        return epoch
 
     def attach(self, session: Session) -> Session | None:
         """Make ``session`` the device's receiving session; displace and return the old one."""
@@ -146,6 +198,10 @@ class SessionRegistry:
     def get(self, address: Address) -> Session | None:
         """The receiving session of ``address`` on this node, if any."""
         return self._sessions.get(address)
+
+    def all(self) -> list[Session]:
+        """Every receiving session on this node."""
+        return list(self._sessions.values())
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -86,7 +86,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         except RelayError as exc:
             await abort(context, exc)
         finally:
-            self._relay.close_session(session)
+            await self._relay.close_session(session)
 
     async def _read(self, context: Ctx, what: str) -> relay_pb2.ClientFrame:
         try:
@@ -119,7 +119,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         )
         auth = (await self._read(context, "auth")).auth
         await self._auth.verify(challenge, auth.signature)
-        session = self._relay.open_session(address, receive=hello.receive)
+        session = await self._relay.open_session(address, receive=hello.receive)
         await context.write(
             relay_pb2.ServerFrame(
                 ready=relay_pb2.Ready(node_id=self._node_id, session_epoch=session.epoch)
@@ -155,7 +155,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 sender = session.address
                 envs = [envelope_from_pb(e, sender) for e in batch.envelopes]
                 try:
-                    outcomes = results_to_pb(await self._relay.send(sender, envs))
+                    outcomes = results_to_pb(await self._relay.send(sender, envs, session))
                 except RelayError as exc:
                     outcomes = [_batch_failure(e, exc) for e in batch.envelopes]
                 reply = relay_pb2.ServerFrame(

@@ -1,0 +1,49 @@
+"""Presence for a single process (the embedded default): nothing is ever remote."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from relay.model import Address, Location, Pushed
+
+
+class LocalPresence:
+    """Presence when this node is the whole cluster."""
+
+    def __init__(self) -> None:
+        self._epochs: dict[Address, int] = {}
+
+    async def claim(
+        self, device: Address, node_id: str, now_ms: int
+    ) -> tuple[int, Location | None]:
+        """A new epoch; there is never a previous location on another node."""
+        epoch = max(self._epochs.get(device, 0) + 1, now_ms * 1000)
+        self._epochs[device] = epoch
+        return epoch, None
+
+    async def release(self, device: Address, node_id: str, epoch: int) -> None:
+        """Nothing to forget: the session registry is the presence here."""
+
+    async def locate(self, devices: Sequence[Address]) -> dict[Address, Location]:
+        """No device is on another node."""
+        return {}
+
+    async def heartbeat(
+        self, node_id: str, advertise: str, sessions: Sequence[tuple[Address, int]]
+    ) -> bool:
+        """Always intact."""
+        return True
+
+    async def node_address(self, node_id: str) -> str | None:
+        """There are no other nodes."""
+        return None
+
+
+class NoLinks:
+    """NodeLinks for a single process: there is no other node to talk to."""
+
+    def forward(self, node_id: str, items: Sequence[Pushed]) -> None:
+        """Never called with a remote node in a single process."""
+
+    def displace(self, node_id: str, device: Address, epoch: int) -> None:
+        """Never called with a remote node in a single process."""
