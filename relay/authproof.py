@@ -85,9 +85,35 @@ def request_transcript(method: str, address: Address, time_ms: int, body: bytes)
     )
 
 
+# Encodings (sign bit cleared) of the Ed25519 points of order 1, 2, 4 and 8, canonical
+# and not: y = 0, 1, two order-8 values, p - 1, p and p + 1 (the list libsodium rejects).
+# A public key among them verifies signatures nobody had to make with a private key.
+SMALL_ORDER_KEYS = frozenset(
+    bytes.fromhex(h)
+    for h in (
+        "00" * 32,
+        "01" + "00" * 31,
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "ec" + "ff" * 30 + "7f",
+        "ed" + "ff" * 30 + "7f",
+        "ee" + "ff" * 30 + "7f",
+    )
+)
+
+
+def is_small_order(key: bytes) -> bool:
+    """Return whether ``key`` encodes an Ed25519 point of small order (a forgeable key)."""
+    return len(key) == 32 and key[:31] + bytes([key[31] & 0x7F]) in SMALL_ORDER_KEYS
+
+
 def verify(public_key: bytes, signature: bytes, transcript: bytes) -> bool:
-    """Return whether ``signature`` is a valid Ed25519 signature of ``transcript``."""
-    if len(public_key) != 32 or len(signature) != 64:
+    """Return whether ``signature`` is a valid Ed25519 signature of ``transcript``.
+
+    Small-order public keys are refused: with them a signature verifies that nobody
+    made with a private key.
+    """
+    if len(public_key) != 32 or len(signature) != 64 or is_small_order(public_key):
         return False
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, transcript)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -14,86 +13,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keyserver.app import KeyserverApp
-from keyserver.client import (
-    COUNT_ONE_TIME_PREKEYS_METHOD,
-    PUBLISH_PREKEYS_METHOD,
-    SERVICE_NAME,
-    sign_request_metadata,
-)
+from keyserver.client import SERVICE_NAME
 from relay import authproof
 from relay.clock import FakeClock
-from relay.config import Config, ConfigError, load
+from relay.config import ConfigError
 from relay.model import Address
 from relay.server.convert import address_from_pb, address_to_pb
 from relay.server.status import error_info
 from relaypb.keys.v1 import keys_pb2 as pb
 from relaypb.keys.v1 import keys_pb2_grpc
 from tests.keyserver.keys import DeviceKeys, one_time_pb, one_time_prekeys, registration_pb
+from tests.keyserver.wire import config, count, publish, register
 
 if TYPE_CHECKING:
     from relaypb.keys.v1.keys_pb2_grpc import KeyDirectoryAsyncStub
 
 pytestmark = pytest.mark.integration
-
-
-def config(data_dir: Path, **overrides: Any) -> Config:
-    return load(
-        None,
-        {
-            "storage.data_dir": str(data_dir),
-            "keyserver.listen": "127.0.0.1:0",
-            "node.grace_seconds": 0.5,
-            **overrides,
-        },
-    )
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def app(tmp_path: Path, clock: FakeClock) -> AsyncIterator[KeyserverApp]:
-    async with KeyserverApp(config(tmp_path), clock) as app:
-        yield app
-
-
-@pytest.fixture
-async def channel(app: KeyserverApp) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(app.address) as channel:
-        yield channel
-
-
-@pytest.fixture
-def stub(channel: grpc.aio.Channel) -> KeyDirectoryAsyncStub:
-    return keys_pb2_grpc.KeyDirectoryStub(channel)
-
-
-async def register(stub: KeyDirectoryAsyncStub, keys: DeviceKeys, **kw: Any) -> Address:
-    reply = await stub.RegisterDevice(registration_pb(keys.registration(**kw)))
-    return address_from_pb(reply.address)
-
-
-async def publish(
-    stub: KeyDirectoryAsyncStub,
-    clock: FakeClock,
-    keys: DeviceKeys,
-    device: Address,
-    request: pb.PublishPrekeysRequest,
-) -> int:
-    md = sign_request_metadata(PUBLISH_PREKEYS_METHOD, device, keys.signing, request, clock)
-    clock.advance(1)  # the next signed request gets its own time
-    return (await stub.PublishPrekeys(request, metadata=md)).one_time_prekeys_remaining
-
-
-async def count(
-    stub: KeyDirectoryAsyncStub, clock: FakeClock, keys: DeviceKeys, device: Address
-) -> int:
-    request = pb.CountOneTimePrekeysRequest(device=address_to_pb(device))
-    md = sign_request_metadata(COUNT_ONE_TIME_PREKEYS_METHOD, device, keys.signing, request, clock)
-    clock.advance(1)
-    return (await stub.CountOneTimePrekeys(request, metadata=md)).count
 
 
 async def test_the_key_directory_end_to_end(stub: KeyDirectoryAsyncStub, clock: FakeClock) -> None:
@@ -174,81 +109,6 @@ async def test_limits_and_missing_things_get_their_status(stub: KeyDirectoryAsyn
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_signed_requests_without_or_with_forged_headers(
-    stub: KeyDirectoryAsyncStub, clock: FakeClock
-) -> None:
-    keys = DeviceKeys()
-    device = await register(stub, keys)
-    request = pb.PublishPrekeysRequest(
-        device=address_to_pb(device), one_time_prekeys=one_time_pb(one_time_prekeys([1]))
-    )
-    good = dict(sign_request_metadata(PUBLISH_PREKEYS_METHOD, device, keys.signing, request, clock))
-    other = dict(
-        sign_request_metadata(PUBLISH_PREKEYS_METHOD, device, DeviceKeys().signing, request, clock)
-    )
-    dev, time, sig = (
-        authproof.REQUEST_DEVICE_HEADER,
-        authproof.REQUEST_TIME_HEADER,
-        authproof.REQUEST_SIGNATURE_HEADER,
-    )
-    cases: list[tuple[dict[str, Any], str]] = [
-        ({}, f"missing header {dev}"),
-        ({dev: good[dev], time: good[time]}, f"missing header {sig}"),
-        ({dev: good[dev], sig: good[sig]}, f"missing header {time}"),
-        ({**good, dev: "acme/alice"}, f"header {dev} is not tenant/user/device"),
-        ({**good, time: "1_700"}, f"header {time} is not a time in milliseconds"),
-        ({**good, sig: other[sig]}, "does not verify with the identity key of acme/alice/1"),
-        ({**good, dev: "acme/alice/2"}, "acme/alice/2 is not registered"),
-        ({**good, time: str(clock.now_ms() + 1)}, "does not verify"),
-        ({**good, time: str(clock.now_ms() + 60_001)}, "ms from the server's time"),
-    ]
-    for headers, message in cases:
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.PublishPrekeys(request, metadata=tuple(headers.items()))
-        assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED, message
-        assert message in (raised.value.details() or ""), raised.value.details()
-
-    # The same body signed for CountOneTimePrekeys is no PublishPrekeys signature.
-    swapped = sign_request_metadata(
-        COUNT_ONE_TIME_PREKEYS_METHOD, device, keys.signing, request, clock
-    )
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.PublishPrekeys(request, metadata=swapped)
-    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-    # A changed body invalidates the signature.
-    tampered = pb.PublishPrekeysRequest()
-    tampered.CopyFrom(request)
-    tampered.one_time_prekeys[0].key_id = 2
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.PublishPrekeys(tampered, metadata=tuple(good.items()))
-    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-
-    # The genuine request works once; the replay does not.
-    assert (
-        await stub.PublishPrekeys(request, metadata=tuple(good.items()))
-    ).one_time_prekeys_remaining == 1
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await stub.PublishPrekeys(request, metadata=tuple(good.items()))
-    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "replayed request" in (raised.value.details() or "")
-
-
-async def test_a_device_cannot_publish_for_another(
-    stub: KeyDirectoryAsyncStub, clock: FakeClock
-) -> None:
-    mine, theirs = DeviceKeys(), DeviceKeys()
-    me = await register(stub, mine)
-    them = await register(stub, theirs)
-    request = pb.PublishPrekeysRequest(
-        device=address_to_pb(them), one_time_prekeys=one_time_pb(one_time_prekeys([1]))
-    )
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await publish(stub, clock, mine, me, request)
-    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert await count(stub, clock, theirs, them) == 0
-
-
 async def test_concurrent_fetches_never_hand_out_a_key_twice(
     stub: KeyDirectoryAsyncStub,
 ) -> None:
@@ -289,9 +149,9 @@ async def test_devices_survive_a_restart(tmp_path: Path, clock: FakeClock) -> No
         assert await count(stub, clock, keys, Address("acme", "alice", 1)) == 2
 
 
-def test_unknown_storage_backend_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"storage\.backend"):
-        KeyserverApp(config(tmp_path, **{"storage.backend": "etcd"}))
+def test_unsupported_storage_backend_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"storage\.backend: 'cassandra' is not supported"):
+        KeyserverApp(config(tmp_path, **{"storage.backend": "cassandra"}))
 
 
 def test_app_is_not_running_before_entry(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay.errors import LimitExceeded, SessionDisplaced, Unauthenticated, Unavailable
-from relay.model import Outcome
+from relay.model import Address, Outcome
 from relay.sdk import DeviceState, OutgoingMessage, ReceivedMessage, RelayClient
 from relay.sdk.keys import Identity
 from tests.conftest import Servers, StartServers
@@ -240,3 +240,50 @@ async def test_send_only_client_cannot_receive(servers: Servers, tmp_path: Path)
 async def test_unregistered_state_is_refused(tmp_path: Path) -> None:
     with DeviceState.open(tmp_path) as state, pytest.raises(RuntimeError, match="no registered"):
         RelayClient(state, "127.0.0.1:1")
+
+
+class TaggingCodec:
+    """Seals by prefixing a tag; counts calls (a stand-in for a real cipher)."""
+
+    def __init__(self) -> None:
+        self.sealed = 0
+        self.opened = 0
+
+    def seal(self, recipient: Address, plaintext: bytes) -> bytes:
+        self.sealed += 1
+        return b"sealed-for-" + recipient.user.encode() + b":" + plaintext
+
+    def open(self, sender: Address, content: bytes) -> bytes:
+        self.opened += 1
+        prefix, _, plaintext = content.partition(b":")
+        assert prefix == b"sealed-for-bob"
+        return plaintext
+
+
+async def test_codec_seals_and_opens_each_message_once(servers: Servers, tmp_path: Path) -> None:
+    await provision(servers.keys_address, tmp_path / "alice", "alice")
+    bob = await provision(servers.keys_address, tmp_path / "bob", "bob")
+    a_codec, b_codec = TaggingCodec(), TaggingCodec()
+    with (
+        DeviceState.open(tmp_path / "alice") as a_state,
+        DeviceState.open(tmp_path / "bob") as b_state,
+    ):
+        async with (
+            Proxy(servers.relay_address) as proxy,
+            RelayClient(a_state, proxy.address, receive=False, codec=a_codec) as a,
+        ):
+            proxy.drop_down = True
+            sending = asyncio.create_task(a.send(bob, b"secret"))
+            async with RelayClient(b_state, servers.relay_address) as plain:
+                raw = await next_message(plain.messages())
+                assert raw.content == b"sealed-for-bob:secret"  # what the relay carried
+                await plain.ack(raw)
+            proxy.drop_down = False
+            proxy.cut()
+            async with asyncio.timeout(TIMEOUT):
+                assert (await sending).outcome is Outcome.DUPLICATE
+            assert a_codec.sealed == 1  # the retry reused the sealed bytes
+            await a.send(bob, b"second")
+        async with RelayClient(b_state, servers.relay_address, codec=b_codec) as b:
+            got = await next_message(b.messages())
+            assert got.content == b"second" and b_codec.opened == 1

@@ -1,0 +1,15 @@
+"""The key directory: device registration, identity keys and prekeys.
+
+Layers point one way::
+
+    servicer.py   gRPC <-> model translation only (protobuf lives here and in client.py)
+        |
+    directory.py  the core: validation, signature checks, limits, request authentication
+        |
+    ports.py      storage protocols, one per concern: DeviceDirectory, PrekeyStore
+        |
+    sqlite_store.py   the embedded backend of both (a later issue adds Cassandra)
+
+``app.py`` is the composition root of a key directory process; ``client.py`` holds what
+devices need to make signed requests. The core imports no grpc or protobuf module.
+"""

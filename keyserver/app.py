@@ -1,0 +1,88 @@
+"""The composition root of a key directory process: store, core and gRPC server."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from types import TracebackType
+
+from keyserver.client import SERVICE_NAME
+from keyserver.directory import KeyDirectory
+from keyserver.servicer import KeyDirectoryServicer
+from keyserver.sqlite_store import KEYS_DB, SCHEMA, SqliteDeviceDirectory, SqlitePrekeyStore
+from relay.clock import Clock, SystemClock
+from relay.config import Config, ConfigError
+from relay.server.grpcserver import GrpcServer
+from relay.stores.sqlite_worker import SqliteWorker
+from relaypb.keys.v1 import keys_pb2_grpc
+
+#: Storage backends the key directory can run on today.
+BACKENDS = ("embedded",)
+
+
+class KeyserverApp:
+    """A running key directory: ``async with KeyserverApp(config) as app: ...``.
+
+    On entry it opens the key store (``embedded``: ``<data_dir>/keys.db``), builds the
+    core (time from ``clock``, the system clock by default) and serves it on
+    ``config.keyserver.listen``; on exit it stops the server (open calls get
+    ``config.node.grace_seconds``), then closes the store.
+    """
+
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        if config.storage.backend not in BACKENDS:
+            raise ConfigError(
+                f"storage.backend: {config.storage.backend!r} is not supported by the key "
+                f"directory yet (supported: {', '.join(BACKENDS)})"
+            )
+        self._config = config
+        self._clock = clock or SystemClock()
+        self._stack: AsyncExitStack | None = None
+        self._server: GrpcServer | None = None
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on (after entry)."""
+        return self._running().port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the server listens on (after entry)."""
+        return self._running().address
+
+    def _running(self) -> GrpcServer:
+        if self._server is None:
+            raise RuntimeError("KeyserverApp is not running")
+        return self._server
+
+    async def __aenter__(self) -> KeyserverApp:
+        async with AsyncExitStack() as stack:
+            path = self._config.storage.path / KEYS_DB
+            worker = await stack.enter_async_context(SqliteWorker(path, SCHEMA))
+            core = KeyDirectory(
+                SqliteDeviceDirectory(worker), SqlitePrekeyStore(worker), self._clock
+            )
+            server = GrpcServer(
+                self._config.keyserver.listen,
+                [
+                    (
+                        keys_pb2_grpc.add_KeyDirectoryServicer_to_server,
+                        KeyDirectoryServicer(core),
+                        SERVICE_NAME,
+                    )
+                ],
+                grace_seconds=self._config.node.grace_seconds,
+            )
+            await stack.enter_async_context(server)
+            self._server = server
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack, self._server = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()

@@ -1,0 +1,253 @@
+"""The key directory core: it validates, verifies signatures, enforces limits, decides.
+
+Storage sits behind ``keyserver.ports``; time comes from an injected Clock. This module
+imports no grpc or protobuf module (a test checks it), so every error is one of
+``relay.errors`` and the servicer turns it into a gRPC status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from keyserver import validation
+from keyserver.model import DeviceRecord, OneTimePrekey, PrekeyBundle, Registration, SignedPrekey
+from keyserver.ports import DeviceDirectory, PrekeyStore
+from keyserver.replay import ReplayCache
+from relay import authproof
+from relay.clock import Clock
+from relay.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from relay.model import MAX_DEVICE, Address
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ONE_TIME_PREKEYS_PER_REQUEST = 100
+DEFAULT_MAX_ONE_TIME_PREKEYS = 1000
+DEFAULT_REQUEST_WINDOW_MS = 60_000
+DEFAULT_REPLAY_CACHE_ENTRIES = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryLimits:
+    """Limits of the key directory; each is named in the error it causes."""
+
+    max_one_time_prekeys_per_request: int = DEFAULT_MAX_ONE_TIME_PREKEYS_PER_REQUEST
+    max_one_time_prekeys: int = DEFAULT_MAX_ONE_TIME_PREKEYS
+    #: A signed request's time may differ from the server's by at most this much.
+    request_window_ms: int = DEFAULT_REQUEST_WINDOW_MS
+    #: Signed requests remembered at once for replay detection.
+    replay_cache_entries: int = DEFAULT_REPLAY_CACHE_ENTRIES
+
+
+class KeyDirectory:
+    """Devices, identity keys and prekeys, over a DeviceDirectory and a PrekeyStore."""
+
+    def __init__(
+        self,
+        devices: DeviceDirectory,
+        prekeys: PrekeyStore,
+        clock: Clock,
+        limits: DirectoryLimits | None = None,
+    ) -> None:
+        self._devices = devices
+        self._prekeys = prekeys
+        self._clock = clock
+        self._limits = limits or DirectoryLimits()
+        self._replays = ReplayCache(self._limits.replay_cache_entries)
+
+    async def register(self, registration: Registration) -> DeviceRecord:
+        """Register a new device after checking every key and signature in ``registration``.
+
+        Retrying a registration with the same identity key returns the device registered
+        the first time (stores its signed prekey only if it has none, adds one-time
+        prekeys idempotently); the same identity key with another identity_dh_key is
+        AlreadyExists.
+        """
+        reg = registration
+        Address(reg.tenant, reg.user, 1).validate(field="request")
+        validation.check_identity_key("identity_key", reg.identity_key)
+        validation.check_length("identity_dh_key", reg.identity_dh_key, validation.KEY_BYTES)
+        validation.check_length(
+            "identity_dh_signature", reg.identity_dh_signature, validation.SIGNATURE_BYTES
+        )
+        validation.check_length("proof", reg.proof, validation.SIGNATURE_BYTES)
+        if reg.signed_prekey is None:
+            raise InvalidArgument("signed_prekey is required")
+        validation.check_one_time_prekeys(
+            "one_time_prekeys", reg.one_time_prekeys, self._limits.max_one_time_prekeys_per_request
+        )
+        transcript = authproof.registration_transcript(
+            reg.tenant, reg.user, reg.identity_key, reg.identity_dh_key
+        )
+        if not authproof.verify(reg.identity_key, reg.proof, transcript):
+            raise InvalidArgument("proof does not verify with identity_key")
+        dh_transcript = authproof.identity_dh_transcript(reg.identity_dh_key)
+        if not authproof.verify(reg.identity_key, reg.identity_dh_signature, dh_transcript):
+            raise InvalidArgument("identity_dh_signature does not verify with identity_key")
+        validation.check_signed_prekey("signed_prekey", reg.signed_prekey, reg.identity_key)
+
+        record = await self._devices.register(
+            reg.tenant,
+            reg.user,
+            identity_key=reg.identity_key,
+            identity_dh_key=reg.identity_dh_key,
+            identity_dh_signature=reg.identity_dh_signature,
+            registered_at_ms=self._clock.now_ms(),
+        )
+        if record.identity_dh_key != reg.identity_dh_key:
+            raise AlreadyExists(
+                f"identity_key is already registered as device {record.address} "
+                "with another identity_dh_key"
+            )
+        # Only when missing: a replayed registration must not roll back a rotated key.
+        if await self._prekeys.signed_prekey(record.address) is None:
+            await self._prekeys.set_signed_prekey(record.address, reg.signed_prekey)
+        await self._add_one_time_prekeys(record.address, reg.one_time_prekeys)
+        log.info("registered device %s", record.address)
+        return record
+
+    async def authenticate(
+        self, method: str, address: Address, time_ms: int, body: bytes, signature: bytes
+    ) -> Address:
+        """Check a device-signed request; return the device it is signed by.
+
+        ``signature`` must be the device's Ed25519 signature over
+        ``relay.authproof.request_transcript(method, address, time_ms, body)``; ``time_ms``
+        at most ``request_window_ms`` from the clock; and the same request not accepted
+        before. Any failure is Unauthenticated with a message saying which check failed.
+        """
+        try:
+            address.validate(field="signing device")
+        except InvalidArgument as exc:
+            raise Unauthenticated(exc.message) from exc
+        now = self._clock.now_ms()
+        window = self._limits.request_window_ms
+        if abs(time_ms - now) > window:
+            raise Unauthenticated(
+                f"request time {time_ms} is {abs(time_ms - now)} ms from the server's time "
+                f"(at most {window} ms allowed): check the device clock"
+            )
+        record = await self._devices.get(address)
+        if record is None:
+            raise Unauthenticated(f"signing device {address} is not registered")
+        transcript = authproof.request_transcript(method, address, time_ms, body)
+        if not authproof.verify(record.identity_key, signature, transcript):
+            raise Unauthenticated(
+                f"request signature does not verify with the identity key of {address}"
+            )
+        # Keyed by the transcript, not the signature bytes, so a re-encoded signature
+        # of the same request is still a replay.
+        digest = hashlib.sha256(transcript).digest()
+        self._replays.remember(digest, time_ms + window, now)
+        return address
+
+    async def publish_prekeys(
+        self,
+        caller: Address,
+        device: Address,
+        signed_prekey: SignedPrekey | None,
+        one_time_prekeys: Sequence[OneTimePrekey],
+    ) -> int:
+        """Rotate the signed prekey and/or add one-time prekeys of ``device``.
+
+        ``caller`` is the device that signed the request (see ``authenticate``); it may
+        publish only for itself. Returns the number of unclaimed one-time prekeys after.
+        """
+        record = await self._own_device(caller, device, "publish prekeys")
+        validation.check_one_time_prekeys(
+            "one_time_prekeys", one_time_prekeys, self._limits.max_one_time_prekeys_per_request
+        )
+        if signed_prekey is not None:
+            validation.check_signed_prekey("signed_prekey", signed_prekey, record.identity_key)
+        # One-time keys first: if they pass the limit, the request changes nothing.
+        if one_time_prekeys:
+            remaining = await self._add_one_time_prekeys(device, one_time_prekeys)
+        else:
+            remaining = await self._prekeys.count_one_time_prekeys(device)
+        if signed_prekey is not None:
+            await self._prekeys.set_signed_prekey(device, signed_prekey)
+        return remaining
+
+    async def fetch_bundles(
+        self, tenant: str, user: str, devices: Sequence[int]
+    ) -> list[PrekeyBundle]:
+        """Return a prekey bundle per device of the user (``devices``, or all if empty).
+
+        Claims one one-time prekey per device. NotFound if the user has no device or a
+        named device does not exist (nothing is claimed then).
+        """
+        Address(tenant, user, 1).validate(field="request")
+        seen: set[int] = set()
+        for i, number in enumerate(devices):
+            if not 1 <= number <= MAX_DEVICE:
+                raise InvalidArgument(f"devices[{i}] {number} is out of range 1..{MAX_DEVICE}")
+            if number in seen:
+                raise InvalidArgument(f"devices[{i}] repeats device {number}")
+            seen.add(number)
+        records = await self._devices.list(tenant, user)
+        if not records:
+            raise NotFound(f"user {tenant}/{user} has no registered devices")
+        if devices:
+            by_number = {r.address.device: r for r in records}
+            for number in devices:
+                if number not in by_number:
+                    raise NotFound(f"device {tenant}/{user}/{number} is not registered")
+            records = tuple(by_number[number] for number in devices)
+        return list(await asyncio.gather(*(self._bundle(r) for r in records)))
+
+    async def list_devices(self, tenant: str, user: str) -> tuple[DeviceRecord, ...]:
+        """Return the registered devices of (tenant, user), ascending; empty if none."""
+        Address(tenant, user, 1).validate(field="request")
+        return await self._devices.list(tenant, user)
+
+    async def count_one_time_prekeys(self, caller: Address, device: Address) -> int:
+        """Return how many unclaimed one-time prekeys ``device`` has; only it may ask."""
+        await self._own_device(caller, device, "count the one-time prekeys of")
+        return await self._prekeys.count_one_time_prekeys(device)
+
+    async def identity_key(self, device: Address) -> bytes:
+        """Return the Ed25519 identity key of ``device``; NotFound if not registered."""
+        device.validate(field="device")
+        record = await self._devices.get(device)
+        if record is None:
+            raise NotFound(f"device {device} is not registered")
+        return record.identity_key
+
+    async def _own_device(self, caller: Address, device: Address, action: str) -> DeviceRecord:
+        device.validate(field="device")
+        if caller != device:
+            raise PermissionDenied(f"device {caller} may not {action} device {device}")
+        record = await self._devices.get(device)
+        if record is None:
+            raise NotFound(f"device {device} is not registered")
+        return record
+
+    async def _add_one_time_prekeys(self, device: Address, prekeys: Sequence[OneTimePrekey]) -> int:
+        limit = self._limits.max_one_time_prekeys
+        added = await self._prekeys.add_one_time_prekeys(device, prekeys, limit)
+        if not added.accepted:
+            raise LimitExceeded(
+                "max_one_time_prekeys",
+                limit,
+                f"device {device} holds {added.held} one-time prekeys; adding "
+                f"{len(prekeys)} would pass max_one_time_prekeys = {limit}",
+            )
+        return added.held
+
+    async def _bundle(self, record: DeviceRecord) -> PrekeyBundle:
+        signed = await self._prekeys.signed_prekey(record.address)
+        # A device without a signed prekey cannot be used; do not spend its one-time keys.
+        one_time = None
+        if signed is not None:
+            one_time = await self._prekeys.claim_one_time_prekey(record.address)
+        return PrekeyBundle(record, signed, one_time)

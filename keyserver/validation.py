@@ -1,0 +1,70 @@
+"""Shape checks on keys, signatures and prekeys. Each error names the field at fault."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from keyserver.model import OneTimePrekey, SignedPrekey
+from relay import authproof
+from relay.errors import InvalidArgument, LimitExceeded
+
+KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+MAX_KEY_ID = 2**32 - 1
+
+# The table of small-order encodings lives in relay.authproof, whose verify() refuses them.
+_SMALL_ORDER = authproof.SMALL_ORDER_KEYS
+
+
+def is_small_order(key: bytes) -> bool:
+    """Return whether ``key`` encodes an Ed25519 point of small order (a forgeable key)."""
+    return authproof.is_small_order(key)
+
+
+def check_length(field: str, value: bytes, size: int) -> None:
+    """Raise InvalidArgument naming ``field`` unless ``value`` is exactly ``size`` bytes."""
+    if len(value) != size:
+        raise InvalidArgument(f"{field} must be {size} bytes, got {len(value)}")
+
+
+def check_identity_key(field: str, key: bytes) -> None:
+    """Raise InvalidArgument unless ``key`` can be an Ed25519 identity key."""
+    check_length(field, key, KEY_BYTES)
+    if is_small_order(key):
+        raise InvalidArgument(f"{field} is a small-order point, not a usable Ed25519 key")
+
+
+def check_key_id(field: str, key_id: int) -> None:
+    """Raise InvalidArgument unless ``key_id`` fits in 32 bits."""
+    if not 0 <= key_id <= MAX_KEY_ID:
+        raise InvalidArgument(f"{field}.key_id {key_id} is out of range 0..{MAX_KEY_ID}")
+
+
+def check_signed_prekey(field: str, prekey: SignedPrekey, identity_key: bytes) -> None:
+    """Raise InvalidArgument unless ``prekey`` is well-formed and signed by ``identity_key``."""
+    check_key_id(field, prekey.key_id)
+    check_length(f"{field}.public_key", prekey.public_key, KEY_BYTES)
+    check_length(f"{field}.signature", prekey.signature, SIGNATURE_BYTES)
+    transcript = authproof.signed_prekey_transcript(prekey.public_key)
+    if not authproof.verify(identity_key, prekey.signature, transcript):
+        raise InvalidArgument(f"{field}.signature does not verify with identity_key")
+
+
+def check_one_time_prekeys(
+    field: str, prekeys: Sequence[OneTimePrekey], max_per_request: int
+) -> None:
+    """Raise unless ``prekeys`` are at most ``max_per_request`` well-formed, distinct keys."""
+    if len(prekeys) > max_per_request:
+        raise LimitExceeded(
+            "max_one_time_prekeys_per_request",
+            max_per_request,
+            f"{field} has {len(prekeys)} keys, more than "
+            f"max_one_time_prekeys_per_request = {max_per_request}",
+        )
+    seen: set[int] = set()
+    for i, prekey in enumerate(prekeys):
+        check_key_id(f"{field}[{i}]", prekey.key_id)
+        check_length(f"{field}[{i}].public_key", prekey.public_key, KEY_BYTES)
+        if prekey.key_id in seen:
+            raise InvalidArgument(f"{field}[{i}].key_id {prekey.key_id} repeats an earlier key_id")
+        seen.add(prekey.key_id)

@@ -1,0 +1,286 @@
+"""relayctl: a device on the command line (init, send, listen, whoami, devices).
+
+Expected failures print one line on stderr and exit 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+
+from relay.errors import RelayError, Unavailable
+from relay.model import Address
+from relay.sdk import (
+    DeviceState,
+    ExponentialBackoff,
+    KeyDirectoryClient,
+    OutgoingMessage,
+    ReceivedMessage,
+    RelayClient,
+    register_device,
+)
+from relay.sdk.keys import DEFAULT_ONE_TIME_PREKEYS, new_message_id
+from relay.sdk.state import DB_NAME
+
+DEFAULT_HOME = "~/.relayctl"
+DEFAULT_RELAY = "127.0.0.1:50051"
+DEFAULT_KEYS = "127.0.0.1:50052"
+DEFAULT_TENANT = "default"
+#: Connection attempts before a command says the relay is unreachable.
+CONNECT_ATTEMPTS = 4
+HINT = "is it running? Start it with `make run`"
+EXAMPLES = """examples:
+  relayctl --home /tmp/bob init bob
+  relayctl --home /tmp/alice init alice
+  relayctl --home /tmp/bob listen --count 1 &
+  relayctl --home /tmp/alice send bob "hello"
+"""
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit status 1."""
+
+
+class _FirstConnectBackoff:
+    """Give up after a few failed attempts until the first session; then retry forever."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self._inner = ExponentialBackoff()
+
+    async def __call__(self, attempt: int) -> bool:
+        if not self.connected and attempt > CONNECT_ATTEMPTS:
+            return False
+        return await self._inner(attempt)
+
+
+def _open_registered(args: argparse.Namespace) -> tuple[DeviceState, Address]:
+    home: Path = args.home
+    if DeviceState.exists(home):
+        state = DeviceState.open(home)
+        address = state.address()
+        if address is not None:
+            return state, address
+        state.close()
+    raise CliError(f"{home} holds no registered device: run `relayctl --home {home} init USER`")
+
+
+def _tenant(args: argparse.Namespace, own: Address | None = None) -> str:
+    return str(args.tenant or (own.tenant if own else DEFAULT_TENANT))
+
+
+async def cmd_init(args: argparse.Namespace) -> None:
+    """Create keys in the home and register them as a new device of USER."""
+    home: Path = args.home
+    if DeviceState.exists(home):
+        with DeviceState.open(home) as old:
+            registered = old.address()
+        if registered is not None and not args.force:
+            raise CliError(f"{home} already holds device {registered}; use --force to replace it")
+        if args.force:
+            for suffix in ("", "-wal", "-shm"):
+                (home / (DB_NAME + suffix)).unlink(missing_ok=True)
+    tenant = _tenant(args)
+    with DeviceState.open(home) as state:
+        async with grpc.aio.insecure_channel(args.keys) as channel:
+            directory = KeyDirectoryClient(channel, target=args.keys)
+            address = await register_device(
+                state, directory, tenant, args.user, one_time_prekeys=args.prekeys
+            )
+    print(f"registered {address} (home {home})")
+
+
+async def cmd_send(args: argparse.Namespace) -> None:
+    """Send TEXT to every device of USER; print the message id once the relay has it."""
+    state, own = _open_registered(args)
+    with state:
+        tenant = _tenant(args, own)
+        async with grpc.aio.insecure_channel(args.keys) as channel:
+            devices = await KeyDirectoryClient(channel, target=args.keys).list_devices(
+                tenant, args.user
+            )
+        if not devices:
+            raise CliError(f"unknown user {args.user!r} in tenant {tenant!r} (no devices)")
+        message_id = new_message_id()
+        content = args.text.encode()
+        messages = [OutgoingMessage(d.address, content, message_id) for d in devices]
+        backoff = _FirstConnectBackoff()
+        try:
+            async with asyncio.timeout(args.timeout):
+                async with RelayClient(state, args.relay, receive=False, backoff=backoff) as client:
+                    receipts = await client.send_many(messages)
+        except TimeoutError:
+            raise CliError(f"relay {args.relay} did not answer within {args.timeout} s") from None
+        for receipt in receipts:
+            if receipt.error is not None:
+                raise CliError(f"sending to {receipt.recipient} failed: {receipt.error}")
+    print(message_id.hex())
+
+
+def _format(message: ReceivedMessage, own: Address) -> str:
+    sender = message.sender
+    who = f"{sender.user}/{sender.device}" if sender.tenant == own.tenant else str(sender)
+    return f"{who}: {message.content.decode('utf-8', errors='replace')}"
+
+
+async def cmd_listen(args: argparse.Namespace) -> None:
+    """Print incoming messages as 'user/device: text', acknowledging each."""
+    state, own = _open_registered(args)
+    received = 0
+    with state:
+        backoff = _FirstConnectBackoff()
+        try:
+            async with asyncio.timeout(args.timeout):
+                async with RelayClient(state, args.relay, backoff=backoff) as client:
+                    backoff.connected = True
+                    print(f"listening as {own} on {args.relay}", file=sys.stderr, flush=True)
+                    async for message in client.messages():
+                        print(_format(message, own), flush=True)
+                        received += 1
+                        if args.count and received >= args.count:
+                            await client.ack(message)
+                            break
+        except TimeoutError:
+            if args.count:
+                raise CliError(
+                    f"timed out after {args.timeout} s with {received} of {args.count} messages"
+                ) from None
+
+
+async def cmd_whoami(args: argparse.Namespace) -> None:
+    """Print this device's address and identity key."""
+    state, own = _open_registered(args)
+    with state:
+        identity = state.identity()
+    assert identity is not None
+    print(f"{own} (home {state.path.parent})")
+    print(f"identity key {identity.public_key.hex()}")
+
+
+async def cmd_devices(args: argparse.Namespace) -> None:
+    """List the registered devices of USER."""
+    own = None
+    if DeviceState.exists(args.home):
+        with DeviceState.open(args.home) as state:
+            own = state.address()
+    tenant = _tenant(args, own)
+    async with grpc.aio.insecure_channel(args.keys) as channel:
+        devices = await KeyDirectoryClient(channel, target=args.keys).list_devices(
+            tenant, args.user
+        )
+    if not devices:
+        raise CliError(f"unknown user {args.user!r} in tenant {tenant!r} (no devices)")
+    for d in devices:
+        when = datetime.fromtimestamp(d.registered_at_ms / 1000, UTC).isoformat(timespec="seconds")
+        print(f"{d.address}  registered {when}  identity key {d.identity_key.hex()}")
+
+
+Command = Callable[[argparse.Namespace], Awaitable[None]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of relayctl."""
+    parser = argparse.ArgumentParser(
+        prog="relayctl",
+        description="A device of the end-to-end-encrypted relay.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--home",
+        metavar="DIR",
+        default=DEFAULT_HOME,
+        help=f"device state directory (default {DEFAULT_HOME})",
+    )
+    parser.add_argument(
+        "--relay",
+        metavar="HOST:PORT",
+        default=os.environ.get("RELAY_ADDR", DEFAULT_RELAY),
+        help=f"relay node HOST:PORT (env RELAY_ADDR, default {DEFAULT_RELAY})",
+    )
+    parser.add_argument(
+        "--keys",
+        metavar="HOST:PORT",
+        default=os.environ.get("RELAY_KEYS_ADDR", DEFAULT_KEYS),
+        help=f"key directory HOST:PORT (env RELAY_KEYS_ADDR, default {DEFAULT_KEYS})",
+    )
+    parser.add_argument(
+        "--tenant",
+        metavar="TENANT",
+        help=f"tenant (default: this device's tenant, else {DEFAULT_TENANT!r})",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Command, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=fn.__doc__)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("init", cmd_init, "create keys and register a new device of USER")
+    p.add_argument("user", metavar="USER", help="the user this device belongs to")
+    p.add_argument("--force", action="store_true", help="replace the device already in --home")
+    p.add_argument(
+        "--prekeys",
+        metavar="N",
+        type=int,
+        default=DEFAULT_ONE_TIME_PREKEYS,
+        help=f"one-time prekeys to upload (default {DEFAULT_ONE_TIME_PREKEYS})",
+    )
+    p = add("send", cmd_send, "send TEXT to every device of USER")
+    p.add_argument("user", metavar="USER", help="recipient user")
+    p.add_argument("text", metavar="TEXT", help="message text")
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=30.0,
+        help="give up after S seconds (default 30)",
+    )
+    p = add("listen", cmd_listen, "print incoming messages, acknowledging each")
+    p.add_argument("--count", metavar="N", type=int, default=0, help="exit after N messages")
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=None,
+        help="stop after S seconds (an error if --count messages have not come)",
+    )
+    add("whoami", cmd_whoami, "show this device's address and identity key")
+    p = add("devices", cmd_devices, "list the registered devices of USER")
+    p.add_argument("user", metavar="USER", help="the user to list")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run relayctl; return the exit status."""
+    args = build_parser().parse_args(argv)
+    args.home = Path(args.home).expanduser()
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(args.fn(args))
+    except KeyboardInterrupt:
+        return 130
+    except (CliError, RelayError, OSError) as exc:
+        message = " ".join(str(exc).split())
+        if isinstance(exc, Unavailable):
+            message = f"{message} ({HINT})"
+        print(f"relayctl: error: {message}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(BrokenPipeError):
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

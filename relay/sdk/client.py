@@ -1,0 +1,338 @@
+"""RelayClient: one device session on the relay, with reconnects, retries and dedup.
+
+Delivery guarantees (see DESIGN.md section 3):
+
+* Sends are idempotent by ``message_id``. A send whose SendResults frame has not arrived
+  when the stream breaks is written again, with the same id and sealed bytes, on the
+  next session; the relay answers DUPLICATE if it had it already.
+* Received envelopes are opened by the codec and committed (fsync'd) to the local inbox
+  of the state file *before* the SDK acks them to the relay, so the relay drops its copy
+  only once the device holds one. Ids already received are acked and dropped, so the
+  application sees each (sender, message_id) once.
+* The application acknowledges a message by asking :meth:`RelayClient.messages` for
+  the next one, or with :meth:`RelayClient.ack`; only then is it removed from the local
+  inbox. A message not acknowledged (crash, or the loop left early) is yielded again by
+  the next ``messages()`` call, also after a restart: redelivery, never loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import replace
+from types import TracebackType
+from typing import NoReturn
+
+import grpc
+
+from relay.errors import RelayError, Unavailable
+from relay.model import Address
+from relay.sdk.backoff import Backoff, ExponentialBackoff
+from relay.sdk.codec import Codec, PlaintextCodec
+from relay.sdk.directory import from_pb
+from relay.sdk.keys import Identity
+from relay.sdk.outbox import Outbox, OutgoingMessage, SendReceipt, sealed_envelope
+from relay.sdk.session import CHANNEL_OPTIONS, Session
+from relay.sdk.state import DeviceState, ReceivedMessage
+from relay.sdk.status import from_rpc_error, is_retryable
+from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+INBOX_PAGE = 64
+
+
+class RelayClient:
+    """A session of the device held in ``state`` (which must be registered).
+
+    ``target`` is ``host:port`` (the client makes and closes its channel) or a
+    ``grpc.aio.Channel`` owned by the caller. ``receive=False`` opens a send-only
+    session that displaces nobody. ``backoff`` paces reconnects (and may give up).
+    Use as ``async with RelayClient(...) as client``: entering waits for the first
+    Ready; failures surface as relay.errors exceptions (``Unauthenticated``,
+    ``SessionDisplaced``, and ``Unavailable`` once ``backoff`` gives up).
+    """
+
+    def __init__(
+        self,
+        state: DeviceState,
+        target: str | grpc.aio.Channel,
+        *,
+        receive: bool = True,
+        codec: Codec | None = None,
+        backoff: Backoff | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        identity, address = state.identity(), state.address()
+        if identity is None or address is None:
+            raise RuntimeError(f"{state.path} holds no registered device")
+        self.address: Address = address
+        self.receive = receive
+        self._identity: Identity = identity
+        self._state = state
+        self._own_channel = isinstance(target, str)
+        self._channel = (
+            grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            if isinstance(target, str)
+            else target
+        )
+        self._target = target if isinstance(target, str) else "relay"
+        self._stub = relay_pb2_grpc.RelayStub(self._channel)
+        self._codec: Codec = codec or PlaintextCodec()
+        self._backoff: Backoff = backoff or ExponentialBackoff()
+        self._batch_size = batch_size
+        self._handshake_timeout = handshake_timeout
+        self._outbox = Outbox()
+        self._session: Session | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+        self._queue_empty = asyncio.Event()
+        self._inbox_changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        #: Ready frame of the current (or last) session.
+        self.node_id = ""
+        self.session_epoch = 0
+        #: Envelopes the relay delivered again after this device had them (acked, dropped).
+        self.duplicates_dropped = 0
+
+    async def __aenter__(self) -> RelayClient:
+        await self.start()
+        try:
+            await self.wait_ready()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start connecting in the background (``async with`` does this)."""
+        if self._task is None:
+            await asyncio.to_thread(self._state.prune)
+            self._task = asyncio.create_task(self._run(), name=f"relay-session {self.address}")
+            self._task.add_done_callback(self._on_run_done)
+
+    async def close(self) -> None:
+        """End the session; sends still waiting fail with RuntimeError."""
+        if self._error is None:
+            self._fail(RuntimeError("RelayClient is closed"))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._own_channel:
+            await self._channel.close()
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the client stopped (None while it is running or reconnecting)."""
+        return self._error
+
+    async def wait_ready(self) -> None:
+        """Wait until a session is authenticated (returns at once if one is)."""
+        await self._wait(self._ready)
+
+    async def wait_queue_empty(self) -> None:
+        """Wait for the QueueEmpty marker of the current session.
+
+        While reconnecting, that is the marker of the next session. Once it returns,
+        every message stored for this device before the session began is in the local
+        inbox (and so will be yielded by :meth:`messages`).
+        """
+        self._require_receive()
+        await self._wait(self._queue_empty)
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def send(
+        self,
+        recipient: Address,
+        content: bytes,
+        *,
+        message_id: bytes | None = None,
+        ephemeral: bool = False,
+        ttl_seconds: int = 0,
+    ) -> SendReceipt:
+        """Send one message; return once the relay accepted it (retried across reconnects).
+
+        Raises the relay.errors exception of a REJECTED outcome (e.g. LimitExceeded with
+        ``limit`` naming the configuration key).
+        """
+        message = OutgoingMessage(recipient, content, message_id, ephemeral, ttl_seconds)
+        [receipt] = await self.send_many([message])
+        return receipt.raise_for_error()
+
+    async def send_many(self, messages: Iterable[OutgoingMessage]) -> list[SendReceipt]:
+        """Send messages in SendBatch frames of up to ``batch_size``, in order.
+
+        Returns one receipt per message once all were answered; a rejected message has
+        ``receipt.error`` set (nothing is raised for it). Cancelling stops the retries.
+        """
+        self._check_running()
+        envelopes = [sealed_envelope(m, self._codec) for m in messages]
+        submitted = [
+            self._outbox.submit(envelopes[i : i + self._batch_size])
+            for i in range(0, len(envelopes), self._batch_size)
+        ]
+        session = self._session
+        if session is not None and session.ready is not None:
+            await self._flush(session)
+        try:
+            batches = await asyncio.gather(*(future for _, future in submitted))
+        except BaseException:
+            for batch_id, _ in submitted:
+                self._outbox.discard(batch_id)
+            raise
+        return [receipt for batch in batches for receipt in batch]
+
+    async def _flush(self, session: Session) -> None:
+        """Write every pending batch not yet written on ``session``, oldest first."""
+        try:
+            async with session.lock:
+                for frame in self._outbox.take_unwritten(session):
+                    await session.write_locked(frame)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("send interrupted, will resend on the next session: %s", type(exc).__name__)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    async def messages(self) -> AsyncIterator[ReceivedMessage]:
+        """Yield received messages, in arrival order, each (sender, message_id) once.
+
+        The previous message is acknowledged when the loop asks for the next one; call
+        :meth:`ack` for the last one before leaving the loop. Unacknowledged messages are
+        yielded again by the next call (also after a restart). One consumer at a time.
+        Raises the client's error once the local inbox is drained after a failure.
+        """
+        self._require_receive()
+        cursor = 0
+        while True:
+            self._inbox_changed.clear()
+            entries = await asyncio.to_thread(self._state.inbox, cursor, INBOX_PAGE)
+            if not entries:
+                await self._wait(self._inbox_changed)
+                continue
+            for entry in entries:
+                cursor = entry.seq
+                yield entry.message
+                await self.ack(entry.message)
+
+    async def ack(self, *messages: ReceivedMessage) -> None:
+        """Acknowledge messages: they are removed from the local inbox (idempotent)."""
+        await asyncio.to_thread(self._state.remove_from_inbox, messages)
+
+    def _store(self, envelopes: Sequence[relay_pb2.Envelope]) -> int:
+        """Open the new envelopes and commit them to the inbox (runs off the loop)."""
+        fresh: dict[tuple[Address, bytes], ReceivedMessage] = {}
+        for e in envelopes:
+            message = ReceivedMessage(
+                from_pb(e.sender), e.message_id, e.content, e.server_timestamp_ms
+            )
+            key = (message.sender, message.message_id)
+            if key not in fresh and not self._state.was_received(*key):
+                fresh[key] = message
+        opened = [replace(m, content=self._codec.open(m.sender, m.content)) for m in fresh.values()]
+        return self._state.accept(opened)
+
+    async def _deliver(self, session: Session, deliver: relay_pb2.Deliver) -> None:
+        new = await asyncio.to_thread(self._store, deliver.envelopes)
+        self.duplicates_dropped += len(deliver.envelopes) - new
+        if new:
+            self._inbox_changed.set()
+        ids = [e.message_id for e in deliver.envelopes]
+        await session.write(relay_pb2.ClientFrame(ack=relay_pb2.AckBatch(message_ids=ids)))
+
+    # -- the session loop ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            session = Session(self._stub)
+            fatal: BaseException | None = None
+            try:
+                await self._serve(session)
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc, target=f"relay {self._target}")
+                if not is_retryable(exc):
+                    fatal = error
+            except TimeoutError:
+                error = Unavailable(f"relay {self._target} did not complete the handshake")
+            except Unavailable as exc:  # the stream ended without an error status
+                error = exc
+            except Exception as exc:  # protocol error, codec or state file failure
+                fatal = exc
+            finally:
+                self._session = None
+                self._ready.clear()
+                self._queue_empty.clear()
+                session.cancel()
+            if fatal is not None:
+                self._fail(fatal)
+                return
+            failures = 1 if session.ready is not None else failures + 1
+            log.info("relay session lost (%s); reconnect attempt %d", error.message, failures)
+            if not await self._backoff(failures):
+                self._fail(error)
+                return
+
+    async def _serve(self, session: Session) -> NoReturn:
+        async with asyncio.timeout(self._handshake_timeout):
+            ready = await session.authenticate(self._identity, self.address, receive=self.receive)
+        self.node_id, self.session_epoch = ready.node_id, ready.session_epoch
+        self._session = session
+        self._ready.set()
+        flush = asyncio.create_task(self._flush(session))
+        try:
+            while True:
+                frame = await session.read()
+                kind = frame.WhichOneof("frame")
+                if kind == "deliver":
+                    await self._deliver(session, frame.deliver)
+                elif kind == "queue_empty":
+                    self._queue_empty.set()
+                elif kind == "send_results":
+                    self._outbox.resolve(frame.send_results)
+                else:
+                    raise RelayError(f"relay sent an unexpected {kind} frame")
+        finally:
+            flush.cancel()
+
+    def _on_run_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:  # e.g. a backoff that raised
+            self._fail(task.exception() or RuntimeError("session loop failed"))
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._outbox.fail_all(error)
+        for event in (self._ready, self._queue_empty, self._inbox_changed):
+            event.set()
+
+    async def _wait(self, event: asyncio.Event) -> None:
+        if self._error is not None:
+            raise self._error
+        await event.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _check_running(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._task is None:
+            raise RuntimeError("RelayClient is not started: use `async with`")
+
+    def _require_receive(self) -> None:
+        if not self.receive:
+            raise RuntimeError("this is a send-only session (receive=False)")

@@ -1,0 +1,302 @@
+"""The device's local state: one SQLite file ``<home>/device.db``, mode 0600.
+
+It holds the identity keys, the device address once registered, the private parts of
+the prekeys, the ids of received messages (for exactly-once delivery to the
+application, kept 31 days: longer than any envelope lives on the relay) and the local
+inbox of messages the application has not acknowledged yet.
+
+Methods are synchronous and quick; every write commits (fsync'd) before it returns.
+:class:`~relay.sdk.client.RelayClient` runs them off the event loop. The object may be
+used from several threads (a lock serialises access). Never log keys or contents.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from relay.authproof import parse_address
+from relay.clock import Clock, SystemClock
+from relay.model import Address
+from relay.sdk.keys import Identity, Prekey
+
+DB_NAME = "device.db"
+#: Received message ids are remembered this long (the relay's TTL cap is 30 days).
+DEDUP_RETENTION_MS = 31 * 24 * 3600 * 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS identity (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    signing_private BLOB NOT NULL,
+    dh_private BLOB NOT NULL,
+    tenant TEXT, user TEXT, device INTEGER
+);
+CREATE TABLE IF NOT EXISTS prekeys (
+    key_id INTEGER PRIMARY KEY,
+    signed INTEGER NOT NULL,
+    private BLOB NOT NULL,
+    public BLOB NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS received (
+    sender TEXT NOT NULL,
+    message_id BLOB NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (sender, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS received_by_time ON received (received_ms);
+CREATE TABLE IF NOT EXISTS inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    sender TEXT NOT NULL,
+    message_id BLOB NOT NULL,
+    content BLOB NOT NULL,
+    server_timestamp_ms INTEGER NOT NULL,
+    UNIQUE (sender, message_id)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    """A message as the application sees it: ``content`` is already opened by the codec."""
+
+    sender: Address
+    message_id: bytes
+    content: bytes
+    server_timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    """A message in the local inbox; ``seq`` orders the inbox (arrival order)."""
+
+    seq: int
+    message: ReceivedMessage
+
+
+class DeviceState:
+    """The state file of one device. Open with :meth:`open`; close (or use ``with``)."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, clock: Clock) -> None:
+        self.path = path
+        self._conn = conn
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, home: Path | str, *, clock: Clock | None = None) -> DeviceState:
+        """Open (creating if needed) ``<home>/device.db``; a new home is made with mode 0700."""
+        home = Path(home).expanduser()
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = home / DB_NAME
+        # Create the file ourselves so that it is 0600 from its first byte (SQLite gives
+        # its -wal and -shm files the same mode).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.executescript(_SCHEMA)
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return cls(path, conn, clock or SystemClock())
+
+    @staticmethod
+    def exists(home: Path | str) -> bool:
+        """Whether ``home`` already holds a state file."""
+        return (Path(home).expanduser() / DB_NAME).exists()
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> DeviceState:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _txn(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return list(self._conn.execute(sql, args))
+
+    # -- identity ---------------------------------------------------------------------
+
+    def save_identity(self, identity: Identity, prekeys: Sequence[Prekey] = ()) -> None:
+        """Store the identity keys with its first prekeys, in one transaction.
+
+        Raises FileExistsError if the state already has an identity.
+        """
+        signing, dh = identity.private_bytes()
+        with self._txn() as conn:
+            if conn.execute("SELECT 1 FROM identity").fetchone():
+                raise FileExistsError(f"{self.path} already holds an identity")
+            conn.execute(
+                "INSERT INTO identity (id, signing_private, dh_private) VALUES (1, ?, ?)",
+                (signing, dh),
+            )
+            self._insert_prekeys(conn, prekeys)
+
+    def identity(self) -> Identity | None:
+        """The identity keys, or None before :meth:`save_identity`."""
+        rows = self._query("SELECT signing_private, dh_private FROM identity")
+        if not rows:
+            return None
+        signing, dh = rows[0]
+        assert isinstance(signing, bytes) and isinstance(dh, bytes)
+        return Identity.from_private_bytes(signing, dh)
+
+    def save_address(self, address: Address) -> None:
+        """Record the address the key directory assigned to this device."""
+        with self._txn() as conn:
+            cur = conn.execute(
+                "UPDATE identity SET tenant = ?, user = ?, device = ?",
+                (address.tenant, address.user, address.device),
+            )
+            if cur.rowcount != 1:
+                raise LookupError(f"{self.path} has no identity to give an address")
+
+    def address(self) -> Address | None:
+        """This device's address, or None until it is registered."""
+        rows = self._query("SELECT tenant, user, device FROM identity WHERE device IS NOT NULL")
+        if not rows:
+            return None
+        tenant, user, device = rows[0]
+        return Address(str(tenant), str(user), int(str(device)))
+
+    # -- prekeys ------------------------------------------------------------------------
+
+    def save_prekeys(self, prekeys: Sequence[Prekey]) -> None:
+        """Store prekey pairs (signed ones carry their signature)."""
+        with self._txn() as conn:
+            self._insert_prekeys(conn, prekeys)
+
+    @staticmethod
+    def _insert_prekeys(conn: sqlite3.Connection, prekeys: Sequence[Prekey]) -> None:
+        conn.executemany(
+            "INSERT INTO prekeys (key_id, signed, private, public, signature)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(p.key_id, bool(p.signature), p.private, p.public, p.signature) for p in prekeys],
+        )
+
+    def prekeys(self, key_id: int | None = None) -> list[Prekey]:
+        """Stored prekeys in id order (only the one with ``key_id`` if given)."""
+        sql = "SELECT key_id, private, public, signature FROM prekeys"
+        if key_id is None:
+            rows = self._query(sql + " ORDER BY key_id")
+        else:
+            rows = self._query(sql + " WHERE key_id = ?", (key_id,))
+        out = []
+        for kid, private, public, signature in rows:
+            assert isinstance(private, bytes) and isinstance(public, bytes)
+            assert isinstance(signature, bytes)
+            out.append(Prekey(int(str(kid)), private, public, signature))
+        return out
+
+    def remove_prekey(self, key_id: int) -> bool:
+        """Delete a prekey (a one-time prekey once it has been used); return if it existed."""
+        with self._txn() as conn:
+            return conn.execute("DELETE FROM prekeys WHERE key_id = ?", (key_id,)).rowcount == 1
+
+    def next_prekey_id(self) -> int:
+        """An id greater than any prekey id stored so far."""
+        rows = self._query("SELECT COALESCE(MAX(key_id), 0) FROM prekeys")
+        return int(str(rows[0][0])) + 1
+
+    # -- received messages ---------------------------------------------------------------
+
+    def accept(self, messages: Sequence[ReceivedMessage]) -> int:
+        """Add messages not received before to the inbox, durably; return how many were new.
+
+        A message is identified by (sender, message_id). One seen before (whether still
+        in the inbox or already acknowledged, within the retention) is skipped.
+        """
+        now = self._clock.now_ms()
+        new = 0
+        with self._txn() as conn:
+            for m in messages:
+                sender = str(m.sender)
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO received (sender, message_id, received_ms)"
+                    " VALUES (?, ?, ?)",
+                    (sender, m.message_id, now),
+                )
+                if cur.rowcount == 1:
+                    conn.execute(
+                        "INSERT INTO inbox (sender, message_id, content, server_timestamp_ms)"
+                        " VALUES (?, ?, ?, ?)",
+                        (sender, m.message_id, m.content, m.server_timestamp_ms),
+                    )
+                    new += 1
+        return new
+
+    def inbox(self, after: int = 0, limit: int = 64) -> list[InboxEntry]:
+        """Up to ``limit`` inbox entries with ``seq > after``, in arrival order."""
+        rows = self._query(
+            "SELECT seq, sender, message_id, content, server_timestamp_ms FROM inbox"
+            " WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        )
+        out = []
+        for seq, sender, message_id, content, ts in rows:
+            assert isinstance(message_id, bytes) and isinstance(content, bytes)
+            message = ReceivedMessage(parse_address(str(sender)), message_id, content, int(str(ts)))
+            out.append(InboxEntry(int(str(seq)), message))
+        return out
+
+    def remove_from_inbox(self, messages: Sequence[ReceivedMessage]) -> int:
+        """Drop acknowledged messages from the inbox (idempotent); return how many went."""
+        with self._txn() as conn:
+            return sum(
+                conn.execute(
+                    "DELETE FROM inbox WHERE sender = ? AND message_id = ?",
+                    (str(m.sender), m.message_id),
+                ).rowcount
+                for m in messages
+            )
+
+    def was_received(self, sender: Address, message_id: bytes) -> bool:
+        """Whether (sender, message_id) was received (and is still remembered)."""
+        rows = self._query(
+            "SELECT 1 FROM received WHERE sender = ? AND message_id = ?", (str(sender), message_id)
+        )
+        return bool(rows)
+
+    def prune(self) -> int:
+        """Forget received ids older than the retention; return how many went.
+
+        Ids of messages still in the inbox are kept.
+        """
+        cutoff = self._clock.now_ms() - DEDUP_RETENTION_MS
+        with self._txn() as conn:
+            return conn.execute(
+                "DELETE FROM received WHERE received_ms < ? AND NOT EXISTS (SELECT 1 FROM inbox"
+                " WHERE inbox.sender = received.sender AND inbox.message_id = received.message_id)",
+                (cutoff,),
+            ).rowcount
