@@ -121,6 +121,8 @@ class PresenceConfig:
 
     backend: str = "local"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Prefix of every Redis key (several clusters may share one Redis).
+    key_prefix: str = "relay:"
     #: Lifetime of a device's presence entry; the node refreshes it at a third of this.
     device_ttl_seconds: float = 30.0
     #: Lifetime of a node's liveness key; a dead node's devices count as offline after it.

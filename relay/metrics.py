@@ -43,6 +43,23 @@ class RelayMetrics:
             "Sessions ended by a newer session of the same device",
             registry=self.registry,
         )
+        self.link_batches = Counter(
+            "relay_link_batches_total",
+            "Batches sent to other relay nodes",
+            ["peer"],
+            registry=self.registry,
+        )
+        self.link_dropped = Counter(
+            "relay_link_dropped_total",
+            "Wake-ups to other nodes dropped (full buffer, broken link); envelopes stay stored",
+            ["peer"],
+            registry=self.registry,
+        )
+        self.presence_failures = Counter(
+            "relay_presence_failures_total",
+            "Failed presence heartbeats (Redis unreachable)",
+            registry=self.registry,
+        )
         self.send_seconds = Histogram(
             "relay_send_seconds",
             "Time to accept one send batch (durable before ack)",

@@ -49,8 +49,9 @@ INBOX_PAGE = 64
 class RelayClient:
     """A session of the device held in ``state`` (which must be registered).
 
-    ``target`` is ``host:port`` (the client makes and closes its channel) or a
-    ``grpc.aio.Channel`` owned by the caller. ``receive=False`` opens a send-only
+    ``target`` is ``host:port`` (the client makes and closes its channel), a list of
+    them (relay nodes of one cluster: each reconnect after a failure tries the next),
+    or a ``grpc.aio.Channel`` owned by the caller. ``receive=False`` opens a send-only
     session that displaces nobody. ``backoff`` paces reconnects (and may give up).
     Use as ``async with RelayClient(...) as client``: entering waits for the first
     Ready; failures surface as relay.errors exceptions (``Unauthenticated``,
@@ -60,7 +61,7 @@ class RelayClient:
     def __init__(
         self,
         state: DeviceState,
-        target: str | grpc.aio.Channel,
+        target: str | Sequence[str] | grpc.aio.Channel,
         *,
         receive: bool = True,
         codec: Codec | None = None,
@@ -75,13 +76,19 @@ class RelayClient:
         self.receive = receive
         self._identity: Identity = identity
         self._state = state
-        self._own_channel = isinstance(target, str)
-        self._channel = (
-            grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-            if isinstance(target, str)
-            else target
-        )
-        self._target = target if isinstance(target, str) else "relay"
+        targets = [target] if isinstance(target, str) else target
+        if isinstance(targets, grpc.aio.Channel):
+            self._own_channel = False
+            self._channels = [(targets, "relay")]
+        else:
+            if not targets:
+                raise ValueError("RelayClient needs at least one relay target")
+            self._own_channel = True
+            self._channels = [
+                (grpc.aio.insecure_channel(t, options=CHANNEL_OPTIONS), t) for t in targets
+            ]
+        self._current = 0
+        self._channel, self._target = self._channels[0]
         self._stub = relay_pb2_grpc.RelayStub(self._channel)
         self._codec: Codec = codec or PlaintextCodec()
         self._backoff: Backoff = backoff or ExponentialBackoff()
@@ -133,7 +140,8 @@ class RelayClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._own_channel:
-            await self._channel.close()
+            for channel, _ in self._channels:
+                await channel.close()
 
     @property
     def error(self) -> BaseException | None:
@@ -282,10 +290,17 @@ class RelayClient:
                 self._fail(fatal)
                 return
             failures = 1 if session.ready is not None else failures + 1
+            self._next_target()
             log.info("relay session lost (%s); reconnect attempt %d", error.message, failures)
             if not await self._backoff(failures):
                 self._fail(error)
                 return
+
+    def _next_target(self) -> None:
+        """Move to the next relay node of the list (any node serves any device)."""
+        self._current = (self._current + 1) % len(self._channels)
+        self._channel, self._target = self._channels[self._current]
+        self._stub = relay_pb2_grpc.RelayStub(self._channel)
 
     async def _serve(self, session: Session) -> NoReturn:
         async with asyncio.timeout(self._handshake_timeout):

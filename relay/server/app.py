@@ -5,24 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from types import TracebackType
+from typing import Any
 
 import grpc
+from prometheus_client import start_http_server
 
 from relay.clock import Clock, SystemClock
-from relay.config import Config, ConfigError
+from relay.config import Config
 from relay.core.auth import ApiKeys, DeviceAuthenticator, ServiceSender
 from relay.core.delivery import Relay
+from relay.core.ports import MessageQueue, NodeLinks, Presence
+from relay.core.presence_local import LocalPresence, NoLinks
+from relay.errors import RelayError
 from relay.metrics import RelayMetrics
 from relay.server.grpcserver import GrpcServer
 from relay.server.identity_keys import GrpcIdentityKeys
+from relay.server.links import GrpcNodeLinks, NodeLinkServicer
 from relay.server.servicer import RelayServicer
 from relay.stores.sqlite_queue import SqliteQueue
+from relaypb.node.v1 import node_pb2_grpc
 from relaypb.relay.v1 import relay_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "relaypb.relay.v1.Relay"
+LINK_SERVICE_NAME = "relaypb.node.v1.NodeLink"
 #: How often expired envelopes are purged from the store.
 PURGE_INTERVAL_SECONDS = 60.0
 
@@ -36,17 +45,12 @@ class RelayApp:
     """A running relay node. ``async with RelayApp(config) as app:`` serves on ``app.port``."""
 
     def __init__(self, config: Config, clock: Clock | None = None) -> None:
-        if config.storage.backend != "embedded":
-            raise ConfigError(
-                f"storage.backend: {config.storage.backend!r} is not available yet "
-                "(known: 'embedded')"
-            )
         self.config = config
         self.clock = clock or SystemClock()
         self.metrics = RelayMetrics()
         self._stack = contextlib.AsyncExitStack()
         self._server: GrpcServer | None = None
-        self._purger: asyncio.Task[None] | None = None
+        self._advertise = ""
         self.relay: Relay | None = None
 
     @property
@@ -72,18 +76,27 @@ class RelayApp:
     async def _start(self) -> None:
         cfg = self.config
         api_keys = api_keys_from_config(cfg)
-        queue = await self._stack.enter_async_context(SqliteQueue(cfg.storage.path / "queue.db"))
+        queue = await self._open_queue()
+        presence = await self._open_presence()
         channel = grpc.aio.insecure_channel(cfg.keyserver.target)
         self._stack.push_async_callback(channel.close)
         identities = GrpcIdentityKeys(
             channel, self.clock, int(cfg.keyserver.identity_cache_seconds * 1000)
         )
+        links: NodeLinks = NoLinks()
+        if cfg.presence.backend == "redis":
+            grpc_links = GrpcNodeLinks(cfg.node.id, presence, self.metrics)
+            self._stack.push_async_callback(grpc_links.close)
+            links = grpc_links
         self.relay = Relay(
             queue=queue,
             identities=identities,
             clock=self.clock,
             limits=cfg.limits,
             metrics=self.metrics,
+            node_id=cfg.node.id,
+            presence=presence,
+            links=links,
         )
         servicer = RelayServicer(
             relay=self.relay,
@@ -97,15 +110,88 @@ class RelayApp:
         )
         self._server = GrpcServer(
             cfg.node.listen,
-            [(relay_pb2_grpc.add_RelayServicer_to_server, servicer, SERVICE_NAME)],
+            [
+                (relay_pb2_grpc.add_RelayServicer_to_server, servicer, SERVICE_NAME),
+                (
+                    node_pb2_grpc.add_NodeLinkServicer_to_server,
+                    NodeLinkServicer(self.relay.router),
+                    LINK_SERVICE_NAME,
+                ),
+            ],
             grace_seconds=cfg.node.grace_seconds,
         )
         await self._stack.enter_async_context(self._server)
-        self._purger = asyncio.create_task(self._purge_loop())
-        self._stack.push_async_callback(self._stop_purger)
+        self._advertise = cfg.node.advertise or self._server.address
+        if cfg.presence.backend == "redis":
+            # Announce this node before taking traffic, then keep it and its sessions alive.
+            await self._heartbeat(presence)
+            self._spawn(self._heartbeat_loop(presence), "heartbeat")
+        self._spawn(self._purge_loop(), "purge")
+        if cfg.node.metrics_listen:
+            host, _, port = cfg.node.metrics_listen.rpartition(":")
+            server, _thread = start_http_server(int(port), host, registry=self.metrics.registry)
+            self._stack.callback(server.shutdown)
         log.info("relay node %s serving on %s", cfg.node.id, self._server.address)
 
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        self._stack.push_async_callback(stop)
+
+    async def _open_queue(self) -> MessageQueue:
+        cfg = self.config
+        if cfg.storage.backend == "embedded":
+            return await self._stack.enter_async_context(SqliteQueue(cfg.storage.path / "queue.db"))
+        from relay.stores.cassandra.queue import CassandraQueue  # noqa: PLC0415
+        from relay.stores.cassandra.session import CassandraSession  # noqa: PLC0415
+
+        session = await self._stack.enter_async_context(CassandraSession(cfg.cassandra))
+        return CassandraQueue(session, self.clock, max_ttl_seconds=cfg.limits.max_ttl_seconds)
+
+    async def _open_presence(self) -> Presence:
+        cfg = self.config
+        if cfg.presence.backend == "local":
+            return LocalPresence()
+        from relay.stores.redis_presence import RedisPresence  # noqa: PLC0415
+
+        return await self._stack.enter_async_context(
+            RedisPresence(cfg.presence, cfg.presence.key_prefix)
+        )
+
+    async def _heartbeat(self, presence: Presence) -> bool:
+        assert self.relay is not None
+        sessions = [(s.address, s.epoch) for s in self.relay.sessions.all()]
+        return await presence.heartbeat(self.config.node.id, self._advertise, sessions)
+
+    async def _heartbeat_loop(self, presence: Presence) -> None:
+        """Refresh liveness; after an outage or a loss of Redis data, sessions re-read."""
+        assert self.relay is not None
+        interval = (
+            min(self.config.presence.node_ttl_seconds, self.config.presence.device_ttl_seconds) / 3
+        )
+        healthy = True
+        while True:
+            await asyncio.sleep(interval)  # a period, not synchronisation
+            try:
+                intact = await self._heartbeat(presence)
+            except RelayError as exc:
+                self.metrics.presence_failures.inc()
+                if healthy:
+                    log.warning("presence heartbeat failed: %s", exc)
+                healthy = False
+                continue
+            if not intact or not healthy:
+                log.info("presence restored; every session re-reads its queue")
+                self.relay.router.reread_all()
+            healthy = True
+
     async def _purge_loop(self) -> None:
+        """Delete expired envelopes now and then."""
         assert self.relay is not None
         while True:
             try:
@@ -115,12 +201,6 @@ class RelayApp:
             except Exception:
                 log.exception("purging expired envelopes failed; will retry")
             await asyncio.sleep(PURGE_INTERVAL_SECONDS)  # a period, not synchronisation
-
-    async def _stop_purger(self) -> None:
-        if self._purger is not None:
-            self._purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purger
 
     async def __aexit__(
         self,

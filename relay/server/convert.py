@@ -49,3 +49,15 @@ OUTCOME_TO_PB: dict[Outcome, relay_pb2.Outcome.ValueType] = {
     Outcome.REJECTED: relay_pb2.OUTCOME_REJECTED,
 }
 OUTCOME_FROM_PB = {v: k for k, v in OUTCOME_TO_PB.items()}
+
+
+def envelope_from_wire(pb: relay_pb2.Envelope) -> Envelope:
+    """Domain Envelope as another relay node forwarded it (sender and time already set)."""
+    return Envelope(
+        message_id=pb.message_id,
+        sender=address_from_pb(pb.sender),
+        recipient=address_from_pb(pb.recipient),
+        content=pb.content,
+        ephemeral=pb.ephemeral,
+        server_timestamp_ms=pb.server_timestamp_ms,
+    )

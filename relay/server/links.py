@@ -1,0 +1,164 @@
+"""Node-to-node links: long-lived gRPC streams carrying batches of live traffic.
+
+One outbound stream per peer node, opened lazily and reopened after failures. Callers
+only append to a bounded buffer; a task per peer drains it into ``NodeBatch`` messages
+(as many items per message as are waiting, up to ``MAX_BATCH``). Everything carried is
+already durable in the store, so a full buffer or a broken stream drops wake-ups, never
+envelopes; the first batch after a (re)connect says ``repoll_all`` so the peer's sessions
+re-read their queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from relay.core.ports import Presence
+from relay.core.routing import Router
+from relay.errors import RelayError
+from relay.metrics import RelayMetrics
+from relay.model import Address, Pushed
+from relay.server.convert import address_from_pb, address_to_pb, envelope_from_wire, envelope_to_pb
+from relaypb.node.v1 import node_pb2, node_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 512
+MAX_BUFFER = 50_000
+RETRY_SECONDS = (0.05, 0.2, 0.5, 1.0, 2.0)
+
+
+class _Peer:
+    """The outbound link to one peer node."""
+
+    def __init__(self, node_id: str, links: GrpcNodeLinks) -> None:
+        self.node_id = node_id
+        self._links = links
+        self._items: deque[node_pb2.Forward | node_pb2.Displace] = deque()
+        self._ready = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"link-{node_id}")
+
+    def put(self, item: node_pb2.Forward | node_pb2.Displace) -> None:
+        if len(self._items) >= MAX_BUFFER:
+            self._links.metrics.link_dropped.labels(self.node_id).inc()
+            return
+        self._items.append(item)
+        self._ready.set()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            await self._ready.wait()
+            try:
+                await self._stream()
+                failures = 0
+            except (grpc.aio.AioRpcError, RelayError, OSError) as exc:
+                dropped = len(self._items)
+                self._items.clear()
+                self._links.metrics.link_dropped.labels(self.node_id).inc(dropped)
+                log.warning(
+                    "link to %s failed (%s); %d wake-ups dropped", self.node_id, exc, dropped
+                )
+                delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
+                failures += 1
+                await asyncio.sleep(delay)  # reconnect backoff, not synchronisation
+
+    async def _stream(self) -> None:
+        target = await self._links.presence.node_address(self.node_id)
+        if target is None:
+            dropped = len(self._items)
+            self._items.clear()
+            self._ready.clear()
+            log.info("node %s is not alive; %d wake-ups dropped", self.node_id, dropped)
+            return
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = node_pb2_grpc.NodeLinkStub(channel).Link()
+            first = True
+            while True:
+                await self._ready.wait()
+                batch = node_pb2.NodeBatch(from_node=self._links.node_id, repoll_all=first)
+                while self._items and len(batch.forwards) + len(batch.displaces) < MAX_BATCH:
+                    item = self._items.popleft()
+                    if isinstance(item, node_pb2.Forward):
+                        batch.forwards.append(item)
+                    else:
+                        batch.displaces.append(item)
+                if not self._items:
+                    self._ready.clear()
+                await call.write(batch)
+                self._links.metrics.link_batches.labels(self.node_id).inc()
+                first = False
+
+
+class GrpcNodeLinks:
+    """NodeLinks over gRPC streams (see ``relay.core.ports.NodeLinks``)."""
+
+    def __init__(self, node_id: str, presence: Presence, metrics: RelayMetrics) -> None:
+        self.node_id = node_id
+        self.presence = presence
+        self.metrics = metrics
+        self._peers: dict[str, _Peer] = {}
+
+    def _peer(self, node_id: str) -> _Peer:
+        peer = self._peers.get(node_id)
+        if peer is None:
+            peer = self._peers[node_id] = _Peer(node_id, self)
+        return peer
+
+    def forward(self, node_id: str, items: Sequence[Pushed]) -> None:
+        """Queue live envelopes for sessions on ``node_id``."""
+        peer = self._peer(node_id)
+        for item in items:
+            peer.put(
+                node_pb2.Forward(
+                    envelope=envelope_to_pb(item.envelope), seq=item.seq, prev_seq=item.prev_seq
+                )
+            )
+
+    def displace(self, node_id: str, device: Address, epoch: int) -> None:
+        """Tell ``node_id`` to end sessions of ``device`` older than ``epoch``."""
+        self._peer(node_id).put(node_pb2.Displace(device=address_to_pb(device), epoch=epoch))
+
+    async def close(self) -> None:
+        """Stop every link."""
+        for peer in self._peers.values():
+            await peer.close()
+        self._peers.clear()
+
+
+class NodeLinkServicer(node_pb2_grpc.NodeLinkServicer):
+    """Receives other nodes' batches and hands them to the local router."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def Link(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> node_pb2.LinkSummary:
+        """Apply each batch as it arrives: re-reads first, then forwards, then displaces."""
+        count = 0
+        async for batch in request_iterator:
+            if batch.repoll_all:
+                self._router.reread_all()
+            if batch.forwards:
+                self._router.accept(
+                    [
+                        Pushed(envelope_from_wire(f.envelope), f.seq, f.prev_seq)
+                        for f in batch.forwards
+                    ]
+                )
+            for d in batch.displaces:
+                self._router.displace(address_from_pb(d.device), d.epoch)
+            count += 1
+        return node_pb2.LinkSummary(batches=count)
