@@ -159,9 +159,7 @@ class RelayApp:
             return LocalPresence()
         from relay.stores.redis_presence import RedisPresence  # noqa: PLC0415
 
-        return await self._stack.enter_async_context(
-            RedisPresence(cfg.presence, cfg.presence.key_prefix)
-        )
+        return await self._stack.enter_async_context(RedisPresence(cfg.presence))
 
     async def _heartbeat(self, presence: Presence) -> bool:
         assert self.relay is not None
