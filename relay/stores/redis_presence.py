@@ -161,7 +161,7 @@ class RedisPresence:
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(f"{self._prefix}node:{node_id}", advertise, px=self._node_ttl_ms, get=True)
         for device, epoch in sessions:
-            _ = self._refresh(  # queued on the pipeline, run by execute() below
+            await self._refresh(  # only queues it on the pipeline; execute() runs it
                 keys=[_key(self._prefix, device)],
                 args=[node_id, str(epoch), self._device_ttl_ms],
                 client=pipe,
