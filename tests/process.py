@@ -22,11 +22,18 @@ def free_port() -> int:
 
 @dataclass
 class Relayd:
-    """A ``relayd run`` process; ``start()`` returns when both servers report SERVING."""
+    """A ``relayd run`` (or ``relayd relay``) process; ``start()`` returns once SERVING.
+
+    ``command="relay"`` runs a relay node only, configured by ``config`` (a TOML file)
+    and ``node_id``; ``command="run"`` runs relay node and key directory on ``data_dir``.
+    """
 
     data_dir: Path
     relay_port: int = field(default_factory=free_port)
     keys_port: int = field(default_factory=free_port)
+    command: str = "run"
+    config: Path | None = None
+    node_id: str = "relay-1"
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -38,7 +45,27 @@ class Relayd:
     def keys_address(self) -> str:
         return f"127.0.0.1:{self.keys_port}"
 
+    def argv(self) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "relay.cli.relayd",
+            self.command,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            self.relay_address,
+            "--node-id",
+            self.node_id,
+        ]
+        if self.config is not None:
+            argv += ["--config", str(self.config)]
+        if self.command == "run":
+            argv += ["--keys-listen", self.keys_address]
+        return argv
+
     def spawn(self) -> None:
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir.parent / f"relayd-{self.relay_port}.log"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
@@ -62,10 +89,10 @@ class Relayd:
 
     async def start(self, timeout: float = 30.0) -> None:
         self.spawn()
-        for target, service in (
-            (self.keys_address, "relaypb.keys.v1.KeyDirectory"),
-            (self.relay_address, "relaypb.relay.v1.Relay"),
-        ):
+        checks = [(self.relay_address, "relaypb.relay.v1.Relay")]
+        if self.command == "run":
+            checks.insert(0, (self.keys_address, "relaypb.keys.v1.KeyDirectory"))
+        for target, service in checks:
             async with grpc.aio.insecure_channel(target) as channel:
                 try:
                     reply = await health_pb2_grpc.HealthStub(channel).Check(

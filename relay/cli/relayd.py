@@ -37,8 +37,13 @@ def _parser() -> argparse.ArgumentParser:
         ("relay", "a relay node only (needs a key directory at keyserver.target)"),
         ("keyserver", "the key directory only"),
         ("config", "print the effective configuration as JSON and exit"),
+        ("migrate", "create the Cassandra keyspace and apply pending schema migrations"),
     ):
         cmd = sub.add_parser(name, help=text, description=text)
+        if name == "migrate":
+            cmd.add_argument(
+                "--status", action="store_true", help="list applied and pending migrations only"
+            )
         cmd.add_argument("--config", type=Path, help="TOML configuration file")
         cmd.add_argument("--data-dir", help="directory of the embedded SQLite files (./data)")
         cmd.add_argument("--listen", help="relay listen address host:port (127.0.0.1:50051)")
@@ -94,6 +99,24 @@ async def serve(config: Config, command: str) -> None:
         log.info("stopping: letting open calls finish for up to %.0f s", config.node.grace_seconds)
 
 
+async def run_migrate(config: Config, *, status_only: bool) -> int:
+    """``relayd migrate``: apply (or list) the versioned CQL migrations."""
+    from relay.errors import RelayError  # noqa: PLC0415
+    from relay.stores.cassandra import migrate  # noqa: PLC0415
+
+    cass = config.cassandra
+    where = f"keyspace {cass.keyspace} at {','.join(cass.contact_points)}:{cass.port}"
+    try:
+        if not status_only:
+            applied = await migrate.migrate(cass)
+            print(f"applied {len(applied)} migration(s) to {where}: {', '.join(applied) or '-'}")
+        print(migrate.format_status(await migrate.status(cass)))
+    except RelayError as exc:
+        print(f"relayd migrate: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``relayd``."""
     args = _parser().parse_args(argv)
@@ -108,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         print(json.dumps(dataclasses.asdict(config), indent=2))
         return 0
+    if args.command == "migrate":
+        return asyncio.run(run_migrate(config, status_only=args.status))
     try:
         import uvloop  # noqa: PLC0415
 

@@ -58,6 +58,7 @@ class Relay:
         node_id: str = "relay-1",
         presence: Presence | None = None,
         links: NodeLinks | None = None,
+        presence_cache_seconds: float = 0.0,
     ) -> None:
         self._queue = queue
         self._identities = identities
@@ -68,6 +69,13 @@ class Relay:
         self._presence: Presence = presence or LocalPresence()
         self._links: NodeLinks = links or NoLinks()
         self._registry = SessionRegistry()
+        # Wake-ups routed by another node's stale cached location are lost; a session
+        # re-reads once that cache has expired everywhere.
+        self._first_repoll = (
+            presence_cache_seconds + 1.0
+            if presence_cache_seconds > 0
+            else limits.session_repoll_seconds
+        )
         self.router = Router(node_id, self._registry, self._presence, self._links)
         self._queue_limits = QueueLimits(limits.max_queue_depth, limits.max_queue_bytes)
 
@@ -218,6 +226,7 @@ class Relay:
             clock=self._clock,
             page_size=self._limits.delivery_page,
             repoll_seconds=self._limits.session_repoll_seconds,
+            first_repoll_seconds=self._first_repoll,
         )
         if receive:
             if self._registry.attach(session) is not None:

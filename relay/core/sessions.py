@@ -8,6 +8,7 @@ or, over node links, from others), re-reading its queue whenever order cannot be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class Session:
         clock: Clock,
         page_size: int,
         repoll_seconds: float = 30.0,
+        first_repoll_seconds: float | None = None,
     ) -> None:
         self.address = address
         self.epoch = epoch
@@ -65,6 +67,9 @@ class Session:
         self._clock = clock
         self._page = page_size
         self._repoll_seconds = repoll_seconds
+        self._first_repoll = (
+            repoll_seconds if first_repoll_seconds is None else first_repoll_seconds
+        )
         self._wake = asyncio.Event()
         self._displaced = False
         self._reread = False
@@ -114,10 +119,17 @@ class Session:
         async for stored in self._read_queue():
             yield stored
         yield QueueEmpty()
+        loop = asyncio.get_running_loop()
+        # The first re-read comes once other nodes' cached locations of this device have
+        # expired (a wake-up sent to where it was before is lost); then one per period,
+        # counted from the last read, however busy the session is.
+        reread_at = loop.time() + self._first_repoll
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._repoll_seconds)
-            except TimeoutError:
+            wait = reread_at - loop.time()
+            if wait > 0 and not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+            if loop.time() >= reread_at:
                 self._reread = True  # the periodic safety net
             self._wake.clear()
             if self._displaced:
@@ -134,6 +146,7 @@ class Session:
                 yield Deliver(direct)
             if self._reread:
                 self._reread = False
+                reread_at = loop.time() + self._repoll_seconds
                 async for deliver in self._read_queue():
                     yield deliver
 

@@ -97,6 +97,9 @@ class RelayApp:
             node_id=cfg.node.id,
             presence=presence,
             links=links,
+            presence_cache_seconds=(
+                cfg.presence.cache_seconds if cfg.presence.backend == "redis" else 0.0
+            ),
         )
         servicer = RelayServicer(
             relay=self.relay,

@@ -13,9 +13,12 @@ from typing import Any
 import pytest
 
 from keyserver.app import KeyserverApp
-from relay.config import Config
+from relay.config import CassandraConfig, Config
 from relay.server.app import RelayApp
+from relay.stores.cassandra.migrate import migrate
+from relay.stores.cassandra.session import CassandraSession
 from tests.conftest import test_config
+from tests.process import Relayd
 from tests.services import CASSANDRA_PORT, REDIS_PORT, REDIS_URL, require
 
 pytestmark = pytest.mark.services
@@ -45,25 +48,36 @@ class Cluster:
         )
 
 
-def cluster_overrides(tmp_path: Path, backend: str) -> dict[str, Any]:
+@pytest.fixture
+async def cassandra_keyspace() -> AsyncIterator[str]:
+    """A fresh, migrated keyspace for one test; dropped afterwards."""
+    require("Cassandra", CASSANDRA_PORT)
+    config = CassandraConfig(port=CASSANDRA_PORT, keyspace=f"relay_c_{uuid.uuid4().hex[:10]}")
+    await migrate(config)
+    yield config.keyspace
+    async with CassandraSession(config, keyspace="") as session:
+        await session.execute_ddl(f"DROP KEYSPACE IF EXISTS {config.keyspace}", op="drop")
+
+
+@pytest.fixture
+async def cluster_overrides(cassandra_keyspace: str) -> dict[str, Any]:
+    """Config overrides of a cluster: Cassandra storage, Redis presence, isolated names."""
     require("Redis", REDIS_PORT)
-    overrides: dict[str, Any] = {
+    return {
         "presence.backend": "redis",
         "presence.redis_url": REDIS_URL,
         "presence.key_prefix": f"test-{uuid.uuid4().hex[:8]}:",
         "presence.node_ttl_seconds": 3.0,
+        "storage.backend": "cassandra",
+        "cassandra.port": CASSANDRA_PORT,
+        "cassandra.keyspace": cassandra_keyspace,
     }
-    if backend == "cassandra":
-        require("Cassandra", CASSANDRA_PORT)
-        overrides["storage.backend"] = "cassandra"
-        overrides["cassandra.port"] = CASSANDRA_PORT
-    return overrides
 
 
-@pytest.fixture(params=["shared-sqlite"])
-async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cluster]:
-    """Three relay nodes on 127.0.0.1 port 0 with Redis presence and one shared store."""
-    cfg = test_config(tmp_path / "data", **cluster_overrides(tmp_path, request.param))
+@pytest.fixture
+async def cluster(cluster_overrides: dict[str, Any], tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Three relay nodes on 127.0.0.1 port 0 with Redis presence and Cassandra."""
+    cfg = test_config(tmp_path / "data", **cluster_overrides)
     async with AsyncExitStack() as stack:
         keys_cfg = dataclasses.replace(
             cfg, storage=dataclasses.replace(cfg.storage, backend="embedded")
@@ -76,3 +90,61 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         for i in range(3):
             cluster.nodes.append(await stack.enter_async_context(RelayApp(cluster.node_config(i))))
         yield cluster
+
+
+def write_toml(path: Path, settings: dict[str, Any]) -> Path:
+    """Write dotted-key ``settings`` as a TOML config file (tables per section)."""
+    sections: dict[str, list[str]] = {}
+    for dotted, value in settings.items():
+        section, _, key = dotted.partition(".")
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        sections.setdefault(section, []).append(f"{key} = {text}")
+    path.write_text(
+        "".join(f"[{name}]\n" + "\n".join(lines) + "\n\n" for name, lines in sections.items())
+    )
+    return path
+
+
+@dataclass
+class ProcCluster:
+    """Relay nodes as real processes (``relayd relay``), a key directory in-process."""
+
+    keys_address: str
+    nodes: list[Relayd]
+
+    @property
+    def addresses(self) -> list[str]:
+        return [n.relay_address for n in self.nodes]
+
+
+@pytest.fixture
+async def proc_cluster(
+    cluster_overrides: dict[str, Any], tmp_path: Path
+) -> AsyncIterator[ProcCluster]:
+    """Three ``relayd relay`` processes on Cassandra and Redis."""
+    cfg = test_config(tmp_path / "keys")
+    async with KeyserverApp(cfg) as keys:
+        settings = {
+            **cluster_overrides,
+            "keyserver.target": keys.address,
+            "node.grace_seconds": 1.0,
+        }
+        config = write_toml(tmp_path / "relay.toml", settings)
+        nodes = [
+            Relayd(
+                tmp_path / f"node{i}" / "data", command="relay", config=config, node_id=f"relay-{i}"
+            )
+            for i in range(3)
+        ]
+        try:
+            for node in nodes:
+                await node.start()
+            yield ProcCluster(keys.address, nodes)
+        finally:
+            for node in nodes:
+                node.stop()

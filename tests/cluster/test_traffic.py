@@ -24,7 +24,7 @@ async def test_10k_messages_exactly_once_fifo_per_pair(cluster: Cluster, tmp_pat
         await traffic.start()
         started = time.monotonic()
         await traffic.send(10_000)
-        await traffic.wait_delivered(120)
+        await traffic.wait_delivered(75)
         elapsed = time.monotonic() - started
         assert traffic.check() == 10_000
         print(f"10,000 messages over 3 nodes delivered in {elapsed:.1f} s")

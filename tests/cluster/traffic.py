@@ -38,6 +38,7 @@ class Traffic:
     received: dict[Address, list[tuple[Address, bytes, bytes]]] = field(
         default_factory=lambda: defaultdict(list)
     )
+    outcomes: dict[bytes, Outcome] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _readers: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -93,24 +94,51 @@ class Traffic:
                 for r in receipts:
                     assert r.outcome in ACKED, r
                     self.acked[self.addresses[src], r.recipient].append(r.message_id)
+                    self.outcomes[r.message_id] = r.outcome
                 done += len(receipts)
                 if on_acked is not None:
                     on_acked(done)
 
         await asyncio.gather(*(sender(s) for s in plan))
 
-    def missing(self) -> int:
+    def missing_ids(self) -> list[tuple[Address, Address, bytes]]:
         got = {(r, mid) for r, msgs in self.received.items() for (_, mid, _) in msgs}
-        return sum(
-            1 for (_, dst), ids in self.acked.items() for mid in ids if (dst, mid) not in got
-        )
+        return [
+            (src, dst, mid)
+            for (src, dst), ids in self.acked.items()
+            for mid in ids
+            if (dst, mid) not in got
+        ]
+
+    def missing(self) -> int:
+        return len(self.missing_ids())
+
+    def explain(self) -> str:
+        """Where each missing message went (for a failure message)."""
+        lines = []
+        for src, dst, mid in self.missing_ids()[:10]:
+            i, j = self.addresses.index(src), self.addresses.index(dst)
+            lines.append(
+                f"{src} (node {self.clients[i].node_id}) -> {dst} (node "
+                f"{self.clients[j].node_id}, epoch {self.clients[j].session_epoch}): "
+                f"id {mid.hex()[:8]} outcome {self.outcomes.get(mid)}, recipient SDK "
+                f"received={self.states[j].was_received(src, mid)}"
+            )
+        return "\n".join(lines)
 
     async def wait_delivered(self, timeout: float) -> None:
         """Wait until every acknowledged message has been received (or time out)."""
-        async with asyncio.timeout(timeout):
-            while self.missing():
-                self._changed.clear()
-                await self._changed.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while self.missing():
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            received = sum(len(m) for m in self.received.values())
+            raise AssertionError(
+                f"{self.missing()} acknowledged messages not delivered after {timeout} s "
+                f"({received} received):\n{self.explain()}"
+            ) from None
 
     def check(self) -> int:
         """Assert exactly-once and FIFO per pair; return the number of messages checked."""

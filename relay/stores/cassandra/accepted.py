@@ -1,0 +1,108 @@
+"""The queue's record of accepted message ids (``queue_accepted``).
+
+One row per (recipient, message_id) until the envelope expires (TTL): the seqs stored
+under the id (normally one; two after a residual race), its size, its expiry, and
+whether it was acked. An append answers DUPLICATE from it; an ack finds every copy of
+an id through it. A device's ids are spread over ``ACCEPTED_SHARDS`` partitions so that
+a busy device's partitions stay small, and so that an append or ack of many ids costs
+one query and one batch per shard instead of one per id.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+from relay.model import Address, Envelope
+from relay.stores.cassandra.layout import key, ttl_until
+from relay.stores.cassandra.session import CassandraSession, Statement, partition_batches
+
+#: Partitions per device for its accepted ids.
+ACCEPTED_SHARDS = 16
+#: Ids per IN query.
+_IN_CHUNK = 100
+
+_LOOKUP = (
+    "SELECT message_id, seqs, acked, expires_at, size FROM {ks}.queue_accepted"
+    " WHERE tenant = ? AND user = ? AND device = ? AND shard = ? AND message_id IN ?"
+)
+_RECORD = (
+    "UPDATE {ks}.queue_accepted USING TTL ? SET seqs = seqs + ?, expires_at = ?, size = ?"
+    " WHERE tenant = ? AND user = ? AND device = ? AND shard = ? AND message_id = ?"
+)
+_MARK_ACKED = (
+    "UPDATE {ks}.queue_accepted USING TTL ? SET acked = true"
+    " WHERE tenant = ? AND user = ? AND device = ? AND shard = ? AND message_id = ?"
+)
+
+
+def accepted_shard(message_id: bytes) -> int:
+    """The shard of ``message_id`` among its device's accepted-id partitions."""
+    return zlib.crc32(message_id) % ACCEPTED_SHARDS
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """What is known about one accepted id."""
+
+    seqs: tuple[int, ...]
+    acked: bool
+    expires_at: int
+    size: int
+
+
+Ident = tuple[Address, bytes]
+
+
+class AcceptedIds:
+    """Reads and writes ``queue_accepted`` for the queue."""
+
+    def __init__(self, session: CassandraSession) -> None:
+        self._session = session
+
+    async def lookup(self, idents: Iterable[Ident], *, op: str) -> dict[Ident, Accepted]:
+        """The accepted ids among ``idents`` (one IN query per partition and chunk)."""
+        by_partition: dict[tuple[Address, int], list[bytes]] = defaultdict(list)
+        for device, mid in dict.fromkeys(idents):
+            by_partition[(device, accepted_shard(mid))].append(mid)
+        queries: list[tuple[Address, Statement]] = []
+        for (device, shard), mids in by_partition.items():
+            for i in range(0, len(mids), _IN_CHUNK):
+                chunk = mids[i : i + _IN_CHUNK]
+                queries.append((device, (_LOOKUP, (*key(device), shard, chunk))))
+        found = await self._session.execute_many([q for _, q in queries], op=op)
+        out: dict[Ident, Accepted] = {}
+        for (device, _), rows in zip(queries, found, strict=True):
+            for mid, seqs, acked, expires_at, size in rows:
+                out[(device, bytes(mid))] = Accepted(
+                    seqs=tuple(sorted(int(s) for s in seqs or ())),
+                    acked=bool(acked),
+                    expires_at=int(expires_at or 0),
+                    size=int(size or 0),
+                )
+        return out
+
+    @staticmethod
+    def record(stored: Sequence[tuple[Envelope, int, int]], now_ms: int) -> list[list[Statement]]:
+        """Batches recording each stored (envelope, expires_at, seq) under its id."""
+        items: list[tuple[Hashable, Statement, int]] = []
+        for env, expires, seq in stored:
+            shard = accepted_shard(env.message_id)
+            ttl = ttl_until(expires, now_ms)
+            row = (ttl, {seq}, expires, env.size, *key(env.recipient), shard, env.message_id)
+            items.append(((env.recipient, shard), (_RECORD, row), 64))
+        return partition_batches(items)
+
+    @staticmethod
+    def mark_acked(
+        device: Address, acked: Sequence[tuple[bytes, Accepted]], now_ms: int
+    ) -> list[list[Statement]]:
+        """Batches marking ids of ``device`` acked (kept, so a resend stays DUPLICATE)."""
+        items: list[tuple[Hashable, Statement, int]] = []
+        for mid, accepted in acked:
+            shard = accepted_shard(mid)
+            ttl = ttl_until(accepted.expires_at, now_ms)
+            items.append((shard, (_MARK_ACKED, (ttl, *key(device), shard, mid)), 64))
+        return partition_batches(items)

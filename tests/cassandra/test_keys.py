@@ -1,0 +1,103 @@
+"""The Cassandra key stores: the keyserver conformance suites, and claims across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import pytest
+
+from keyserver.cassandra_store import CassandraDeviceDirectory, CassandraPrekeyStore
+from keyserver.model import OneTimePrekey
+from relay.config import CassandraConfig
+from relay.stores.cassandra.session import CassandraSession
+from tests.keyserver.conformance import (
+    BIG,
+    DEV,
+    DeviceDirectoryConformance,
+    OpenStores,
+    PrekeyStoreConformance,
+    Stores,
+    otks,
+)
+
+pytestmark = pytest.mark.services
+
+
+@asynccontextmanager
+async def open_cassandra_stores(config: CassandraConfig) -> AsyncIterator[Stores]:
+    """Stores on a session of their own: each opener stands for another process."""
+    async with CassandraSession(config) as session:
+        yield Stores(CassandraDeviceDirectory(session), CassandraPrekeyStore(session))
+
+
+class TestCassandraKeyStores(DeviceDirectoryConformance, PrekeyStoreConformance):
+    @pytest.fixture
+    def open_stores(self, fresh: CassandraSession, cassandra_config: CassandraConfig) -> OpenStores:
+        return lambda: open_cassandra_stores(cassandra_config)
+
+
+async def test_200_claimers_in_4_processes_share_50_keys(
+    fresh: CassandraSession, cassandra_config: CassandraConfig
+) -> None:
+    keys = otks(*range(50))
+    async with AsyncExitStack() as stack:
+        stores = [
+            await stack.enter_async_context(open_cassandra_stores(cassandra_config))
+            for _ in range(4)
+        ]
+        await stores[0].prekeys.add_one_time_prekeys(DEV, keys, BIG)
+        got = await asyncio.gather(
+            *(s.prekeys.claim_one_time_prekey(DEV) for s in stores for _ in range(50))
+        )
+    handed = [k for k in got if k is not None]
+    assert len(handed) == 50
+    assert sorted(k.key_id for k in handed) == list(range(50))
+    assert {k.public_key for k in handed} == {k.public_key for k in keys}
+
+
+async def test_registrations_in_3_processes_get_distinct_numbers(
+    fresh: CassandraSession, cassandra_config: CassandraConfig
+) -> None:
+    async with AsyncExitStack() as stack:
+        stores = [
+            await stack.enter_async_context(open_cassandra_stores(cassandra_config))
+            for _ in range(3)
+        ]
+        shared_key = os.urandom(32)
+
+        async def register(s: Stores, identity_key: bytes) -> int:
+            record = await s.devices.register(
+                "acme",
+                "carol",
+                identity_key=identity_key,
+                identity_dh_key=os.urandom(32),
+                identity_dh_signature=os.urandom(64),
+                registered_at_ms=1,
+            )
+            return record.address.device
+
+        distinct = [register(s, os.urandom(32)) for s in stores for _ in range(8)]
+        same = [register(s, shared_key) for s in stores]
+        numbers = await asyncio.gather(*distinct, *same)
+    assert sorted(numbers[:24]) == sorted(set(numbers[:24]))
+    assert len(set(numbers[24:])) == 1  # one identity key, one device
+    assert sorted(set(numbers)) == list(range(1, 26))
+
+
+async def test_racing_publishes_and_claims_hand_each_key_out_once(
+    fresh: CassandraSession, cassandra_config: CassandraConfig
+) -> None:
+    keys = otks(*range(20))
+    async with (
+        open_cassandra_stores(cassandra_config) as one,
+        open_cassandra_stores(cassandra_config) as two,
+    ):
+        publishes = [s.prekeys.add_one_time_prekeys(DEV, keys, BIG) for s in (one, two, one)]
+        claims = [s.prekeys.claim_one_time_prekey(DEV) for s in (one, two) for _ in range(10)]
+        racing = await asyncio.gather(*claims, *publishes)
+        after = [await two.prekeys.claim_one_time_prekey(DEV) for _ in range(21)]
+    handed = [k.key_id for k in [*racing[:20], *after] if isinstance(k, OneTimePrekey)]
+    assert sorted(handed) == list(range(20))

@@ -1,0 +1,143 @@
+"""CassandraQueue: the queue conformance suite, and what is particular to Cassandra."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.clock import FakeClock
+from relay.model import Address, Outcome, QueueLimits
+from relay.stores.cassandra.accepted import AcceptedIds
+from relay.stores.cassandra.layout import SeqSource, seq_at
+from relay.stores.cassandra.queue import DEFAULT_FLOOR_LAG_MS, CassandraQueue
+from relay.stores.cassandra.session import CassandraSession
+from tests.conformance.queue import BIG, BOB, NOW, QueueConformance, env, read_all
+
+pytestmark = pytest.mark.services
+
+
+class TestCassandraQueue(QueueConformance):
+    @pytest.fixture
+    def queue(self, fresh: CassandraSession) -> CassandraQueue:
+        return CassandraQueue(fresh, FakeClock(NOW))
+
+
+async def test_half_done_append_is_stored_again(fresh: CassandraSession) -> None:
+    queue = CassandraQueue(fresh, FakeClock(NOW))
+    e = env()
+    # The id was recorded, then the row write failed (the sender got UNAVAILABLE).
+    await fresh.execute_batches(AcceptedIds.record([(e, NOW + 1000, 12345)], NOW), op="test")
+    assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.STORED
+    assert [x.message_id for x in await read_all(queue, BOB)] == [e.message_id]
+    assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.DUPLICATE
+    assert await queue.ack(BOB, [e.message_id]) == 1
+    assert await read_all(queue, BOB) == []
+
+
+async def test_racing_appends_of_one_id_are_acked_together(fresh: CassandraSession) -> None:
+    nodes = [CassandraQueue(fresh, FakeClock(NOW)) for _ in range(2)]
+    e = env()
+    results = await asyncio.gather(*(q.append([e], [NOW + 1000], BIG) for q in nodes))
+    assert {r[0].outcome for r in results} <= {Outcome.STORED, Outcome.DUPLICATE}
+    assert Outcome.STORED in {r[0].outcome for r in results}
+    assert await nodes[0].ack(BOB, [e.message_id]) == 1
+    assert await read_all(nodes[1], BOB) == []
+
+
+async def test_acks_move_the_floor_past_acked_rows(fresh: CassandraSession) -> None:
+    clock = FakeClock(NOW)
+    queue = CassandraQueue(fresh, clock)
+    envs = [env() for _ in range(10)]
+    res = await queue.append(envs, [NOW + 10**9] * 10, BIG)
+    clock.advance(DEFAULT_FLOOR_LAG_MS + 1)
+    assert await queue.ack(BOB, [e.message_id for e in envs[:4]]) == 4
+    assert await queue.floor(BOB) == res[4].seq - 1  # just below the first live row
+    await queue.ack(BOB, [e.message_id for e in envs[4:]])
+    assert await queue.floor(BOB) == seq_at(clock.now_ms() - DEFAULT_FLOOR_LAG_MS)
+    late = env()
+    await queue.append([late], [NOW + 10**9], BIG)
+    assert [x.message_id for x in await read_all(queue, BOB)] == [late.message_id]
+
+
+async def test_the_floor_stays_behind_the_clock(fresh: CassandraSession) -> None:
+    clock = FakeClock(NOW)
+    queue = CassandraQueue(fresh, clock)
+    e = env()
+    await queue.append([e], [NOW + 1000], BIG)
+    await queue.ack(BOB, [e.message_id])
+    # A write still in flight from another node may land just after the ack.
+    assert await queue.floor(BOB) <= seq_at(NOW - DEFAULT_FLOOR_LAG_MS)
+
+
+async def test_purge_gives_depth_back(fresh: CassandraSession) -> None:
+    queue = CassandraQueue(fresh, FakeClock(NOW))
+    limits = QueueLimits(max_depth=2, max_bytes=1 << 30)
+    await queue.append([env(), env()], [NOW + 10, NOW + 10], limits)
+    assert (await queue.append([env()], [NOW + 1000], limits))[0].limit == "max_queue_depth"
+    assert await queue.purge_expired(NOW + 100) == 2
+    assert await queue.depth(BOB) == (0, 0)
+    assert (await queue.append([env()], [NOW + 1000], limits))[0].outcome is Outcome.STORED
+    assert await queue.purge_expired(NOW + 100) == 0  # progress is kept
+
+
+async def test_purge_skips_acked_and_finishes_past_hours(fresh: CassandraSession) -> None:
+    queue = CassandraQueue(fresh, FakeClock(NOW))
+    acked, kept = env(), env()
+    await queue.append([acked, kept], [NOW + 10, NOW + 10], BIG)
+    await queue.ack(BOB, [acked.message_id])
+    assert await queue.purge_expired(NOW + 10 * 3_600_000) == 1
+    assert await queue.purge_expired(NOW + 20 * 3_600_000) == 0
+    hours = await fresh.execute("SELECT hour FROM {ks}.queue_expiry_hours", op="test")
+    assert hours == []
+
+
+async def test_large_envelopes_are_batched_within_limits(fresh: CassandraSession) -> None:
+    queue = CassandraQueue(fresh, FakeClock(NOW))
+    envs = [env(content=bytes([i]) * 200_000) for i in range(12)]
+    res = await queue.append(envs, [NOW + 1000] * 12, BIG)
+    assert [r.outcome for r in res] == [Outcome.STORED] * 12
+    got = await read_all(queue, BOB)
+    assert [x.content for x in got] == [e.content for e in envs]
+    assert await queue.depth(BOB) == (12, sum(e.size for e in envs))
+
+
+async def test_many_devices_in_one_append(fresh: CassandraSession) -> None:
+    queue = CassandraQueue(fresh, FakeClock(NOW))
+    devices = [Address("t", f"u{i}", 1 + i % 3) for i in range(300)]
+    envs = [env(recipient=d) for d in devices]
+    res = await queue.append(envs, [NOW + 1000] * len(envs), BIG)
+    assert all(r.outcome is Outcome.STORED for r in res)
+    for d, e in list(zip(devices, envs, strict=True))[::37]:
+        assert [x.message_id for x in await read_all(queue, d)] == [e.message_id]
+
+
+async def test_two_writers_with_the_same_seq_lose_nothing(fresh: CassandraSession) -> None:
+    """Two nodes that make the very same seq for one device keep both envelopes.
+
+    (Regression: with seq alone as the row key, the second write overwrote the first,
+    and an acknowledged envelope vanished.)
+    """
+    nodes = [CassandraQueue(fresh, FakeClock(NOW)) for _ in range(2)]
+    for node in nodes:
+        node._seqs = SeqSource(FakeClock(NOW), writer=7)  # force a collision
+    a, b = env(content=b"from node a"), env(content=b"from node b")
+    (ra,), (rb,) = await asyncio.gather(
+        nodes[0].append([a], [NOW + 10_000], BIG), nodes[1].append([b], [NOW + 10_000], BIG)
+    )
+    assert ra.seq == rb.seq and ra.outcome is rb.outcome is Outcome.STORED
+    got = {x.content for x in await read_all(nodes[0], BOB)}
+    assert got == {b"from node a", b"from node b"}
+    assert await nodes[0].ack(BOB, [a.message_id]) == 1  # acks one, not its twin
+    assert [x.content for x in await read_all(nodes[1], BOB)] == [b"from node b"]
+
+
+def test_writers_make_different_seqs_in_one_millisecond() -> None:
+    clock = FakeClock(NOW)
+    one, two = SeqSource(clock), SeqSource(clock)
+    while two._writer == one._writer:
+        two = SeqSource(clock)
+    seqs_one = [one.next() for _ in range(100)]
+    seqs_two = [two.next() for _ in range(100)]
+    assert seqs_one == sorted(seqs_one) and len(set(seqs_one)) == 100
+    assert not set(seqs_one) & set(seqs_two)
