@@ -16,7 +16,7 @@ from relay.stores.sqlite_worker import SqliteWorker
 from relaypb.keys.v1 import keys_pb2_grpc
 
 #: Storage backends the key directory can run on today.
-BACKENDS = ("embedded",)
+BACKENDS = ("embedded", "cassandra")
 
 
 class KeyserverApp:
@@ -56,11 +56,7 @@ class KeyserverApp:
 
     async def __aenter__(self) -> KeyserverApp:
         async with AsyncExitStack() as stack:
-            path = self._config.storage.path / KEYS_DB
-            worker = await stack.enter_async_context(SqliteWorker(path, SCHEMA))
-            core = KeyDirectory(
-                SqliteDeviceDirectory(worker), SqlitePrekeyStore(worker), self._clock
-            )
+            core = await self._open_core(stack)
             server = GrpcServer(
                 self._config.keyserver.listen,
                 [
@@ -76,6 +72,23 @@ class KeyserverApp:
             self._server = server
             self._stack = stack.pop_all()
         return self
+
+    async def _open_core(self, stack: AsyncExitStack) -> KeyDirectory:
+        """The core on the configured backend (``storage.backend``)."""
+        if self._config.storage.backend == "cassandra":
+            from keyserver.cassandra_store import (  # noqa: PLC0415 - optional driver
+                CassandraDeviceDirectory,
+                CassandraPrekeyStore,
+            )
+            from relay.stores.cassandra.session import CassandraSession  # noqa: PLC0415
+
+            session = await stack.enter_async_context(CassandraSession(self._config.cassandra))
+            return KeyDirectory(
+                CassandraDeviceDirectory(session), CassandraPrekeyStore(session), self._clock
+            )
+        path = self._config.storage.path / KEYS_DB
+        worker = await stack.enter_async_context(SqliteWorker(path, SCHEMA))
+        return KeyDirectory(SqliteDeviceDirectory(worker), SqlitePrekeyStore(worker), self._clock)
 
     async def __aexit__(
         self,

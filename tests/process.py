@@ -69,18 +69,7 @@ class Relayd:
         self.log_path = self.data_dir.parent / f"relayd-{self.relay_port}.log"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "relay.cli.relayd",
-                "run",
-                "--data-dir",
-                str(self.data_dir),
-                "--listen",
-                self.relay_address,
-                "--keys-listen",
-                self.keys_address,
-            ],
+            self.argv(),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -79,10 +79,7 @@ async def cluster(cluster_overrides: dict[str, Any], tmp_path: Path) -> AsyncIte
     """Three relay nodes on 127.0.0.1 port 0 with Redis presence and Cassandra."""
     cfg = test_config(tmp_path / "data", **cluster_overrides)
     async with AsyncExitStack() as stack:
-        keys_cfg = dataclasses.replace(
-            cfg, storage=dataclasses.replace(cfg.storage, backend="embedded")
-        )
-        keys = await stack.enter_async_context(KeyserverApp(keys_cfg))
+        keys = await stack.enter_async_context(KeyserverApp(cfg))
         cfg = dataclasses.replace(
             cfg, keyserver=dataclasses.replace(cfg.keyserver, target=keys.address)
         )
@@ -127,7 +124,7 @@ async def proc_cluster(
     cluster_overrides: dict[str, Any], tmp_path: Path
 ) -> AsyncIterator[ProcCluster]:
     """Three ``relayd relay`` processes on Cassandra and Redis."""
-    cfg = test_config(tmp_path / "keys")
+    cfg = test_config(tmp_path / "keys", **cluster_overrides)
     async with KeyserverApp(cfg) as keys:
         settings = {
             **cluster_overrides,
