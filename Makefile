@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP_CACHE ?= $(HOME)/.cache/e2ee-relay/pip
 export PIP_CACHE_DIR := $(PIP_CACHE)
 
-.PHONY: install proto run lint typecheck unit test services services-stop services-status clean help
+.PHONY: install proto run lint typecheck unit test migrate services services-stop services-status clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,8 +43,11 @@ typecheck: install  ## mypy strict on the packages
 unit: install  ## only the tests that need no external services
 	$(BIN)/pytest -q -m 'not services'
 
-test: install lint typecheck  ## lint, typecheck and the whole test suite
-	$(BIN)/pytest -q
+test: install lint typecheck services  ## lint, typecheck, start Redis + Cassandra, the whole suite
+	RELAY_REQUIRE_SERVICES=1 $(BIN)/pytest -q
+
+migrate: install  ## apply Cassandra schema migrations (relayd migrate; --config via ARGS)
+	$(BIN)/relayd migrate $(ARGS)
 
 services:  ## install (cached) and start Redis and Cassandra on loopback
 	bash scripts/services/services.sh start
