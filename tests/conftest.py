@@ -77,3 +77,8 @@ async def channel(servers: Servers) -> AsyncIterator[grpc.aio.Channel]:
     """A channel to the relay node of ``servers``."""
     async with grpc.aio.insecure_channel(servers.relay_address) as ch:
         yield ch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run tests that stop a shared service (marked ``disruptive``) after all others."""
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import pytest
 
 from keyserver.app import KeyserverApp
 from relay.config import CassandraConfig, Config
+from relay.errors import Unavailable
 from relay.server.app import RelayApp
 from relay.stores.cassandra.migrate import migrate
 from relay.stores.cassandra.session import CassandraSession
@@ -55,8 +57,11 @@ async def cassandra_keyspace() -> AsyncIterator[str]:
     config = CassandraConfig(port=CASSANDRA_PORT, keyspace=f"relay_c_{uuid.uuid4().hex[:10]}")
     await migrate(config)
     yield config.keyspace
-    async with CassandraSession(config, keyspace="") as session:
-        await session.execute_ddl(f"DROP KEYSPACE IF EXISTS {config.keyspace}", op="drop")
+    try:  # cleanup only: a keyspace left behind costs disk, not correctness
+        async with CassandraSession(config, keyspace="") as session:
+            await session.execute_ddl(f"DROP KEYSPACE IF EXISTS {config.keyspace}", op="drop")
+    except Unavailable as exc:
+        warnings.warn(f"could not drop {config.keyspace}: {exc}", stacklevel=1)
 
 
 @pytest.fixture

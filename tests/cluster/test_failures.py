@@ -55,6 +55,7 @@ async def test_sigkill_a_node_mid_traffic_loses_nothing(
     assert all(c.node_id != "relay-1" for c in t.clients)
 
 
+@pytest.mark.disruptive
 async def test_redis_restart_mid_traffic_loses_nothing(
     cluster: Cluster, tmp_path: Path, traffic: list[Traffic]
 ) -> None:
@@ -78,6 +79,7 @@ async def test_redis_restart_mid_traffic_loses_nothing(
     assert t.check() == 2000
 
 
+@pytest.mark.disruptive
 async def test_cassandra_down_sends_unavailable_never_acked(cluster: Cluster) -> None:
     alice = await register(cluster.keys_address, "alice")
     bob = await register(cluster.keys_address, "bob")

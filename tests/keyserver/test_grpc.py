@@ -149,9 +149,9 @@ async def test_devices_survive_a_restart(tmp_path: Path, clock: FakeClock) -> No
         assert await count(stub, clock, keys, Address("acme", "alice", 1)) == 2
 
 
-def test_unsupported_storage_backend_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"storage\.backend: 'cassandra' is not supported"):
-        KeyserverApp(config(tmp_path, **{"storage.backend": "cassandra"}))
+def test_unknown_storage_backend_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"storage\.backend: 'mysql' is unknown"):
+        KeyserverApp(config(tmp_path, **{"storage.backend": "mysql"}))
 
 
 def test_app_is_not_running_before_entry(tmp_path: Path) -> None:

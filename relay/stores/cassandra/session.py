@@ -44,6 +44,10 @@ from relay.config import CassandraConfig, ConfigError
 from relay.errors import RelayError, Unavailable
 from relay.stores.cassandra.errors import OUTAGES, translate
 
+#: Longest wait for a schema statement (migrations), agreement included.
+DDL_TIMEOUT_SECONDS = 120.0
+#: Longest wait for the driver to shut down.
+SHUTDOWN_SECONDS = 15.0
 log = logging.getLogger(__name__)
 
 #: While Cassandra is unreachable, an operation tries to connect at most this often.
@@ -226,7 +230,10 @@ class CassandraSession:
         cluster, self._cluster, self._session = self._cluster, None, None
         self._prepared.clear()
         if cluster is not None:
-            await asyncio.to_thread(cluster.shutdown)
+            try:  # the driver's shutdown can block on a node that stopped answering
+                await asyncio.wait_for(asyncio.to_thread(cluster.shutdown), SHUTDOWN_SECONDS)
+            except TimeoutError:
+                log.warning("cassandra driver did not shut down within %.0f s", SHUTDOWN_SECONDS)
 
     def qualify(self, cql: str) -> str:
         """``cql`` with ``{ks}`` replaced by the keyspace (tables are always qualified)."""
@@ -341,7 +348,13 @@ class CassandraSession:
         try:
             await self.connect(op)
             statement = SimpleStatement(cql, keyspace=self.keyspace or None)
-            return await self._bridge(self._session.execute_async(statement))
+            # Schema changes wait for agreement between nodes; never wait forever.
+            async with asyncio.timeout(DDL_TIMEOUT_SECONDS):
+                return await self._bridge(self._session.execute_async(statement))
+        except TimeoutError as exc:
+            raise Unavailable(
+                f"{op}: no answer within {DDL_TIMEOUT_SECONDS:.0f} s (schema change)"
+            ) from exc
         except RelayError:
             raise
         except (*OUTAGES, cassandra.RequestValidationException) as exc:
