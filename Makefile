@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_CACHE ?= $(HOME)/.cache/e2ee-relay/pip
 export PIP_CACHE_DIR := $(PIP_CACHE)
+CODE := $(wildcard relay keyserver tests loadtest)
 
 .PHONY: install proto run lint typecheck unit test migrate services services-stop services-status clean help
 
@@ -34,8 +35,8 @@ run: install  ## run the relay (127.0.0.1:50051) and key directory (127.0.0.1:50
 	$(BIN)/relayd run --data-dir $${RELAY_DATA_DIR:-./data}
 
 lint: install  ## ruff
-	$(BIN)/ruff check relay keyserver tests loadtest
-	$(BIN)/ruff format --check relay keyserver tests loadtest
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
 
 typecheck: install  ## mypy strict on the packages
 	$(BIN)/mypy
