@@ -83,10 +83,16 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, *, target: str = "") -> RelayError
 def is_retryable(exc: grpc.aio.AioRpcError) -> bool:
     """Whether a Connect stream that ended with ``exc`` should be reconnected.
 
-    Connection loss, overload and aborted sessions are retried; a displaced session
+    Connection loss (including a stream the transport cut: INTERNAL without an ErrorInfo
+    from the relay), overload and aborted sessions are retried; a displaced session
     (ABORTED with reason SESSION_DISPLACED) and every client error are not.
     """
+    info = error_info(exc)
+    if exc.code() == grpc.StatusCode.INTERNAL:
+        # Without an ErrorInfo from the relay this is the transport's own verdict on a
+        # stream cut mid-flight ("Internal error from Core", RST_STREAM): a node that
+        # died. Reconnect (to the next node). An INTERNAL the relay sent is not retried.
+        return info is None
     if exc.code() not in _RETRYABLE:
         return False
-    info = error_info(exc)
     return info is None or info.reason != SessionDisplaced.reason

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import grpc
+
 from relay.errors import (
     LimitExceeded,
     NotFound,
@@ -12,7 +16,8 @@ from relay.errors import (
     Unavailable,
 )
 from relay.sdk.backoff import ExponentialBackoff
-from relay.sdk.status import error_for
+from relay.sdk.status import error_for, is_retryable
+from relay.server.status import to_rpc_status
 
 
 async def test_backoff_is_exponential_with_full_jitter_and_a_cap() -> None:
@@ -55,3 +60,23 @@ def test_statuses_map_to_the_error_tree() -> None:
     other = error_for(Status.ABORTED, "conflict")
     assert type(other) is RelayError and other.status is Status.ABORTED
     assert error_for(99, "odd").status is Status.UNKNOWN
+
+
+def _rpc_error(code: grpc.StatusCode, details: str, error: RelayError | None = None) -> Any:
+    trailing = grpc.aio.Metadata()
+    if error is not None:
+        status = to_rpc_status(error)
+        trailing.add("grpc-status-details-bin", status.SerializeToString())
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details=details)
+
+
+def test_which_stream_endings_reconnect() -> None:
+    # A node killed mid-stream can surface as INTERNAL from the transport: fail over.
+    assert is_retryable(_rpc_error(grpc.StatusCode.INTERNAL, "Internal error from Core"))
+    assert is_retryable(_rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused"))
+    # An INTERNAL the relay itself sent (with its ErrorInfo) is not retried.
+    relay_internal = RelayError("bug")
+    assert not is_retryable(_rpc_error(grpc.StatusCode.INTERNAL, "bug", relay_internal))
+    displaced = SessionDisplaced("newer session")
+    assert not is_retryable(_rpc_error(grpc.StatusCode.ABORTED, "newer session", displaced))
+    assert not is_retryable(_rpc_error(grpc.StatusCode.UNAUTHENTICATED, "bad signature"))
