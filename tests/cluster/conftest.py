@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,18 +51,40 @@ class Cluster:
         )
 
 
+_KEYSPACES: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_test_keyspaces() -> Iterator[None]:
+    """Drop this session's test keyspaces at the end (best effort, bounded in time).
+
+    Dropping after each test would put a slow schema change (a flush of every table) in
+    every teardown; a few small keyspaces left until the end cost nothing.
+    """
+    yield
+    if not _KEYSPACES:
+        return
+
+    async def drop_all() -> None:
+        config = CassandraConfig(port=CASSANDRA_PORT)
+        async with asyncio.timeout(90), CassandraSession(config, keyspace="") as session:
+            for name in _KEYSPACES:
+                await session.execute_ddl(f"DROP KEYSPACE IF EXISTS {name}", op="drop")
+
+    try:
+        asyncio.run(drop_all())
+    except (Unavailable, TimeoutError) as exc:
+        warnings.warn(f"test keyspaces left behind: {exc!r}", stacklevel=1)
+
+
 @pytest.fixture
-async def cassandra_keyspace() -> AsyncIterator[str]:
-    """A fresh, migrated keyspace for one test; dropped afterwards."""
+async def cassandra_keyspace() -> str:
+    """A fresh, migrated keyspace for one test (dropped at the end of the session)."""
     require("Cassandra", CASSANDRA_PORT)
     config = CassandraConfig(port=CASSANDRA_PORT, keyspace=f"relay_c_{uuid.uuid4().hex[:10]}")
     await migrate(config)
-    yield config.keyspace
-    try:  # cleanup only: a keyspace left behind costs disk, not correctness
-        async with CassandraSession(config, keyspace="") as session:
-            await session.execute_ddl(f"DROP KEYSPACE IF EXISTS {config.keyspace}", op="drop")
-    except Unavailable as exc:
-        warnings.warn(f"could not drop {config.keyspace}: {exc}", stacklevel=1)
+    _KEYSPACES.append(config.keyspace)
+    return config.keyspace
 
 
 @pytest.fixture

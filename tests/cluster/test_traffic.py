@@ -13,6 +13,7 @@ from tests.cluster.traffic import Traffic
 pytestmark = [pytest.mark.services, pytest.mark.integration]
 
 
+@pytest.mark.timeout(600)  # 10,000 durable messages on 2 shared cores
 async def test_10k_messages_exactly_once_fifo_per_pair(cluster: Cluster, tmp_path: Path) -> None:
     addresses = cluster.addresses
     traffic = Traffic(
