@@ -7,7 +7,7 @@ PIP_CACHE ?= $(HOME)/.cache/e2ee-relay/pip
 export PIP_CACHE_DIR := $(PIP_CACHE)
 CODE := $(wildcard relay keyserver tests loadtest)
 
-.PHONY: install proto run lint typecheck unit test migrate services services-stop services-status clean help
+.PHONY: install proto run lint typecheck unit test bench migrate services services-stop services-status clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -40,12 +40,16 @@ lint: install  ## ruff
 
 typecheck: install  ## mypy strict on the packages
 	$(BIN)/mypy
+	$(BIN)/mypy loadtest
 
 unit: install  ## only the tests that need no external services
 	$(BIN)/pytest -q -m 'not services'
 
 test: install lint typecheck services  ## lint, typecheck, start Redis + Cassandra, the whole suite
 	RELAY_REQUIRE_SERVICES=1 $(BIN)/pytest -q
+
+bench: install  ## the benchmark of docs/benchmarks.md: writes bench/results/latest.json
+	$(BIN)/relay-loadtest bench
 
 migrate: install  ## apply Cassandra schema migrations (relayd migrate; --config via ARGS)
 	$(BIN)/relayd migrate $(ARGS)

@@ -1,0 +1,146 @@
+"""Simulated devices: real Ed25519 keys, registration with proofs, the Connect handshake.
+
+Registration follows ``RegisterDevice`` exactly as a real SDK does (identity key, X25519
+identity key signed by it, signed prekey, proof of possession), many at once over one
+channel with a bounded number in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from relay import authproof
+from relay.model import Address
+from relay.server.convert import address_to_pb
+from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
+from relaypb.relay.v1 import relay_pb2
+
+CONNECT_METHOD = "/relaypb.relay.v1.Relay/Connect"
+REGISTER_TIMEOUT_S = 60.0
+HANDSHAKE_TIMEOUT_S = 60.0
+
+
+class HandshakeError(RuntimeError):
+    """The server did not answer the Connect handshake as the protocol says."""
+
+
+def _raw(key: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A device's signing key and, once registered, its address."""
+
+    index: int
+    tenant: str
+    user: str
+    key: Ed25519PrivateKey
+    device: int = 0
+
+    @property
+    def address(self) -> Address:
+        """The device's address (after registration)."""
+        return Address(self.tenant, self.user, self.device)
+
+
+def registration_request(tenant: str, user: str, key: Ed25519PrivateKey) -> Any:
+    """A RegisterDeviceRequest with fresh X25519 keys and every signature and proof."""
+    dh, spk = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    ik, dhk, spk_pub = _raw(key), _raw(dh), _raw(spk)
+    return keys_pb2.RegisterDeviceRequest(
+        tenant=tenant,
+        user=user,
+        identity_key=ik,
+        identity_dh_key=dhk,
+        identity_dh_signature=key.sign(authproof.identity_dh_transcript(dhk)),
+        signed_prekey=keys_pb2.SignedPrekey(
+            key_id=1,
+            public_key=spk_pub,
+            signature=key.sign(authproof.signed_prekey_transcript(spk_pub)),
+        ),
+        proof=key.sign(authproof.registration_transcript(tenant, user, ik, dhk)),
+    )
+
+
+async def register_all(
+    channel: grpc.aio.Channel,
+    tenant: str,
+    users: Sequence[tuple[int, str]],
+    concurrency: int,
+) -> list[Identity]:
+    """Register one new device for each ``(index, user)``; at most ``concurrency`` at once."""
+    stub = keys_pb2_grpc.KeyDirectoryStub(channel)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(index: int, user: str) -> Identity:
+        key = Ed25519PrivateKey.generate()
+        request = registration_request(tenant, user, key)
+        async with gate:
+            reply = await stub.RegisterDevice(request, timeout=REGISTER_TIMEOUT_S)
+        return Identity(index, tenant, user, key, reply.address.device)
+
+    return list(await asyncio.gather(*(one(i, u) for i, u in users)))
+
+
+def open_call(channel: grpc.aio.Channel) -> Any:
+    """A Connect call that takes pre-serialized ClientFrame bytes."""
+    connect: Any = channel.stream_stream(
+        CONNECT_METHOD,
+        request_serializer=None,
+        response_deserializer=relay_pb2.ServerFrame.FromString,
+    )
+    return connect()
+
+
+async def handshake(call: Any, identity: Identity, *, receive: bool) -> relay_pb2.Ready:
+    """Hello -> Challenge -> AuthResponse -> Ready on ``call``; returns the Ready frame.
+
+    Raises HandshakeError with the call's status if the server ends the call instead.
+    """
+    try:
+        return await _handshake(call, identity, receive=receive)
+    except asyncio.InvalidStateError:
+        code, details = await call.code(), await call.details()
+        raise HandshakeError(
+            f"{identity.address}: Connect ended during the handshake: {code.name} {details}"
+        ) from None
+
+
+async def _handshake(call: Any, identity: Identity, *, receive: bool) -> relay_pb2.Ready:
+    hello = relay_pb2.ClientFrame(
+        hello=relay_pb2.Hello(
+            address=address_to_pb(identity.address), receive=receive, client_version="loadtest"
+        )
+    )
+    await call.write(hello.SerializeToString())
+    first = await call.read()
+    if first is grpc.aio.EOF or first.WhichOneof("frame") != "challenge":
+        raise HandshakeError(
+            f"{identity.address}: expected a challenge, got {first!r} "
+            f"({(await call.code()).name} {await call.details()})"
+        )
+    ch = first.challenge
+    transcript = authproof.connect_transcript(
+        ch.nonce, ch.node_id, ch.server_time_ms, identity.address
+    )
+    auth = relay_pb2.ClientFrame(
+        auth=relay_pb2.AuthResponse(signature=identity.key.sign(transcript))
+    )
+    await call.write(auth.SerializeToString())
+    second = await call.read()
+    if second is grpc.aio.EOF or second.WhichOneof("frame") != "ready":
+        raise HandshakeError(
+            f"{identity.address}: expected ready, got {second!r} "
+            f"({(await call.code()).name} {await call.details()})"
+        )
+    ready: relay_pb2.Ready = second.ready
+    return ready
