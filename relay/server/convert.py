@@ -48,7 +48,6 @@ OUTCOME_TO_PB: dict[Outcome, relay_pb2.Outcome.ValueType] = {
     Outcome.RECIPIENT_OFFLINE: relay_pb2.OUTCOME_RECIPIENT_OFFLINE,
     Outcome.REJECTED: relay_pb2.OUTCOME_REJECTED,
 }
-OUTCOME_FROM_PB = {v: k for k, v in OUTCOME_TO_PB.items()}
 
 
 def envelope_from_wire(pb: relay_pb2.Envelope) -> Envelope:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
@@ -12,18 +12,13 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from relay.errors import RelayError, Status
+from relay.errors import RelayError
 
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "e2ee-relay"
 
 Resp = TypeVar("Resp")
-
-
-def grpc_code(status: Status) -> grpc.StatusCode:
-    """The grpc.StatusCode of one of our Status values."""
-    return grpc.StatusCode[status.name]
 
 
 def to_rpc_status(error: RelayError) -> status_pb2.Status:
@@ -71,14 +66,3 @@ def unary(fn: F) -> F:
             await abort(context, exc)
 
     return cast(F, handler)
-
-
-async def guard_stream(
-    gen: AsyncIterator[Resp], context: grpc.aio.ServicerContext[Any, Resp]
-) -> AsyncIterator[Resp]:
-    """Re-yield ``gen``; a RelayError it raises ends the call with its rich status."""
-    try:
-        async for item in gen:
-            yield item
-    except RelayError as exc:
-        await abort(context, exc)
