@@ -11,7 +11,7 @@ from keyserver.servicer import KeyDirectoryServicer
 from keyserver.sqlite_store import KEYS_DB, SCHEMA, SqliteDeviceDirectory, SqlitePrekeyStore
 from relay.clock import Clock, SystemClock
 from relay.config import Config, ConfigError
-from relay.server.grpcserver import GrpcServer
+from relay.server.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
 from relay.stores.sqlite_worker import SqliteWorker
 from relaypb.keys.v1 import keys_pb2_grpc
 
@@ -98,4 +98,4 @@ class KeyserverApp:
     ) -> None:
         stack, self._stack, self._server = self._stack, None, None
         if stack is not None:
-            await stack.aclose()
+            await bounded_close(stack, self._config.node.grace_seconds + SHUTDOWN_MARGIN_SECONDS)

@@ -20,7 +20,7 @@ from relay.core.ports import MessageQueue, NodeLinks, Presence
 from relay.core.presence_local import LocalPresence, NoLinks
 from relay.errors import RelayError
 from relay.metrics import RelayMetrics
-from relay.server.grpcserver import GrpcServer
+from relay.server.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
 from relay.server.identity_keys import GrpcIdentityKeys
 from relay.server.links import GrpcNodeLinks, NodeLinkServicer
 from relay.server.servicer import RelayServicer
@@ -209,7 +209,7 @@ class RelayApp:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._stack.aclose()
+        await bounded_close(self._stack, self.config.node.grace_seconds + SHUTDOWN_MARGIN_SECONDS)
 
     async def wait(self) -> None:
         """Serve until the server stops."""

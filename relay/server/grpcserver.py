@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -14,6 +17,23 @@ from grpc_reflection.v1alpha import reflection
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 AddServicer = Callable[[Any, grpc.aio.Server], None]
+log = logging.getLogger(__name__)
+
+#: Shutdown may take the grace period plus this long before the rest is abandoned.
+SHUTDOWN_MARGIN_SECONDS = 15.0
+
+
+async def bounded_close(stack: contextlib.AsyncExitStack, seconds: float) -> None:
+    """Close ``stack``, but never wait longer than ``seconds``.
+
+    A stuck resource (a peer that stopped answering, a driver thread) must not hang the
+    shutdown of a process.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            await stack.aclose()
+    except TimeoutError:
+        log.error("shutdown did not finish within %.0f s; abandoning what is left", seconds)
 
 
 class GrpcServer:

@@ -163,6 +163,6 @@ class Traffic:
                 await task
         for client in self.clients:
             with contextlib.suppress(BaseException):
-                await client.close()
+                await asyncio.wait_for(client.close(), 10)
         for state in self.states:
             state.close()
