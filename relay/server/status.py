@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn, TypeVar, cast
 
@@ -13,8 +12,6 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from relay.errors import RelayError
-
-log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "e2ee-relay"
 

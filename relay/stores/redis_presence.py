@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,6 +24,7 @@ from redis.exceptions import RedisError
 from relay.config import PresenceConfig
 from relay.errors import Unavailable
 from relay.model import Address, Location
+from relay.resource import AsyncResource
 
 # Returns {previous node or false, previous epoch, new epoch} (epochs as decimal strings).
 CLAIM = """
@@ -60,7 +60,7 @@ def _key(prefix: str, device: Address) -> str:
     return f"{prefix}presence:{device.tenant}/{device.user}/{device.device}"
 
 
-class RedisPresence:
+class RedisPresence(AsyncResource):
     """The Presence protocol on Redis (see ``relay.core.ports.Presence``)."""
 
     def __init__(self, config: PresenceConfig) -> None:
@@ -76,15 +76,8 @@ class RedisPresence:
         self._device_ttl_ms = int(config.device_ttl_seconds * 1000)
         self._node_ttl_ms = int(config.node_ttl_seconds * 1000)
 
-    async def __aenter__(self) -> RedisPresence:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
+        """Close the Redis connections."""
         await self._redis.aclose()
 
     async def _call(self, what: str, coro: Any) -> Any:

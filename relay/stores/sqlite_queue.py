@@ -11,7 +11,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from relay.model import (
@@ -23,6 +22,7 @@ from relay.model import (
     QueueLimits,
     QueuePage,
 )
+from relay.resource import AsyncResource
 from relay.stores.sqlite_worker import SqliteWorker
 
 SCHEMA = """
@@ -58,22 +58,18 @@ def _key(a: Address) -> tuple[str, str, int]:
     return (a.tenant, a.user, a.device)
 
 
-class SqliteQueue:
+class SqliteQueue(AsyncResource):
     """MessageQueue on SQLite (see ``relay.core.ports.MessageQueue`` for the contract)."""
 
     def __init__(self, path: Path) -> None:
         self._db = SqliteWorker(path, SCHEMA)
 
-    async def __aenter__(self) -> SqliteQueue:
+    async def open(self) -> None:
+        """Open the SQLite file (creating the schema)."""
         await self._db.open()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
+        """Finish pending writes and close the file."""
         await self._db.close()
 
     async def append(

@@ -13,10 +13,10 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 from relay.errors import Unavailable
+from relay.resource import AsyncResource
 
 T = TypeVar("T")
 Txn = Callable[[sqlite3.Connection], Any]
@@ -36,7 +36,7 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-class SqliteWorker:
+class SqliteWorker(AsyncResource):
     """Async access to one SQLite file: ``read`` and group-committed ``write``."""
 
     def __init__(self, path: Path, schema: str) -> None:
@@ -48,18 +48,6 @@ class SqliteWorker:
         self._rconn: sqlite3.Connection | None = None
         self._pending: list[tuple[Txn, asyncio.Future[Any]]] = []
         self._flush_task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> SqliteWorker:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         """Open both connections and apply the schema (idempotent DDL)."""
