@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -12,6 +13,19 @@ MESSAGE_ID_BYTES = 16
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _MAX_USER_CHARS = 128
 MAX_DEVICE = 2**31 - 1
+
+_REGISTRATION_ID_LABEL = b"e2ee-relay/registration-id/v1"
+
+
+def registration_id(identity_key: bytes) -> int:
+    """The registration id of a device with Ed25519 ``identity_key``: 1..2**31-1.
+
+    Derived (SHA-256 of a label and the key), so the key directory, the relay and the
+    SDK agree without storing it. A device that registers again gets a new identity key
+    and so a new registration id: that is how a stale session is recognised.
+    """
+    digest = hashlib.sha256(_REGISTRATION_ID_LABEL + identity_key).digest()
+    return (int.from_bytes(digest[:4], "big") & 0x7FFFFFFF) or 1
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -70,6 +70,73 @@ class OneTimePrekey(_message.Message):
 Global___OneTimePrekey: _TypeAlias = OneTimePrekey  # noqa: Y015
 
 @_typing.final
+class PqPrekey(_message.Message):
+    """A signed ML-KEM-1024 prekey: one-time, or the device's last-resort key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.int
+    public_key: _builtins.bytes
+    """ML-KEM-1024 encapsulation key, 1568 bytes."""
+    signature: _builtins.bytes
+    """Ed25519 signature by the identity key over the PQ prekey transcript
+    (relay/sdk/crypto/bundle.py pq_prekey_transcript).
+    """
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.int = ...,
+        public_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "public_key", b"public_key", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PqPrekey: _TypeAlias = PqPrekey  # noqa: Y015
+
+@_typing.final
+class PrekeyStatus(_message.Message):
+    """How full a device's one-time pools are. `replenish` is set when either pool is at or
+    below `low_water_mark` (or the last-resort PQ prekey is missing): the SDK then
+    uploads more keys by itself.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ONE_TIME_PREKEYS_FIELD_NUMBER: _builtins.int
+    ONE_TIME_PQ_PREKEYS_FIELD_NUMBER: _builtins.int
+    LOW_WATER_MARK_FIELD_NUMBER: _builtins.int
+    REPLENISH_FIELD_NUMBER: _builtins.int
+    HAS_LAST_RESORT_PQ_PREKEY_FIELD_NUMBER: _builtins.int
+    one_time_prekeys: _builtins.int
+    one_time_pq_prekeys: _builtins.int
+    low_water_mark: _builtins.int
+    replenish: _builtins.bool
+    has_last_resort_pq_prekey: _builtins.bool
+    def __init__(
+        self,
+        *,
+        one_time_prekeys: _builtins.int = ...,
+        one_time_pq_prekeys: _builtins.int = ...,
+        low_water_mark: _builtins.int = ...,
+        replenish: _builtins.bool = ...,
+        has_last_resort_pq_prekey: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_last_resort_pq_prekey", b"has_last_resort_pq_prekey", "low_water_mark", b"low_water_mark", "one_time_pq_prekeys", b"one_time_pq_prekeys", "one_time_prekeys", b"one_time_prekeys", "replenish", b"replenish"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrekeyStatus: _TypeAlias = PrekeyStatus  # noqa: Y015
+
+@_typing.final
 class RegisterDeviceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -81,6 +148,8 @@ class RegisterDeviceRequest(_message.Message):
     SIGNED_PREKEY_FIELD_NUMBER: _builtins.int
     ONE_TIME_PREKEYS_FIELD_NUMBER: _builtins.int
     PROOF_FIELD_NUMBER: _builtins.int
+    LAST_RESORT_PQ_PREKEY_FIELD_NUMBER: _builtins.int
+    ONE_TIME_PQ_PREKEYS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     user: _builtins.str
     identity_key: _builtins.bytes
@@ -97,6 +166,12 @@ class RegisterDeviceRequest(_message.Message):
     def signed_prekey(self) -> Global___SignedPrekey: ...
     @_builtins.property
     def one_time_prekeys(self) -> _containers.RepeatedCompositeFieldContainer[Global___OneTimePrekey]: ...
+    @_builtins.property
+    def last_resort_pq_prekey(self) -> Global___PqPrekey:
+        """Required: the ML-KEM-1024 prekey used when the one-time PQ pool is empty."""
+
+    @_builtins.property
+    def one_time_pq_prekeys(self) -> _containers.RepeatedCompositeFieldContainer[Global___PqPrekey]: ...
     def __init__(
         self,
         *,
@@ -108,10 +183,12 @@ class RegisterDeviceRequest(_message.Message):
         signed_prekey: Global___SignedPrekey | None = ...,
         one_time_prekeys: _abc.Iterable[Global___OneTimePrekey] | None = ...,
         proof: _builtins.bytes = ...,
+        last_resort_pq_prekey: Global___PqPrekey | None = ...,
+        one_time_pq_prekeys: _abc.Iterable[Global___PqPrekey] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["signed_prekey", b"signed_prekey"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_resort_pq_prekey", b"last_resort_pq_prekey", "signed_prekey", b"signed_prekey"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity_dh_key", b"identity_dh_key", "identity_dh_signature", b"identity_dh_signature", "identity_key", b"identity_key", "one_time_prekeys", b"one_time_prekeys", "proof", b"proof", "signed_prekey", b"signed_prekey", "tenant", b"tenant", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity_dh_key", b"identity_dh_key", "identity_dh_signature", b"identity_dh_signature", "identity_key", b"identity_key", "last_resort_pq_prekey", b"last_resort_pq_prekey", "one_time_pq_prekeys", b"one_time_pq_prekeys", "one_time_prekeys", b"one_time_prekeys", "proof", b"proof", "signed_prekey", b"signed_prekey", "tenant", b"tenant", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -122,16 +199,20 @@ class RegisterDeviceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ADDRESS_FIELD_NUMBER: _builtins.int
+    REGISTRATION_ID_FIELD_NUMBER: _builtins.int
+    registration_id: _builtins.int
+    """See relay.model.registration_id: derived from the identity key."""
     @_builtins.property
     def address(self) -> _address_pb2.Address: ...
     def __init__(
         self,
         *,
         address: _address_pb2.Address | None = ...,
+        registration_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "registration_id", b"registration_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -144,6 +225,8 @@ class PublishPrekeysRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _builtins.int
     SIGNED_PREKEY_FIELD_NUMBER: _builtins.int
     ONE_TIME_PREKEYS_FIELD_NUMBER: _builtins.int
+    LAST_RESORT_PQ_PREKEY_FIELD_NUMBER: _builtins.int
+    ONE_TIME_PQ_PREKEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def device(self) -> _address_pb2.Address: ...
     @_builtins.property
@@ -152,16 +235,24 @@ class PublishPrekeysRequest(_message.Message):
 
     @_builtins.property
     def one_time_prekeys(self) -> _containers.RepeatedCompositeFieldContainer[Global___OneTimePrekey]: ...
+    @_builtins.property
+    def last_resort_pq_prekey(self) -> Global___PqPrekey:
+        """Optional: a new last-resort PQ prekey replacing the current one."""
+
+    @_builtins.property
+    def one_time_pq_prekeys(self) -> _containers.RepeatedCompositeFieldContainer[Global___PqPrekey]: ...
     def __init__(
         self,
         *,
         device: _address_pb2.Address | None = ...,
         signed_prekey: Global___SignedPrekey | None = ...,
         one_time_prekeys: _abc.Iterable[Global___OneTimePrekey] | None = ...,
+        last_resort_pq_prekey: Global___PqPrekey | None = ...,
+        one_time_pq_prekeys: _abc.Iterable[Global___PqPrekey] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "signed_prekey", b"signed_prekey"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "last_resort_pq_prekey", b"last_resort_pq_prekey", "signed_prekey", b"signed_prekey"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "one_time_prekeys", b"one_time_prekeys", "signed_prekey", b"signed_prekey"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "last_resort_pq_prekey", b"last_resort_pq_prekey", "one_time_pq_prekeys", b"one_time_pq_prekeys", "one_time_prekeys", b"one_time_prekeys", "signed_prekey", b"signed_prekey"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -172,15 +263,19 @@ class PublishPrekeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ONE_TIME_PREKEYS_REMAINING_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     one_time_prekeys_remaining: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___PrekeyStatus: ...
     def __init__(
         self,
         *,
         one_time_prekeys_remaining: _builtins.int = ...,
+        status: Global___PrekeyStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["one_time_prekeys_remaining", b"one_time_prekeys_remaining"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["one_time_prekeys_remaining", b"one_time_prekeys_remaining", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -224,9 +319,14 @@ class PrekeyBundle(_message.Message):
     IDENTITY_DH_SIGNATURE_FIELD_NUMBER: _builtins.int
     SIGNED_PREKEY_FIELD_NUMBER: _builtins.int
     ONE_TIME_PREKEY_FIELD_NUMBER: _builtins.int
+    PQ_PREKEY_FIELD_NUMBER: _builtins.int
+    PQ_PREKEY_LAST_RESORT_FIELD_NUMBER: _builtins.int
+    REGISTRATION_ID_FIELD_NUMBER: _builtins.int
     identity_key: _builtins.bytes
     identity_dh_key: _builtins.bytes
     identity_dh_signature: _builtins.bytes
+    pq_prekey_last_resort: _builtins.bool
+    registration_id: _builtins.int
     @_builtins.property
     def address(self) -> _address_pb2.Address: ...
     @_builtins.property
@@ -234,6 +334,10 @@ class PrekeyBundle(_message.Message):
     @_builtins.property
     def one_time_prekey(self) -> Global___OneTimePrekey:
         """Absent when the device's pool is empty."""
+
+    @_builtins.property
+    def pq_prekey(self) -> Global___PqPrekey:
+        """A one-time PQ prekey, or the last-resort one when that pool is empty."""
 
     def __init__(
         self,
@@ -244,10 +348,13 @@ class PrekeyBundle(_message.Message):
         identity_dh_signature: _builtins.bytes = ...,
         signed_prekey: Global___SignedPrekey | None = ...,
         one_time_prekey: Global___OneTimePrekey | None = ...,
+        pq_prekey: Global___PqPrekey | None = ...,
+        pq_prekey_last_resort: _builtins.bool = ...,
+        registration_id: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "one_time_prekey", b"one_time_prekey", "signed_prekey", b"signed_prekey"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "one_time_prekey", b"one_time_prekey", "pq_prekey", b"pq_prekey", "signed_prekey", b"signed_prekey"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "identity_dh_key", b"identity_dh_key", "identity_dh_signature", b"identity_dh_signature", "identity_key", b"identity_key", "one_time_prekey", b"one_time_prekey", "signed_prekey", b"signed_prekey"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "identity_dh_key", b"identity_dh_key", "identity_dh_signature", b"identity_dh_signature", "identity_key", b"identity_key", "one_time_prekey", b"one_time_prekey", "pq_prekey", b"pq_prekey", "pq_prekey_last_resort", b"pq_prekey_last_resort", "registration_id", b"registration_id", "signed_prekey", b"signed_prekey"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -302,8 +409,10 @@ class DeviceInfo(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     IDENTITY_KEY_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_MS_FIELD_NUMBER: _builtins.int
+    REGISTRATION_ID_FIELD_NUMBER: _builtins.int
     identity_key: _builtins.bytes
     registered_at_ms: _builtins.int
+    registration_id: _builtins.int
     @_builtins.property
     def address(self) -> _address_pb2.Address: ...
     def __init__(
@@ -312,10 +421,11 @@ class DeviceInfo(_message.Message):
         address: _address_pb2.Address | None = ...,
         identity_key: _builtins.bytes = ...,
         registered_at_ms: _builtins.int = ...,
+        registration_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "identity_key", b"identity_key", "registered_at_ms", b"registered_at_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "identity_key", b"identity_key", "registered_at_ms", b"registered_at_ms", "registration_id", b"registration_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -366,15 +476,20 @@ class CountOneTimePrekeysResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COUNT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     count: _builtins.int
+    """One-time X25519 prekeys left (the same as status.one_time_prekeys)."""
+    @_builtins.property
+    def status(self) -> Global___PrekeyStatus: ...
     def __init__(
         self,
         *,
         count: _builtins.int = ...,
+        status: Global___PrekeyStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -418,3 +533,38 @@ class GetIdentityKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetIdentityKeyResponse: _TypeAlias = GetIdentityKeyResponse  # noqa: Y015
+
+@_typing.final
+class RemoveDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def device(self) -> _address_pb2.Address: ...
+    def __init__(
+        self,
+        *,
+        device: _address_pb2.Address | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveDeviceRequest: _TypeAlias = RemoveDeviceRequest  # noqa: Y015
+
+@_typing.final
+class RemoveDeviceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveDeviceResponse: _TypeAlias = RemoveDeviceResponse  # noqa: Y015

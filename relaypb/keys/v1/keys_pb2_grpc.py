@@ -64,6 +64,11 @@ class KeyDirectoryStub:
                 request_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.GetIdentityKeyRequest.SerializeToString,
                 response_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.GetIdentityKeyResponse.FromString,
                 _registered_method=True)
+        self.RemoveDevice = channel.unary_unary(
+                '/relaypb.keys.v1.KeyDirectory/RemoveDevice',
+                request_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RemoveDeviceRequest.SerializeToString,
+                response_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RemoveDeviceResponse.FromString,
+                _registered_method=True)
 
 
 class KeyDirectoryServicer:
@@ -111,6 +116,14 @@ class KeyDirectoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveDevice(self, request, context):
+        """Remove a device of the caller's own user (the device itself or a sibling).
+        Device-signed request. The device number is never given out again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyDirectoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +156,11 @@ def add_KeyDirectoryServicer_to_server(servicer, server):
                     servicer.GetIdentityKey,
                     request_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.GetIdentityKeyRequest.FromString,
                     response_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.GetIdentityKeyResponse.SerializeToString,
+            ),
+            'RemoveDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveDevice,
+                    request_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RemoveDeviceRequest.FromString,
+                    response_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RemoveDeviceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class KeyDirectory:
             '/relaypb.keys.v1.KeyDirectory/GetIdentityKey',
             relaypb_dot_keys_dot_v1_dot_keys__pb2.GetIdentityKeyRequest.SerializeToString,
             relaypb_dot_keys_dot_v1_dot_keys__pb2.GetIdentityKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaypb.keys.v1.KeyDirectory/RemoveDevice',
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.RemoveDeviceRequest.SerializeToString,
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.RemoveDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

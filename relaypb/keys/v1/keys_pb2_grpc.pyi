@@ -43,6 +43,10 @@ class KeyDirectoryStub:
     """How many unclaimed one-time prekeys a device has left. Device-signed request."""
     GetIdentityKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.GetIdentityKeyRequest, _keys_pb2.GetIdentityKeyResponse]
     """The Ed25519 identity key of one device (used by relay nodes to check sessions)."""
+    RemoveDevice: _grpc.UnaryUnaryMultiCallable[_keys_pb2.RemoveDeviceRequest, _keys_pb2.RemoveDeviceResponse]
+    """Remove a device of the caller's own user (the device itself or a sibling).
+    Device-signed request. The device number is never given out again.
+    """
 
 @_typing.type_check_only
 class KeyDirectoryAsyncStub(KeyDirectoryStub):
@@ -59,6 +63,10 @@ class KeyDirectoryAsyncStub(KeyDirectoryStub):
     """How many unclaimed one-time prekeys a device has left. Device-signed request."""
     GetIdentityKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.GetIdentityKeyRequest, _keys_pb2.GetIdentityKeyResponse]  # type: ignore[assignment]
     """The Ed25519 identity key of one device (used by relay nodes to check sessions)."""
+    RemoveDevice: _aio.UnaryUnaryMultiCallable[_keys_pb2.RemoveDeviceRequest, _keys_pb2.RemoveDeviceResponse]  # type: ignore[assignment]
+    """Remove a device of the caller's own user (the device itself or a sibling).
+    Device-signed request. The device number is never given out again.
+    """
 
 class KeyDirectoryServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -108,5 +116,15 @@ class KeyDirectoryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.GetIdentityKeyResponse, _abc.Awaitable[_keys_pb2.GetIdentityKeyResponse]]:
         """The Ed25519 identity key of one device (used by relay nodes to check sessions)."""
+
+    @_abc_1.abstractmethod
+    def RemoveDevice(
+        self,
+        request: _keys_pb2.RemoveDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.RemoveDeviceResponse, _abc.Awaitable[_keys_pb2.RemoveDeviceResponse]]:
+        """Remove a device of the caller's own user (the device itself or a sibling).
+        Device-signed request. The device number is never given out again.
+        """
 
 def add_KeyDirectoryServicer_to_server(servicer: KeyDirectoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

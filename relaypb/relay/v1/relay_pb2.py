@@ -25,45 +25,49 @@ _sym_db = _symbol_database.Default()
 from relaypb.common.v1 import address_pb2 as relaypb_dot_common_dot_v1_dot_address__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crelaypb/relay/v1/relay.proto\x12\x10relaypb.relay.v1\x1a\x1frelaypb/common/v1/address.proto\"\xcf\x01\n\x08\x45nvelope\x12\x12\n\nmessage_id\x18\x01 \x01(\x0c\x12*\n\x06sender\x18\x02 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12-\n\trecipient\x18\x03 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\x0c\x12\x11\n\tephemeral\x18\x05 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\x12\x1b\n\x13server_timestamp_ms\x18\x07 \x01(\x03\"\xc8\x01\n\x0b\x43lientFrame\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.relaypb.relay.v1.HelloH\x00\x12.\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x1e.relaypb.relay.v1.AuthResponseH\x00\x12+\n\x04send\x18\x03 \x01(\x0b\x32\x1b.relaypb.relay.v1.SendBatchH\x00\x12)\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x1a.relaypb.relay.v1.AckBatchH\x00\x42\x07\n\x05\x66rame\"]\n\x05Hello\x12+\n\x07\x61\x64\x64ress\x18\x01 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12\x0f\n\x07receive\x18\x02 \x01(\x08\x12\x16\n\x0e\x63lient_version\x18\x03 \x01(\t\"!\n\x0c\x41uthResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"L\n\tSendBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12-\n\tenvelopes\x18\x02 \x03(\x0b\x32\x1a.relaypb.relay.v1.Envelope\"\x1f\n\x08\x41\x63kBatch\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\x0c\"\x8c\x02\n\x0bServerFrame\x12\x30\n\tchallenge\x18\x01 \x01(\x0b\x32\x1b.relaypb.relay.v1.ChallengeH\x00\x12(\n\x05ready\x18\x02 \x01(\x0b\x32\x17.relaypb.relay.v1.ReadyH\x00\x12,\n\x07\x64\x65liver\x18\x03 \x01(\x0b\x32\x19.relaypb.relay.v1.DeliverH\x00\x12\x33\n\x0bqueue_empty\x18\x04 \x01(\x0b\x32\x1c.relaypb.relay.v1.QueueEmptyH\x00\x12\x35\n\x0csend_results\x18\x05 \x01(\x0b\x32\x1d.relaypb.relay.v1.SendResultsH\x00\x42\x07\n\x05\x66rame\"C\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x03\"/\n\x05Ready\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rsession_epoch\x18\x02 \x01(\x04\"8\n\x07\x44\x65liver\x12-\n\tenvelopes\x18\x01 \x03(\x0b\x32\x1a.relaypb.relay.v1.Envelope\"\x0c\n\nQueueEmpty\"N\n\x0bSendResults\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.relaypb.relay.v1.SendResult\"\xa9\x01\n\nSendResult\x12\x12\n\nmessage_id\x18\x01 \x01(\x0c\x12-\n\trecipient\x18\x02 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12*\n\x07outcome\x18\x03 \x01(\x0e\x32\x19.relaypb.relay.v1.Outcome\x12\x0c\n\x04\x63ode\x18\x04 \x01(\r\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\r\n\x05limit\x18\x06 \x01(\t\"<\n\x0bSendRequest\x12-\n\tenvelopes\x18\x01 \x03(\x0b\x32\x1a.relaypb.relay.v1.Envelope\"=\n\x0cSendResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.relaypb.relay.v1.SendResult*\x99\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x12\n\x0eOUTCOME_STORED\x10\x01\x12\x15\n\x11OUTCOME_DUPLICATE\x10\x02\x12\x15\n\x11OUTCOME_DELIVERED\x10\x03\x12\x1d\n\x19OUTCOME_RECIPIENT_OFFLINE\x10\x04\x12\x14\n\x10OUTCOME_REJECTED\x10\x05\x32\x9b\x01\n\x05Relay\x12K\n\x07\x43onnect\x12\x1d.relaypb.relay.v1.ClientFrame\x1a\x1d.relaypb.relay.v1.ServerFrame(\x01\x30\x01\x12\x45\n\x04Send\x12\x1d.relaypb.relay.v1.SendRequest\x1a\x1e.relaypb.relay.v1.SendResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crelaypb/relay/v1/relay.proto\x12\x10relaypb.relay.v1\x1a\x1frelaypb/common/v1/address.proto\"\xf2\x01\n\x08\x45nvelope\x12\x12\n\nmessage_id\x18\x01 \x01(\x0c\x12*\n\x06sender\x18\x02 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12-\n\trecipient\x18\x03 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\x0c\x12\x11\n\tephemeral\x18\x05 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\x12\x1b\n\x13server_timestamp_ms\x18\x07 \x01(\x03\x12!\n\x19recipient_registration_id\x18\x08 \x01(\r\"\'\n\x07UserRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04user\x18\x02 \x01(\t\"\x84\x01\n\x12\x44\x65viceListMismatch\x12\'\n\x04user\x18\x01 \x01(\x0b\x32\x19.relaypb.relay.v1.UserRef\x12\x17\n\x0fmissing_devices\x18\x02 \x03(\r\x12\x15\n\rextra_devices\x18\x03 \x03(\r\x12\x15\n\rstale_devices\x18\x04 \x03(\r\"\xc8\x01\n\x0b\x43lientFrame\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.relaypb.relay.v1.HelloH\x00\x12.\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x1e.relaypb.relay.v1.AuthResponseH\x00\x12+\n\x04send\x18\x03 \x01(\x0b\x32\x1b.relaypb.relay.v1.SendBatchH\x00\x12)\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x1a.relaypb.relay.v1.AckBatchH\x00\x42\x07\n\x05\x66rame\"]\n\x05Hello\x12+\n\x07\x61\x64\x64ress\x18\x01 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12\x0f\n\x07receive\x18\x02 \x01(\x08\x12\x16\n\x0e\x63lient_version\x18\x03 \x01(\t\"!\n\x0c\x41uthResponse\x12\x11\n\tsignature\x18\x01 \x01(\x0c\"\x86\x01\n\tSendBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12-\n\tenvelopes\x18\x02 \x03(\x0b\x32\x1a.relaypb.relay.v1.Envelope\x12\x38\n\x15\x63omplete_device_lists\x18\x03 \x03(\x0b\x32\x19.relaypb.relay.v1.UserRef\"\x1f\n\x08\x41\x63kBatch\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\x0c\"\x8c\x02\n\x0bServerFrame\x12\x30\n\tchallenge\x18\x01 \x01(\x0b\x32\x1b.relaypb.relay.v1.ChallengeH\x00\x12(\n\x05ready\x18\x02 \x01(\x0b\x32\x17.relaypb.relay.v1.ReadyH\x00\x12,\n\x07\x64\x65liver\x18\x03 \x01(\x0b\x32\x19.relaypb.relay.v1.DeliverH\x00\x12\x33\n\x0bqueue_empty\x18\x04 \x01(\x0b\x32\x1c.relaypb.relay.v1.QueueEmptyH\x00\x12\x35\n\x0csend_results\x18\x05 \x01(\x0b\x32\x1d.relaypb.relay.v1.SendResultsH\x00\x42\x07\n\x05\x66rame\"C\n\tChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x03\"/\n\x05Ready\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x15\n\rsession_epoch\x18\x02 \x01(\x04\"8\n\x07\x44\x65liver\x12-\n\tenvelopes\x18\x01 \x03(\x0b\x32\x1a.relaypb.relay.v1.Envelope\"\x0c\n\nQueueEmpty\"\x94\x01\n\x0bSendResults\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12-\n\x07results\x18\x02 \x03(\x0b\x32\x1c.relaypb.relay.v1.SendResult\x12\x44\n\x16\x64\x65vice_list_mismatches\x18\x03 \x03(\x0b\x32$.relaypb.relay.v1.DeviceListMismatch\"\xa9\x01\n\nSendResult\x12\x12\n\nmessage_id\x18\x01 \x01(\x0c\x12-\n\trecipient\x18\x02 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12*\n\x07outcome\x18\x03 \x01(\x0e\x32\x19.relaypb.relay.v1.Outcome\x12\x0c\n\x04\x63ode\x18\x04 \x01(\r\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\r\n\x05limit\x18\x06 \x01(\t\"v\n\x0bSendRequest\x12-\n\tenvelopes\x18\x01 \x03(\x0b\x32\x1a.relaypb.relay.v1.Envelope\x12\x38\n\x15\x63omplete_device_lists\x18\x02 \x03(\x0b\x32\x19.relaypb.relay.v1.UserRef\"\x83\x01\n\x0cSendResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.relaypb.relay.v1.SendResult\x12\x44\n\x16\x64\x65vice_list_mismatches\x18\x02 \x03(\x0b\x32$.relaypb.relay.v1.DeviceListMismatch*\x99\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x12\n\x0eOUTCOME_STORED\x10\x01\x12\x15\n\x11OUTCOME_DUPLICATE\x10\x02\x12\x15\n\x11OUTCOME_DELIVERED\x10\x03\x12\x1d\n\x19OUTCOME_RECIPIENT_OFFLINE\x10\x04\x12\x14\n\x10OUTCOME_REJECTED\x10\x05\x32\x9b\x01\n\x05Relay\x12K\n\x07\x43onnect\x12\x1d.relaypb.relay.v1.ClientFrame\x1a\x1d.relaypb.relay.v1.ServerFrame(\x01\x30\x01\x12\x45\n\x04Send\x12\x1d.relaypb.relay.v1.SendRequest\x1a\x1e.relaypb.relay.v1.SendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'relaypb.relay.v1.relay_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1576
-  _globals['_OUTCOME']._serialized_end=1729
+  _globals['_OUTCOME']._serialized_start=2046
+  _globals['_OUTCOME']._serialized_end=2199
   _globals['_ENVELOPE']._serialized_start=84
-  _globals['_ENVELOPE']._serialized_end=291
-  _globals['_CLIENTFRAME']._serialized_start=294
-  _globals['_CLIENTFRAME']._serialized_end=494
-  _globals['_HELLO']._serialized_start=496
-  _globals['_HELLO']._serialized_end=589
-  _globals['_AUTHRESPONSE']._serialized_start=591
-  _globals['_AUTHRESPONSE']._serialized_end=624
-  _globals['_SENDBATCH']._serialized_start=626
-  _globals['_SENDBATCH']._serialized_end=702
-  _globals['_ACKBATCH']._serialized_start=704
-  _globals['_ACKBATCH']._serialized_end=735
-  _globals['_SERVERFRAME']._serialized_start=738
-  _globals['_SERVERFRAME']._serialized_end=1006
-  _globals['_CHALLENGE']._serialized_start=1008
-  _globals['_CHALLENGE']._serialized_end=1075
-  _globals['_READY']._serialized_start=1077
-  _globals['_READY']._serialized_end=1124
-  _globals['_DELIVER']._serialized_start=1126
-  _globals['_DELIVER']._serialized_end=1182
-  _globals['_QUEUEEMPTY']._serialized_start=1184
-  _globals['_QUEUEEMPTY']._serialized_end=1196
-  _globals['_SENDRESULTS']._serialized_start=1198
-  _globals['_SENDRESULTS']._serialized_end=1276
-  _globals['_SENDRESULT']._serialized_start=1279
-  _globals['_SENDRESULT']._serialized_end=1448
-  _globals['_SENDREQUEST']._serialized_start=1450
-  _globals['_SENDREQUEST']._serialized_end=1510
-  _globals['_SENDRESPONSE']._serialized_start=1512
-  _globals['_SENDRESPONSE']._serialized_end=1573
-  _globals['_RELAY']._serialized_start=1732
-  _globals['_RELAY']._serialized_end=1887
+  _globals['_ENVELOPE']._serialized_end=326
+  _globals['_USERREF']._serialized_start=328
+  _globals['_USERREF']._serialized_end=367
+  _globals['_DEVICELISTMISMATCH']._serialized_start=370
+  _globals['_DEVICELISTMISMATCH']._serialized_end=502
+  _globals['_CLIENTFRAME']._serialized_start=505
+  _globals['_CLIENTFRAME']._serialized_end=705
+  _globals['_HELLO']._serialized_start=707
+  _globals['_HELLO']._serialized_end=800
+  _globals['_AUTHRESPONSE']._serialized_start=802
+  _globals['_AUTHRESPONSE']._serialized_end=835
+  _globals['_SENDBATCH']._serialized_start=838
+  _globals['_SENDBATCH']._serialized_end=972
+  _globals['_ACKBATCH']._serialized_start=974
+  _globals['_ACKBATCH']._serialized_end=1005
+  _globals['_SERVERFRAME']._serialized_start=1008
+  _globals['_SERVERFRAME']._serialized_end=1276
+  _globals['_CHALLENGE']._serialized_start=1278
+  _globals['_CHALLENGE']._serialized_end=1345
+  _globals['_READY']._serialized_start=1347
+  _globals['_READY']._serialized_end=1394
+  _globals['_DELIVER']._serialized_start=1396
+  _globals['_DELIVER']._serialized_end=1452
+  _globals['_QUEUEEMPTY']._serialized_start=1454
+  _globals['_QUEUEEMPTY']._serialized_end=1466
+  _globals['_SENDRESULTS']._serialized_start=1469
+  _globals['_SENDRESULTS']._serialized_end=1617
+  _globals['_SENDRESULT']._serialized_start=1620
+  _globals['_SENDRESULT']._serialized_end=1789
+  _globals['_SENDREQUEST']._serialized_start=1791
+  _globals['_SENDREQUEST']._serialized_end=1909
+  _globals['_SENDRESPONSE']._serialized_start=1912
+  _globals['_SENDRESPONSE']._serialized_end=2043
+  _globals['_RELAY']._serialized_start=2202
+  _globals['_RELAY']._serialized_end=2357
 # @@protoc_insertion_point(module_scope)

@@ -66,6 +66,7 @@ class Envelope(_message.Message):
     EPHEMERAL_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     SERVER_TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    RECIPIENT_REGISTRATION_ID_FIELD_NUMBER: _builtins.int
     message_id: _builtins.bytes
     """16 bytes chosen by the sender (random). Sends are idempotent by it."""
     content: _builtins.bytes
@@ -76,6 +77,10 @@ class Envelope(_message.Message):
     """Lifetime in the store; 0 means the server default. Capped by the server maximum."""
     server_timestamp_ms: _builtins.int
     """Set by the relay when it accepts the envelope (milliseconds since the epoch)."""
+    recipient_registration_id: _builtins.int
+    """The registration id (relay.model.registration_id) of the recipient device the
+    sender's session was set up with. Checked for users in complete_device_lists.
+    """
     @_builtins.property
     def sender(self) -> _address_pb2.Address:
         """Set by the relay from the authenticated session; ignored on send."""
@@ -92,14 +97,82 @@ class Envelope(_message.Message):
         ephemeral: _builtins.bool = ...,
         ttl_seconds: _builtins.int = ...,
         server_timestamp_ms: _builtins.int = ...,
+        recipient_registration_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["recipient", b"recipient", "sender", b"sender"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "ephemeral", b"ephemeral", "message_id", b"message_id", "recipient", b"recipient", "sender", b"sender", "server_timestamp_ms", b"server_timestamp_ms", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "ephemeral", b"ephemeral", "message_id", b"message_id", "recipient", b"recipient", "recipient_registration_id", b"recipient_registration_id", "sender", b"sender", "server_timestamp_ms", b"server_timestamp_ms", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
+
+@_typing.final
+class UserRef(_message.Message):
+    """A user of a tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    user: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        user: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserRef: _TypeAlias = UserRef  # noqa: Y015
+
+@_typing.final
+class DeviceListMismatch(_message.Message):
+    """Why the envelopes of a batch to one user were refused (Sesame): the sender's view of
+    the user's devices is out of date. The SDK fetches keys for the missing and stale
+    devices, drops the extra ones, and sends again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    MISSING_DEVICES_FIELD_NUMBER: _builtins.int
+    EXTRA_DEVICES_FIELD_NUMBER: _builtins.int
+    STALE_DEVICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def user(self) -> Global___UserRef: ...
+    @_builtins.property
+    def missing_devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Registered devices that the batch did not address."""
+
+    @_builtins.property
+    def extra_devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Addressed devices that are not registered (removed, or never were)."""
+
+    @_builtins.property
+    def stale_devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Addressed devices whose registration id differs: they registered again."""
+
+    def __init__(
+        self,
+        *,
+        user: Global___UserRef | None = ...,
+        missing_devices: _abc.Iterable[_builtins.int] | None = ...,
+        extra_devices: _abc.Iterable[_builtins.int] | None = ...,
+        stale_devices: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["extra_devices", b"extra_devices", "missing_devices", b"missing_devices", "stale_devices", b"stale_devices", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceListMismatch: _TypeAlias = DeviceListMismatch  # noqa: Y015
 
 @_typing.final
 class ClientFrame(_message.Message):
@@ -193,19 +266,30 @@ class SendBatch(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     ENVELOPES_FIELD_NUMBER: _builtins.int
+    COMPLETE_DEVICE_LISTS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     """Chosen by the client; echoed in the SendResults frame."""
     @_builtins.property
     def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]: ...
+    @_builtins.property
+    def complete_device_lists(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserRef]:
+        """Users for whom this batch claims to address every registered device (but the
+        sending device), each with its current recipient_registration_id. If that is not
+        so for a user, none of the batch's envelopes to that user is accepted: each gets
+        REJECTED with code FAILED_PRECONDITION, and SendResults.device_list_mismatches
+        says which devices are missing, extra or stale.
+        """
+
     def __init__(
         self,
         *,
         batch_id: _builtins.int = ...,
         envelopes: _abc.Iterable[Global___Envelope] | None = ...,
+        complete_device_lists: _abc.Iterable[Global___UserRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "envelopes", b"envelopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "complete_device_lists", b"complete_device_lists", "envelopes", b"envelopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -361,18 +445,24 @@ class SendResults(_message.Message):
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    DEVICE_LIST_MISMATCHES_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SendResult]: ...
+    @_builtins.property
+    def device_list_mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceListMismatch]:
+        """One per user of complete_device_lists whose device list did not match."""
+
     def __init__(
         self,
         *,
         batch_id: _builtins.int = ...,
         results: _abc.Iterable[Global___SendResult] | None = ...,
+        device_list_mismatches: _abc.Iterable[Global___DeviceListMismatch] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "device_list_mismatches", b"device_list_mismatches", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -420,16 +510,22 @@ class SendRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENVELOPES_FIELD_NUMBER: _builtins.int
+    COMPLETE_DEVICE_LISTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]: ...
+    @_builtins.property
+    def complete_device_lists(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserRef]:
+        """As SendBatch.complete_device_lists."""
+
     def __init__(
         self,
         *,
         envelopes: _abc.Iterable[Global___Envelope] | None = ...,
+        complete_device_lists: _abc.Iterable[Global___UserRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelopes", b"envelopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_device_lists", b"complete_device_lists", "envelopes", b"envelopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -440,16 +536,20 @@ class SendResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    DEVICE_LIST_MISMATCHES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SendResult]: ...
+    @_builtins.property
+    def device_list_mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceListMismatch]: ...
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___SendResult] | None = ...,
+        device_list_mismatches: _abc.Iterable[Global___DeviceListMismatch] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_list_mismatches", b"device_list_mismatches", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
