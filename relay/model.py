@@ -155,3 +155,30 @@ class Location:
 
     node_id: str
     epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceListMismatch:
+    """How a sender's view of a user's devices differs from the registered ones (Sesame).
+
+    ``missing``: registered but not addressed; ``extra``: addressed but not registered;
+    ``stale``: addressed with another registration id (the device registered again).
+    """
+
+    tenant: str
+    user: str
+    missing: tuple[int, ...] = ()
+    extra: tuple[int, ...] = ()
+    stale: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.extra or self.stale)
+
+    def describe(self) -> str:
+        """A sentence a person can act on."""
+        return (
+            f"device list of {self.tenant}/{self.user} is out of date "
+            f"(missing {list(self.missing)}, extra {list(self.extra)}, "
+            f"stale {list(self.stale)}): fetch keys of the missing and stale devices, "
+            "drop the extra ones and send again"
+        )

@@ -15,9 +15,9 @@ from relay.config import LimitsConfig
 from relay.core.auth import ApiKeys, DeviceAuthenticator, ServiceSender
 from relay.core.delivery import Relay
 from relay.core.sessions import Deliver, QueueEmpty, Session
-from relay.errors import LimitExceeded, SessionDisplaced, Unauthenticated
+from relay.errors import LimitExceeded, SessionDisplaced, Status, Unauthenticated
 from relay.metrics import RelayMetrics
-from relay.model import Address, Envelope, Outcome, Pushed
+from relay.model import Address, Envelope, Outcome, Pushed, registration_id
 from relay.stores.sqlite_queue import SqliteQueue
 from tests.support import pub
 
@@ -30,9 +30,18 @@ class FakeIdentities:
 
     def __init__(self) -> None:
         self.keys: dict[Address, bytes] = {}
+        self.list_calls: list[bool] = []
 
     async def identity_key(self, device: Address) -> bytes | None:
         return self.keys.get(device)
+
+    async def devices(self, tenant: str, user: str, *, fresh: bool = False) -> dict[int, int]:
+        self.list_calls.append(fresh)
+        return {
+            a.device: registration_id(k)
+            for a, k in self.keys.items()
+            if (a.tenant, a.user) == (tenant, user)
+        }
 
 
 @pytest.fixture
@@ -246,3 +255,43 @@ async def test_reread_all_and_remote_displace(relay: Relay) -> None:
     assert bob.displaced and relay.sessions.get(BOB) is None
     with pytest.raises(SessionDisplaced):
         await anext(events)
+
+
+async def test_device_list_check_refuses_only_the_mismatched_user(
+    relay: Relay, identities: FakeIdentities
+) -> None:
+    bob2, bob3 = Address("t", "bob", 2), Address("t", "bob", 3)
+    alice2 = Address("t", "alice", 2)
+    for device in (bob2, alice2):
+        identities.keys[device] = os.urandom(32)
+    reg = {a: registration_id(k) for a, k in identities.keys.items()}
+    # bob: device 1 addressed with a wrong registration id, 2 missing, 3 extra.
+    envs = [env(to=BOB), env(to=bob3), env(to=alice2)]
+    ids = [reg[BOB] ^ 1, 7, reg[alice2]]
+    outcomes, mismatches = await relay.send_checked(
+        ALICE, envs, ids, [("t", "bob"), ("t", "alice")]
+    )
+    assert [o.outcome for o in outcomes] == [Outcome.REJECTED, Outcome.REJECTED, Outcome.STORED]
+    assert outcomes[0].error is not None
+    assert outcomes[0].error.status is Status.FAILED_PRECONDITION
+    assert "t/bob" in outcomes[0].error.message
+    [m] = mismatches
+    assert (m.tenant, m.user, m.missing, m.extra, m.stale) == ("t", "bob", (2,), (3,), (1,))
+    # The cached list was rechecked fresh before refusing.
+    assert True in identities.list_calls
+
+
+async def test_device_list_check_passes_with_the_full_list(
+    relay: Relay, identities: FakeIdentities
+) -> None:
+    bob2 = Address("t", "bob", 2)
+    identities.keys[bob2] = os.urandom(32)
+    envs = [env(to=BOB), env(to=bob2)]
+    ids = [registration_id(identities.keys[BOB]), registration_id(identities.keys[bob2])]
+    # The sender's own user (alice has only the sending device) is complete when empty.
+    outcomes, mismatches = await relay.send_checked(
+        ALICE, envs, ids, [("t", "bob"), ("t", "alice")]
+    )
+    assert [o.outcome for o in outcomes] == [Outcome.STORED, Outcome.STORED]
+    assert mismatches == []
+    assert identities.list_calls == [False, False]

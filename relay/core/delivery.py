@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from relay.clock import Clock
@@ -22,6 +22,7 @@ from relay.core.routing import Router
 from relay.core.sessions import Session, SessionRegistry
 from relay.errors import (
     ClientError,
+    FailedPrecondition,
     InvalidArgument,
     LimitExceeded,
     NotFound,
@@ -29,7 +30,15 @@ from relay.errors import (
     RelayError,
 )
 from relay.metrics import RelayMetrics
-from relay.model import MESSAGE_ID_BYTES, Address, Envelope, Outcome, Pushed, QueueLimits
+from relay.model import (
+    MESSAGE_ID_BYTES,
+    Address,
+    DeviceListMismatch,
+    Envelope,
+    Outcome,
+    Pushed,
+    QueueLimits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +122,89 @@ class Relay:
                     out.error.status.name, out.error.metadata.get("limit", "")
                 ).inc()
         return outcomes
+
+    async def send_checked(
+        self,
+        sender: Address,
+        envelopes: Sequence[Envelope],
+        registration_ids: Sequence[int],
+        complete_for: Collection[tuple[str, str]],
+        session: Session | None = None,
+    ) -> tuple[list[SendOutcome], list[DeviceListMismatch]]:
+        """:meth:`send` with Sesame device-list checks for the (tenant, user)s in ``complete_for``.
+
+        For each such user the envelopes to it must address every registered device of it
+        (but ``sender`` itself), each with its current registration id
+        (``registration_ids[i]`` for ``envelopes[i]``). Where they do not, none of the
+        envelopes to that user is accepted (each is REJECTED with FailedPrecondition) and
+        a DeviceListMismatch says why; the other envelopes go through as in :meth:`send`.
+        """
+        if len(registration_ids) != len(envelopes):
+            raise InvalidArgument(
+                f"{len(registration_ids)} registration ids for {len(envelopes)} envelopes"
+            )
+        limit = self._limits.max_batch_envelopes
+        if len(complete_for) > limit:
+            raise LimitExceeded(
+                "max_batch_envelopes",
+                limit,
+                f"{len(complete_for)} complete_device_lists entries are over "
+                f"limits.max_batch_envelopes ({limit})",
+            )
+        checks = await asyncio.gather(
+            *(
+                self._check_devices(sender, tenant, user, envelopes, registration_ids)
+                for tenant, user in set(complete_for)
+            )
+        )
+        mismatches = [m for m in checks if m]
+        refused = {(m.tenant, m.user): m for m in mismatches}
+        if not refused:
+            return await self.send(sender, envelopes, session), []
+        keep = [
+            i
+            for i, e in enumerate(envelopes)
+            if (e.recipient.tenant, e.recipient.user) not in refused
+        ]
+        accepted = await self.send(sender, [envelopes[i] for i in keep], session)
+        results: list[SendOutcome] = []
+        sent = iter(accepted)
+        kept = set(keep)
+        for i, env in enumerate(envelopes):
+            if i in kept:
+                results.append(next(sent))
+                continue
+            mismatch = refused[(env.recipient.tenant, env.recipient.user)]
+            error = FailedPrecondition(mismatch.describe())
+            results.append(SendOutcome(env.message_id, env.recipient, Outcome.REJECTED, error))
+            self._metrics.envelopes.labels("rejected").inc()
+            self._metrics.rejections.labels(error.status.name, "").inc()
+        return results, mismatches
+
+    async def _check_devices(
+        self,
+        sender: Address,
+        tenant: str,
+        user: str,
+        envelopes: Sequence[Envelope],
+        registration_ids: Sequence[int],
+    ) -> DeviceListMismatch:
+        addressed = {
+            e.recipient.device: registration_ids[i]
+            for i, e in enumerate(envelopes)
+            if e.recipient.tenant == tenant and e.recipient.user == user
+        }
+        mismatch = DeviceListMismatch(tenant, user)
+        for fresh in (False, True):  # a cached list may be behind: recheck before refusing
+            registered: Mapping[int, int] = await self._identities.devices(
+                tenant, user, fresh=fresh
+            )
+            if sender.tenant == tenant and sender.user == user:
+                registered = {d: r for d, r in registered.items() if d != sender.device}
+            mismatch = _compare(tenant, user, addressed, registered)
+            if not mismatch:
+                break
+        return mismatch
 
     async def _send(
         self, sender: Address, envelopes: Sequence[Envelope], session: Session | None
@@ -270,3 +362,17 @@ def _is_valid(address: Address) -> bool:
     except InvalidArgument:
         return False
     return True
+
+
+def _compare(
+    tenant: str, user: str, addressed: Mapping[int, int], registered: Mapping[int, int]
+) -> DeviceListMismatch:
+    return DeviceListMismatch(
+        tenant,
+        user,
+        missing=tuple(sorted(registered.keys() - addressed.keys())),
+        extra=tuple(sorted(addressed.keys() - registered.keys())),
+        stale=tuple(
+            sorted(d for d in addressed.keys() & registered.keys() if addressed[d] != registered[d])
+        ),
+    )

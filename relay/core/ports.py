@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from relay.model import Address, Appended, Envelope, Location, Pushed, QueueLimits, QueuePage
@@ -48,6 +48,13 @@ class IdentityKeys(Protocol):
 
     async def identity_key(self, device: Address) -> bytes | None:
         """Return the Ed25519 identity key of ``device``, or None if it is not registered."""
+        ...
+
+    async def devices(self, tenant: str, user: str, *, fresh: bool = False) -> Mapping[int, int]:
+        """The registered devices of a user: device number -> registration id.
+
+        May answer from a cache unless ``fresh``.
+        """
         ...
 
 

@@ -7,12 +7,13 @@ that registers is usable within seconds. Concurrent lookups of one device share 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 import grpc
 
 from relay.clock import Clock
 from relay.errors import Unavailable
-from relay.model import Address
+from relay.model import Address, registration_id
 from relay.server.convert import address_to_pb
 from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
 
@@ -29,6 +30,7 @@ class GrpcIdentityKeys:
         self._ttl = ttl_ms
         self._cache: dict[Address, tuple[bytes | None, int]] = {}
         self._inflight: dict[Address, asyncio.Future[bytes | None]] = {}
+        self._lists: dict[tuple[str, str], tuple[Mapping[int, int], int]] = {}
 
     async def identity_key(self, device: Address) -> bytes | None:
         """The device's Ed25519 identity key, or None if it is not registered."""
@@ -54,6 +56,28 @@ class GrpcIdentityKeys:
             self._cache.clear()
         self._cache[device] = (key, now + (self._ttl if key else self._ttl // 10))
         return key
+
+    async def devices(self, tenant: str, user: str, *, fresh: bool = False) -> Mapping[int, int]:
+        """The user's registered devices (number -> registration id), cached for ``ttl_ms``."""
+        now = self._clock.now_ms()
+        hit = self._lists.get((tenant, user))
+        if hit is not None and hit[1] > now and not fresh:
+            return hit[0]
+        request = keys_pb2.ListDevicesRequest(tenant=tenant, user=user)
+        try:
+            reply = await self._stub.ListDevices(request, timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                return {}
+            raise Unavailable(
+                f"key directory unreachable while listing the devices of {tenant}/{user}: "
+                f"{exc.code().name} {exc.details()}"
+            ) from exc
+        devices = {d.address.device: registration_id(d.identity_key) for d in reply.devices}
+        if len(self._lists) >= MAX_CACHE:
+            self._lists.clear()
+        self._lists[(tenant, user)] = (devices, now + self._ttl)
+        return devices
 
     async def _fetch(self, device: Address) -> bytes | None:
         request = keys_pb2.GetIdentityKeyRequest(device=address_to_pb(device))

@@ -15,6 +15,7 @@ from relay.core.delivery import Relay, SendOutcome
 from relay.core.sessions import Deliver, QueueEmpty, Session
 from relay.errors import InvalidArgument, RelayError, Status, Unauthenticated
 from relay.metrics import RelayMetrics
+from relay.model import Address, DeviceListMismatch
 from relay.server.convert import (
     OUTCOME_TO_PB,
     address_from_pb,
@@ -28,6 +29,21 @@ from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
 log = logging.getLogger(__name__)
 
 Ctx = grpc.aio.ServicerContext[relay_pb2.ClientFrame, relay_pb2.ServerFrame]
+
+
+def mismatches_to_pb(
+    mismatches: Sequence[DeviceListMismatch],
+) -> list[relay_pb2.DeviceListMismatch]:
+    """DeviceListMismatch messages for core mismatches."""
+    return [
+        relay_pb2.DeviceListMismatch(
+            user=relay_pb2.UserRef(tenant=m.tenant, user=m.user),
+            missing_devices=m.missing,
+            extra_devices=m.extra,
+            stale_devices=m.stale,
+        )
+        for m in mismatches
+    ]
 
 
 def results_to_pb(outcomes: Sequence[SendOutcome]) -> list[relay_pb2.SendResult]:
@@ -152,14 +168,20 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             kind = frame.WhichOneof("frame")
             if kind == "send":
                 batch = frame.send
-                sender = session.address
-                envs = [envelope_from_pb(e, sender) for e in batch.envelopes]
                 try:
-                    outcomes = results_to_pb(await self._relay.send(sender, envs, session))
+                    outcomes, mismatches = await self._send(
+                        session.address, batch.envelopes, batch.complete_device_lists, session
+                    )
+                    results = results_to_pb(outcomes)
                 except RelayError as exc:
-                    outcomes = [_batch_failure(e, exc) for e in batch.envelopes]
+                    results = [_batch_failure(e, exc) for e in batch.envelopes]
+                    mismatches = []
                 reply = relay_pb2.ServerFrame(
-                    send_results=relay_pb2.SendResults(batch_id=batch.batch_id, results=outcomes)
+                    send_results=relay_pb2.SendResults(
+                        batch_id=batch.batch_id,
+                        results=results,
+                        device_list_mismatches=mismatches_to_pb(mismatches),
+                    )
                 )
                 async with lock:
                     await context.write(reply)
@@ -200,9 +222,30 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         except Unauthenticated:
             self._metrics.auth_failures.inc()
             raise
-        envs = [envelope_from_pb(e, sender.address) for e in request.envelopes]
-        outcomes = await self._relay.send(sender.address, envs)
-        return relay_pb2.SendResponse(results=results_to_pb(outcomes))
+        outcomes, mismatches = await self._send(
+            sender.address, request.envelopes, request.complete_device_lists
+        )
+        return relay_pb2.SendResponse(
+            results=results_to_pb(outcomes), device_list_mismatches=mismatches_to_pb(mismatches)
+        )
+
+    async def _send(
+        self,
+        sender: Address,
+        envelopes: Sequence[relay_pb2.Envelope],
+        complete_for: Sequence[relay_pb2.UserRef],
+        session: Session | None = None,
+    ) -> tuple[list[SendOutcome], list[DeviceListMismatch]]:
+        envs = [envelope_from_pb(e, sender) for e in envelopes]
+        if not complete_for:
+            return await self._relay.send(sender, envs, session), []
+        return await self._relay.send_checked(
+            sender,
+            envs,
+            [e.recipient_registration_id for e in envelopes],
+            [(u.tenant, u.user) for u in complete_for],
+            session,
+        )
 
 
 def _batch_failure(env: relay_pb2.Envelope, exc: RelayError) -> relay_pb2.SendResult:
