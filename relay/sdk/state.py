@@ -51,6 +51,15 @@ CREATE TABLE IF NOT EXISTS received (
     PRIMARY KEY (sender, message_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS received_by_time ON received (received_ms);
+CREATE TABLE IF NOT EXISTS sessions (
+    peer TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    user TEXT NOT NULL,
+    device INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (tenant, user);
 CREATE TABLE IF NOT EXISTS inbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     sender TEXT NOT NULL,
@@ -87,7 +96,8 @@ class DeviceState:
         self.path = path
         self._conn = conn
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._depth = 0
 
     @classmethod
     def open(cls, home: Path | str, *, clock: Clock | None = None) -> DeviceState:
@@ -132,15 +142,32 @@ class DeviceState:
         self.close()
 
     @contextmanager
-    def _txn(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One durable transaction; writes of this object inside it join it (reentrant).
+
+        Used to commit a decrypted message and the session state that decrypted it
+        together, so a crash can neither lose the message nor reuse a message key.
+        """
         with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._conn
+                finally:
+                    self._depth -= 1
+                return
             self._conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self._conn
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._depth = 0
             self._conn.execute("COMMIT")
+
+    _txn = transaction
 
     def _query(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
         with self._lock:
@@ -228,6 +255,42 @@ class DeviceState:
         """An id greater than any prekey id stored so far."""
         rows = self._query("SELECT COALESCE(MAX(key_id), 0) FROM prekeys")
         return int(str(rows[0][0])) + 1
+
+    # -- end-to-end sessions ------------------------------------------------------------
+
+    def session_record(self, peer: Address) -> bytes | None:
+        """The serialized sessions with device ``peer`` (see relay.sdk.e2ee), or None."""
+        rows = self._query("SELECT record FROM sessions WHERE peer = ?", (str(peer),))
+        if not rows:
+            return None
+        record = rows[0][0]
+        assert isinstance(record, bytes)
+        return record
+
+    def save_session_record(self, peer: Address, record: bytes) -> None:
+        """Store the sessions with ``peer`` (replacing them)."""
+        with self._txn() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO sessions (peer, tenant, user, device, record, updated_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (str(peer), peer.tenant, peer.user, peer.device, record, self._clock.now_ms()),
+            )
+
+    def delete_session_records(self, peers: Sequence[Address]) -> int:
+        """Forget the sessions with ``peers``; return how many devices had some."""
+        with self._txn() as conn:
+            return sum(
+                conn.execute("DELETE FROM sessions WHERE peer = ?", (str(p),)).rowcount
+                for p in peers
+            )
+
+    def session_peers(self, tenant: str, user: str) -> list[Address]:
+        """The devices of ``user`` this device has sessions with, by device number."""
+        rows = self._query(
+            "SELECT device FROM sessions WHERE tenant = ? AND user = ? ORDER BY device",
+            (tenant, user),
+        )
+        return [Address(tenant, user, int(str(r[0]))) for r in rows]
 
     # -- received messages ---------------------------------------------------------------
 
