@@ -31,9 +31,10 @@ from relay.errors import RelayError, Unavailable
 from relay.model import Address
 from relay.sdk.backoff import Backoff, ExponentialBackoff
 from relay.sdk.codec import Codec, PlaintextCodec
+from relay.sdk.crypto.errors import CryptoError
 from relay.sdk.directory import from_pb
 from relay.sdk.keys import Identity
-from relay.sdk.outbox import Outbox, OutgoingMessage, SendReceipt, sealed_envelope
+from relay.sdk.outbox import BatchResult, Outbox, OutgoingMessage, SendReceipt, sealed_envelope
 from relay.sdk.session import CHANNEL_OPTIONS, Session
 from relay.sdk.state import DeviceState, ReceivedMessage
 from relay.sdk.status import from_rpc_error, is_retryable
@@ -106,6 +107,8 @@ class RelayClient:
         self.session_epoch = 0
         #: Envelopes the relay delivered again after this device had them (acked, dropped).
         self.duplicates_dropped = 0
+        #: Envelopes the codec could not open (tampered, replayed, no session): dropped.
+        self.undecryptable = 0
 
     async def __aenter__(self) -> RelayClient:
         await self.start()
@@ -190,20 +193,42 @@ class RelayClient:
         """
         self._check_running()
         envelopes = [sealed_envelope(m, self._codec) for m in messages]
-        submitted = [
-            self._outbox.submit(envelopes[i : i + self._batch_size])
-            for i in range(0, len(envelopes), self._batch_size)
+        batches = [
+            envelopes[i : i + self._batch_size] for i in range(0, len(envelopes), self._batch_size)
         ]
+        results = await self._submit([(batch, ()) for batch in batches])
+        return [receipt for result in results for receipt in result.receipts]
+
+    async def send_batch(
+        self,
+        envelopes: Sequence[relay_pb2.Envelope],
+        complete_for: Sequence[tuple[str, str]] = (),
+    ) -> BatchResult:
+        """Send already sealed envelopes as one SendBatch (retried across reconnects).
+
+        ``complete_for`` lists the (tenant, user)s whose every device (but this one) the
+        batch addresses, each envelope carrying ``recipient_registration_id``: the relay
+        refuses the envelopes to a user whose device list does not match, and says why
+        in ``BatchResult.mismatches`` (Sesame; see relay.sdk.secure).
+        """
+        self._check_running()
+        [result] = await self._submit([(envelopes, complete_for)])
+        return result
+
+    async def _submit(
+        self,
+        batches: Sequence[tuple[Sequence[relay_pb2.Envelope], Sequence[tuple[str, str]]]],
+    ) -> list[BatchResult]:
+        submitted = [self._outbox.submit(envs, users) for envs, users in batches]
         session = self._session
         if session is not None and session.ready is not None:
             await self._flush(session)
         try:
-            batches = await asyncio.gather(*(future for _, future in submitted))
+            return await asyncio.gather(*(future for _, future in submitted))
         except BaseException:
             for batch_id, _ in submitted:
                 self._outbox.discard(batch_id)
             raise
-        return [receipt for batch in batches for receipt in batch]
 
     async def _flush(self, session: Session) -> None:
         """Write every pending batch not yet written on ``session``, oldest first."""
@@ -241,22 +266,37 @@ class RelayClient:
         """Acknowledge messages: they are removed from the local inbox (idempotent)."""
         await asyncio.to_thread(self._state.remove_from_inbox, messages)
 
-    def _store(self, envelopes: Sequence[relay_pb2.Envelope]) -> int:
-        """Open the new envelopes and commit them to the inbox (runs off the loop)."""
-        fresh: dict[tuple[Address, bytes], ReceivedMessage] = {}
-        for e in envelopes:
-            message = ReceivedMessage(
-                from_pb(e.sender), e.message_id, e.content, e.server_timestamp_ms
-            )
-            key = (message.sender, message.message_id)
-            if key not in fresh and not self._state.was_received(*key):
-                fresh[key] = message
-        opened = [replace(m, content=self._codec.open(m.sender, m.content)) for m in fresh.values()]
-        return self._state.accept(opened)
+    def _store(self, envelopes: Sequence[relay_pb2.Envelope]) -> tuple[int, int]:
+        """Open the new envelopes and commit them to the inbox (runs off the loop).
+
+        The codec's state changes and the inbox commit in one transaction: a crash
+        loses neither a message nor a key. Returns (new messages, undecryptable).
+        """
+        with self._state.transaction():
+            fresh: dict[tuple[Address, bytes], ReceivedMessage] = {}
+            for e in envelopes:
+                message = ReceivedMessage(
+                    from_pb(e.sender), e.message_id, e.content, e.server_timestamp_ms
+                )
+                key = (message.sender, message.message_id)
+                if key not in fresh and not self._state.was_received(*key):
+                    fresh[key] = message
+            opened, failed = [], 0
+            for m in fresh.values():
+                try:
+                    opened.append(replace(m, content=self._codec.open(m.sender, m.content)))
+                except CryptoError as exc:
+                    failed += 1
+                    log.warning(
+                        "dropped message %s from %s: %s", m.message_id.hex(), m.sender, exc.message
+                    )
+            return self._state.accept(opened), failed
 
     async def _deliver(self, session: Session, deliver: relay_pb2.Deliver) -> None:
-        new = await asyncio.to_thread(self._store, deliver.envelopes)
-        self.duplicates_dropped += len(deliver.envelopes) - new
+        await self._codec.prepare([(from_pb(e.sender), e.content) for e in deliver.envelopes])
+        new, failed = await asyncio.to_thread(self._store, deliver.envelopes)
+        self.undecryptable += failed
+        self.duplicates_dropped += len(deliver.envelopes) - new - failed
         if new:
             self._inbox_changed.set()
         ids = [e.message_id for e in deliver.envelopes]

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from relay.errors import InvalidArgument, RelayError, Status
-from relay.model import MESSAGE_ID_BYTES, Address, Outcome
+from relay.model import MESSAGE_ID_BYTES, Address, DeviceListMismatch, Outcome
 from relay.sdk.codec import Codec
 from relay.sdk.directory import from_pb, to_pb
 from relay.sdk.keys import new_message_id
@@ -55,10 +55,18 @@ class SendReceipt:
         return self
 
 
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """The relay's answer to one SendBatch: receipts in order, device-list mismatches."""
+
+    receipts: list[SendReceipt]
+    mismatches: list[DeviceListMismatch]
+
+
 @dataclass(slots=True)
 class _Batch:
     frame: relay_pb2.ClientFrame
-    future: asyncio.Future[list[SendReceipt]]
+    future: asyncio.Future[BatchResult]
     #: The session this batch was last written on.
     written_on: object = field(default=None)
 
@@ -74,15 +82,23 @@ class Outbox:
         return len(self._pending)
 
     def submit(
-        self, envelopes: Sequence[relay_pb2.Envelope]
-    ) -> tuple[int, asyncio.Future[list[SendReceipt]]]:
-        """Queue one SendBatch; its future resolves with one receipt per envelope."""
+        self,
+        envelopes: Sequence[relay_pb2.Envelope],
+        complete_for: Sequence[tuple[str, str]] = (),
+    ) -> tuple[int, asyncio.Future[BatchResult]]:
+        """Queue one SendBatch; its future resolves with one receipt per envelope.
+
+        ``complete_for``: (tenant, user)s whose whole device list the batch addresses.
+        """
         batch_id = self._next_id
         self._next_id += 1
+        users = [relay_pb2.UserRef(tenant=t, user=u) for t, u in complete_for]
         frame = relay_pb2.ClientFrame(
-            send=relay_pb2.SendBatch(batch_id=batch_id, envelopes=envelopes)
+            send=relay_pb2.SendBatch(
+                batch_id=batch_id, envelopes=envelopes, complete_device_lists=users
+            )
         )
-        future: asyncio.Future[list[SendReceipt]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._pending[batch_id] = _Batch(frame, future)
         return batch_id, future
 
@@ -114,7 +130,17 @@ class Outbox:
             )
             return
         pairs = zip(envelopes, results.results, strict=True)
-        batch.future.set_result([_receipt(e, r) for e, r in pairs])
+        mismatches = [
+            DeviceListMismatch(
+                m.user.tenant,
+                m.user.user,
+                tuple(m.missing_devices),
+                tuple(m.extra_devices),
+                tuple(m.stale_devices),
+            )
+            for m in results.device_list_mismatches
+        ]
+        batch.future.set_result(BatchResult([_receipt(e, r) for e, r in pairs], mismatches))
 
     def fail_all(self, error: BaseException) -> None:
         """Fail every pending batch with ``error``."""

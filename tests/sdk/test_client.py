@@ -253,6 +253,9 @@ class TaggingCodec:
         self.sealed += 1
         return b"sealed-for-" + recipient.user.encode() + b":" + plaintext
 
+    async def prepare(self, messages: object) -> None:
+        pass
+
     def open(self, sender: Address, content: bytes) -> bytes:
         self.opened += 1
         prefix, _, plaintext = content.partition(b":")
