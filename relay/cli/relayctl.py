@@ -1,4 +1,7 @@
-"""relayctl: a device on the command line (init, send, listen, whoami, devices).
+"""relayctl: a device on the command line (init, send, listen, chat, whoami, devices).
+
+Every message is end-to-end encrypted (PQXDH + Double Ratchet, see docs/protocol.md):
+the relay and the key directory only ever see ciphertext.
 
 Expected failures print one line on stderr and exit 1 (2 for usage errors).
 """
@@ -11,7 +14,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,16 +22,9 @@ import grpc
 
 from relay.errors import RelayError, Unavailable
 from relay.model import Address
-from relay.sdk import (
-    DeviceState,
-    ExponentialBackoff,
-    KeyDirectoryClient,
-    OutgoingMessage,
-    ReceivedMessage,
-    RelayClient,
-    register_device,
-)
-from relay.sdk.keys import DEFAULT_ONE_TIME_PREKEYS, new_message_id
+from relay.sdk import DeviceState, ExponentialBackoff, KeyDirectoryClient, register_device
+from relay.sdk.keys import DEFAULT_ONE_TIME_PREKEYS
+from relay.sdk.secure import SecureClient, SecureMessage
 from relay.sdk.state import DB_NAME
 
 DEFAULT_HOME = "~/.relayctl"
@@ -43,6 +39,7 @@ EXAMPLES = """examples:
   relayctl --home /tmp/alice init alice
   relayctl --home /tmp/bob listen --count 1 &
   relayctl --home /tmp/alice send bob "hello"
+  relayctl --home /tmp/alice chat bob        (and `chat alice` in another terminal)
 """
 
 
@@ -100,47 +97,47 @@ async def cmd_init(args: argparse.Namespace) -> None:
 
 
 async def cmd_send(args: argparse.Namespace) -> None:
-    """Send TEXT to every device of USER; print the message id once the relay has it."""
-    state, own = _open_registered(args)
+    """Send TEXT, end-to-end encrypted, to every device of USER.
+
+    This user's other devices get a copy. Prints the message id once the relay has
+    every copy.
+    """
+    state, _ = _open_registered(args)
     with state:
-        tenant = _tenant(args, own)
-        async with grpc.aio.insecure_channel(args.keys) as channel:
-            devices = await KeyDirectoryClient(channel, target=args.keys).list_devices(
-                tenant, args.user
-            )
-        if not devices:
-            raise CliError(f"unknown user {args.user!r} in tenant {tenant!r} (no devices)")
-        message_id = new_message_id()
-        content = args.text.encode()
-        messages = [OutgoingMessage(d.address, content, message_id) for d in devices]
         backoff = _FirstConnectBackoff()
         try:
             async with asyncio.timeout(args.timeout):
-                async with RelayClient(state, args.relay, receive=False, backoff=backoff) as client:
-                    receipts = await client.send_many(messages)
+                async with SecureClient(
+                    state, args.relay, args.keys, receive=False, backoff=backoff
+                ) as client:
+                    receipt = await client.send(args.user, args.text.encode())
         except TimeoutError:
             raise CliError(f"relay {args.relay} did not answer within {args.timeout} s") from None
-        for receipt in receipts:
-            if receipt.error is not None:
-                raise CliError(f"sending to {receipt.recipient} failed: {receipt.error}")
-    print(message_id.hex())
+    print(receipt.message_id.hex())
 
 
-def _format(message: ReceivedMessage, own: Address) -> str:
+def _format(message: SecureMessage, own: Address) -> str:
     sender = message.sender
     who = f"{sender.user}/{sender.device}" if sender.tenant == own.tenant else str(sender)
-    return f"{who}: {message.content.decode('utf-8', errors='replace')}"
+    text = message.body.decode("utf-8", errors="replace")
+    if message.outgoing:
+        return f"{who} -> {message.peer}: {text}"
+    return f"{who}: {text}"
 
 
 async def cmd_listen(args: argparse.Namespace) -> None:
-    """Print incoming messages as 'user/device: text', acknowledging each."""
+    """Decrypt and print incoming messages as 'user/device: text', acknowledging each.
+
+    Copies of messages this user sent from another device print as
+    'user/device -> peer: text'.
+    """
     state, own = _open_registered(args)
     received = 0
     with state:
         backoff = _FirstConnectBackoff()
         try:
             async with asyncio.timeout(args.timeout):
-                async with RelayClient(state, args.relay, backoff=backoff) as client:
+                async with SecureClient(state, args.relay, args.keys, backoff=backoff) as client:
                     backoff.connected = True
                     print(f"listening as {own} on {args.relay}", file=sys.stderr, flush=True)
                     async for message in client.messages():
@@ -154,6 +151,60 @@ async def cmd_listen(args: argparse.Namespace) -> None:
                 raise CliError(
                     f"timed out after {args.timeout} s with {received} of {args.count} messages"
                 ) from None
+
+
+async def _stdin_lines() -> AsyncIterator[str]:
+    """Lines of standard input, read without blocking the event loop."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    try:
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+        )
+    except ValueError:  # a regular file: read it whole
+        for line in sys.stdin.read().splitlines():
+            yield line
+        return
+    try:
+        while line_bytes := await reader.readline():
+            yield line_bytes.decode("utf-8", errors="replace").rstrip("\r\n")
+    finally:
+        transport.close()
+
+
+async def cmd_chat(args: argparse.Namespace) -> None:
+    """An interactive end-to-end encrypted chat with USER.
+
+    Each line typed is sent to every device of USER (and to this user's other devices);
+    incoming messages print as 'user/device: text'. End with Ctrl-D (or Ctrl-C).
+    """
+    state, own = _open_registered(args)
+    with state:
+        backoff = _FirstConnectBackoff()
+        async with SecureClient(state, args.relay, args.keys, backoff=backoff) as client:
+            backoff.connected = True
+            print(
+                f"chatting with {args.user} as {own} (end-to-end encrypted); Ctrl-D ends",
+                file=sys.stderr,
+                flush=True,
+            )
+
+            async def show() -> None:
+                async for message in client.messages():
+                    print(_format(message, own), flush=True)
+
+            printer = asyncio.create_task(show())
+            try:
+                async for line in _stdin_lines():
+                    if not line.strip():
+                        continue
+                    if printer.done():
+                        break
+                    await client.send(args.user, line.encode())
+            finally:
+                printer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await printer
 
 
 async def cmd_whoami(args: argparse.Namespace) -> None:
@@ -182,6 +233,18 @@ async def cmd_devices(args: argparse.Namespace) -> None:
     for d in devices:
         when = datetime.fromtimestamp(d.registered_at_ms / 1000, UTC).isoformat(timespec="seconds")
         print(f"{d.address}  registered {when}  identity key {d.identity_key.hex()}")
+
+
+async def cmd_remove_device(args: argparse.Namespace) -> None:
+    """Remove device N of this device's user (this device itself, or a lost one)."""
+    state, own = _open_registered(args)
+    with state:
+        identity = state.identity()
+    assert identity is not None
+    target = Address(own.tenant, own.user, args.device)
+    async with grpc.aio.insecure_channel(args.keys) as channel:
+        await KeyDirectoryClient(channel, target=args.keys).remove_device(identity, own, target)
+    print(f"removed {target}")
 
 
 Command = Callable[[argparse.Namespace], Awaitable[None]]
@@ -236,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ONE_TIME_PREKEYS,
         help=f"one-time prekeys to upload (default {DEFAULT_ONE_TIME_PREKEYS})",
     )
-    p = add("send", cmd_send, "send TEXT to every device of USER")
+    p = add("send", cmd_send, "send TEXT (encrypted) to every device of USER")
     p.add_argument("user", metavar="USER", help="recipient user")
     p.add_argument("text", metavar="TEXT", help="message text")
     p.add_argument(
@@ -246,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="give up after S seconds (default 30)",
     )
-    p = add("listen", cmd_listen, "print incoming messages, acknowledging each")
+    p = add("listen", cmd_listen, "decrypt and print incoming messages, acknowledging each")
     p.add_argument("--count", metavar="N", type=int, default=0, help="exit after N messages")
     p.add_argument(
         "--timeout",
@@ -255,9 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop after S seconds (an error if --count messages have not come)",
     )
+    p = add("chat", cmd_chat, "interactive encrypted chat with USER (lines from stdin)")
+    p.add_argument("user", metavar="USER", help="the user to chat with")
     add("whoami", cmd_whoami, "show this device's address and identity key")
     p = add("devices", cmd_devices, "list the registered devices of USER")
     p.add_argument("user", metavar="USER", help="the user to list")
+    p = add("remove-device", cmd_remove_device, "remove device N of this device's user")
+    p.add_argument("device", metavar="N", type=int, help="the device number to remove")
     return parser
 
 
