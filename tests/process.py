@@ -36,6 +36,8 @@ class Relayd:
     node_id: str = "relay-1"
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    #: More arguments for relayd, e.g. ["--log-level", "DEBUG"].
+    extra_args: list[str] = field(default_factory=list)
 
     @property
     def relay_address(self) -> str:
@@ -62,7 +64,7 @@ class Relayd:
             argv += ["--config", str(self.config)]
         if self.command == "run":
             argv += ["--keys-listen", self.keys_address]
-        return argv
+        return argv + self.extra_args
 
     def spawn(self) -> None:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
