@@ -214,7 +214,9 @@ class SecureClient:
                 delivered.append(receipt.recipient)
             if not refused:
                 if not any(d.user == user for d in delivered) and user != self.address.user:
-                    raise NotFound(f"user {user!r} has no registered device in tenant {tenant!r}")
+                    raise NotFound(
+                        f"unknown user {user!r} in tenant {tenant!r} (no registered devices)"
+                    )
                 return SecureReceipt(mid, tuple(delivered), attempt)
             for mismatch in refused.values():
                 await self._repair(mismatch)

@@ -136,3 +136,50 @@ async def test_expected_errors_are_one_line(servers: Servers, tmp_path: Path) ->
     assert "relay 127.0.0.1:1 is unreachable" in line and "make run" in line
     usage = await relayctl(servers, bob, "send")
     assert usage.code == 2 and "usage:" in usage.err
+
+
+async def test_chat_between_two_terminals(servers: Servers, tmp_path: Path) -> None:
+    """Two `relayctl chat` processes: lines typed on one print on the other."""
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    await init(servers, alice, "alice")
+    await init(servers, bob, "bob")
+
+    async def chat(home: Path, peer: str) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            RELAYCTL,
+            "--home",
+            str(home),
+            "chat",
+            peer,
+            env=env(servers),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        async with asyncio.timeout(TIMEOUT):
+            banner = (await proc.stderr.readline()).decode()
+        assert banner.startswith(f"chatting with {peer} as default/"), banner
+        assert "end-to-end encrypted" in banner
+        return proc
+
+    async def say(proc: asyncio.subprocess.Process, text: str) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(text.encode() + b"\n")
+        await proc.stdin.drain()
+
+    async def line(proc: asyncio.subprocess.Process) -> str:
+        assert proc.stdout is not None
+        async with asyncio.timeout(TIMEOUT):
+            return (await proc.stdout.readline()).decode()
+
+    a, b = await chat(alice, "bob"), await chat(bob, "alice")
+    await say(a, "hi bob \N{SNOWMAN}")
+    assert await line(b) == "alice/1: hi bob \N{SNOWMAN}\n"
+    await say(b, "hi alice")
+    assert await line(a) == "bob/1: hi alice\n"
+    for proc in (a, b):
+        assert proc.stdin is not None
+        proc.stdin.close()  # Ctrl-D
+        result = await finish(proc)
+        assert result.code == 0, result.err
