@@ -6,7 +6,8 @@ split for the relay and the forwarder so that their ratio is fair:
 
 (a) relay_vs_forwarder_ratio: highest rate each sustains with p99 <= 10 ms (batches of
     20), relay and forwarder ladders interleaved, best of two, then refined;
-(b) store_vs_driver_ratio: null until the Cassandra backend exists (loadtest/storebench);
+(b) store_vs_driver_ratio: relayd on Cassandra with every recipient offline (STORED/s)
+    against a raw cassandra-driver loop writing the same rows (loadtest/storebench);
     envelopes_per_s_batched: the relay's saturation with batches of 100 (best of two);
     p99_ms_at_70pct: median p99 of three runs at 70 % of that saturation;
 (c) rss_kb_per_stream: fresh relayd, 10,000 idle streams, minus registration memory;
@@ -28,6 +29,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -43,8 +45,13 @@ from loadtest.devices import register_all
 from loadtest.machine import machine, now_iso, versions
 from loadtest.runner import Coordinator, LoadResult
 from loadtest.servers import Endpoints, ServerProcess
+from relay.config import CassandraConfig
 
 P99_BOUND_MS = 10.0
+#: Phases of a bench, in order (``--only`` picks some, for iterating).
+PHASES = ("compare", "batched", "store", "scale")
+#: Devices of the store-and-forward runs (half of them offline recipients).
+STORE_DEVICES = 100
 #: Background CPU (share of one core) over which a run counts as disturbed and is repeated.
 NOISY_SHARE = 0.3
 #: Generator processes for the 10,000-stream runs (on the same generator CPUs).
@@ -56,6 +63,7 @@ QUIET_WAIT_S = 60.0
 SETTLE_S = 2.0
 TARGETS = {
     "relay_vs_forwarder_ratio": (">=", 0.8),
+    "store_vs_driver_ratio": (">=", 0.8),
     "envelopes_per_s_batched": (">=", 100_000),
     "p99_ms_at_70pct": ("<=", 10.0),
     "rss_kb_per_stream": ("<=", 40.0),
@@ -88,12 +96,19 @@ class Plan:
     profile_seconds: float = 8.0
     compare_batch: int = 20
     batched_batch: int = 100
+    store_driver_seconds: float = 6.0
 
     @staticmethod
     def quick() -> Plan:
         """A few-minute version for trying the bench itself out."""
         return Plan(
-            step_s=2.0, reps=1, streams=2_000, at_70_runs=1, at_70_seconds=4.0, profile_seconds=4.0
+            step_s=2.0,
+            reps=1,
+            streams=2_000,
+            at_70_runs=1,
+            at_70_seconds=4.0,
+            profile_seconds=4.0,
+            store_driver_seconds=3.0,
         )
 
 
@@ -108,7 +123,14 @@ class Bench:
         self.plan = Plan.quick() if args.quick else Plan()
         self.verbose: bool = args.verbose
         self.profile: bool = not args.no_profile
+        phases = set(args.only or PHASES)
+        if args.no_store:
+            phases.discard("store")
+        self.phases = phases
         self.runs: list[dict[str, Any]] = []
+        #: Backing services of the server under test (Cassandra): their CPU counts as the
+        #: server's, not as background noise.
+        self.backend_pids: list[int] = []
 
     # Plumbing -----------------------------------------------------------------------
     def base(self, **changes: Any) -> LoadConfig:
@@ -175,7 +197,7 @@ class Bench:
             mine = [os.getpid(), *coordinator.worker_pids]
             return (
                 time.monotonic(),
-                servers.cpu_seconds(server.pid),
+                servers.cpu_seconds(server.pid) + sum(_cpu(pid) for pid in self.backend_pids),
                 servers.machine_busy_seconds(),
                 sum(servers.cpu_seconds(pid) for pid in mine),
             )
@@ -222,12 +244,12 @@ class Bench:
 
     @contextlib.contextmanager
     def relayd(
-        self, name: str, gc_probe: Path | None = None
+        self, name: str, gc_probe: Path | None = None, config: Path | None = None
     ) -> Iterator[tuple[ServerProcess, Endpoints]]:
         """A fresh ``relayd run`` with its own data directory, pinned to the server CPUs."""
         data = self.work / name / "data"
         shutil.rmtree(data, ignore_errors=True)
-        proc, ep = servers.relayd(data, self.server_cpus, gc_probe)
+        proc, ep = servers.relayd(data, self.server_cpus, gc_probe, config)
         with proc:
             yield proc, ep
 
@@ -342,6 +364,96 @@ class Bench:
         spots.update({"rate": round(rate), "batch": batch, "raw": out.name})
         return spots
 
+    def batched_phase(
+        self,
+        relay: tuple[ServerProcess, Endpoints],
+        fwd: tuple[ServerProcess, Endpoints],
+        details: dict[str, Any],
+    ) -> None:
+        """Batched saturation, p99 at 70 % of it, and the profiles (into ``details``)."""
+        details["batched"] = self.batched(relay, fwd)
+        saturation = details["batched"]["envelopes_per_s_batched"] or 0.0
+        details["at_70pct"] = self.at_70pct(relay, saturation) if saturation else {}
+        if self.profile and saturation:
+            details["profile_batched"] = self.profile_relay(
+                relay, saturation, self.plan.batched_batch, "batched"
+            )
+            rate = details.get("relay_vs_forwarder", {}).get("relay_rate_p99_le_10ms") or 0.0
+            details["profile_small_batches"] = self.profile_relay(
+                relay, 1.5 * rate or 0.6 * saturation, self.plan.compare_batch, "small"
+            )
+
+    # (b) ----------------------------------------------------------------------------
+    def store_vs_driver(self) -> dict[str, Any]:
+        """Store-and-forward on Cassandra (recipients offline) against the raw driver."""
+        print("(b) store-and-forward on Cassandra against a raw driver loop", flush=True)
+        try:
+            started = storebench.ensure_cassandra()
+        except (storebench.StoreBenchError, OSError, subprocess.SubprocessError) as exc:
+            return {"store_vs_driver_ratio": None, "reason": f"Cassandra unavailable: {exc}"}
+        self.backend_pids = servers.pids_running("CassandraDaemon")
+        try:
+            with storebench.keyspace(storebench.bench_config()) as cass:
+                return self._store_vs_driver(cass)
+        finally:
+            self.backend_pids = []
+            if started:
+                storebench.stop_cassandra()
+
+    def _store_vs_driver(self, cass: CassandraConfig) -> dict[str, Any]:
+        toml = storebench.relay_config(
+            self.work / "store" / "relay.toml", cass, self.work / "store" / "data"
+        )
+        devices, batch = STORE_DEVICES, self.plan.compare_batch
+        cfg = self.base(
+            devices=devices,
+            batch=batch,
+            offline_fraction=0.5,
+            offline_recipients=True,
+            schedule=self.ladder(500, 1.2, 200_000),
+            drain_timeout_s=180.0,
+        )
+        best: dict[str, Any] | None = None
+        with self.relayd("store", config=toml) as (proc, ep):
+            for rep in range(self.plan.reps):
+                result, _ = self.load(f"store-relay{rep}", cfg, ep, proc)
+                step = sweep.highest_within(report.steps(result), float("inf"))
+                if step and (best is None or step["acked_per_s"] > best["acked_per_s"]):
+                    best = step
+        driver = []
+        for rep in range(self.plan.reps):
+            for shape in storebench.SHAPES:
+                plan = storebench.DriverPlan(
+                    keyspace=cass.keyspace,
+                    shape=shape,
+                    seconds=self.plan.store_driver_seconds,
+                    devices=devices // 2,
+                    group=batch,
+                    payload_bytes=cfg.payload_bytes,
+                    concurrency=cass.write_concurrency,
+                    host=cass.contact_points[0],
+                    port=cass.port,
+                )
+                print(f"  store-driver-{shape}{rep}: {plan.seconds:g} s", flush=True)
+                driver.append(storebench.run_driver(plan, self.server_cpus))
+        out = storebench.ratio(best["acked_per_s"] if best else 0.0, driver)
+        out.update(
+            reason=None if out["store_vs_driver_ratio"] else "no sustained step on the relay",
+            relay_best_step=best,
+            driver_runs=driver,
+            keyspace=cass.keyspace,
+            method="relay: relayd run on Cassandra (own keyspace, LOCAL_QUORUM), "
+            f"{devices} devices, half offline, the generator sends only to them (batches of "
+            f"{batch}, fanout 1); ladder x1.2 from 500/s, {self.plan.step_s:g} s steps; a step "
+            "counts when >= 95% of the offer is answered STORED with no errors; the best "
+            "sustained step's STORED rate; afterwards the offline devices drain and every id "
+            "is reconciled. driver: the relay's INSERT_ROW prepared, same table, cluster "
+            "settings and write_concurrency, same rows (devices, payload, TTL), pinned to the "
+            "server CPUs; 'single' = one insert per row, 'grouped' = one single-partition "
+            "unlogged batch per SendBatch; rows counted afterwards. ratio = relay / best shape",
+        )
+        return out
+
     # (c) and (d) --------------------------------------------------------------------
     def memory_and_scale(self, batched_ladder: str) -> dict[str, Any]:
         """Idle memory per stream and throughput at 10,000 devices against 100."""
@@ -431,35 +543,35 @@ class Bench:
         }
         # Each phase gets a fresh relayd, so that its figures do not depend on how many
         # envelopes earlier phases pushed through the store.
-        with self.forwarder(gc_files["forwarder"]) as fwd:
-            with self.relayd("compare", gc_files["relay_compare"]) as relay:
-                details["relay_vs_forwarder"] = self.compare(relay, fwd)
-            with self.relayd("batched", gc_files["relay_batched"]) as relay:
-                details["batched"] = self.batched(relay, fwd)
-                saturation = details["batched"]["envelopes_per_s_batched"] or 0.0
-                details["at_70pct"] = self.at_70pct(relay, saturation) if saturation else {}
-                if self.profile and saturation:
-                    details["profile_batched"] = self.profile_relay(
-                        relay, saturation, self.plan.batched_batch, "batched"
-                    )
-                    rate = details["relay_vs_forwarder"]["relay_rate_p99_le_10ms"]
-                    details["profile_small_batches"] = self.profile_relay(
-                        relay, 1.5 * rate or 1000.0, self.plan.compare_batch, "small"
-                    )
+        if self.phases & {"compare", "batched"}:
+            with self.forwarder(gc_files["forwarder"]) as fwd:
+                if "compare" in self.phases:
+                    with self.relayd("compare", gc_files["relay_compare"]) as relay:
+                        details["relay_vs_forwarder"] = self.compare(relay, fwd)
+                if "batched" in self.phases:
+                    with self.relayd("batched", gc_files["relay_batched"]) as relay:
+                        self.batched_phase(relay, fwd, details)
         details["gc_pauses"] = {
             name: json.loads(path.read_text()) if path.exists() else None
             for name, path in gc_files.items()
         }
-        details["store_vs_driver"] = storebench.measure()
-        details["scale"] = self.memory_and_scale(self.ladder(2000, 1.25, 1_000_000))
+        details["store_vs_driver"] = (
+            self.store_vs_driver() if "store" in self.phases else {"reason": "not run"}
+        )
+        if "scale" in self.phases:
+            details["scale"] = self.memory_and_scale(self.ladder(2000, 1.25, 1_000_000))
+        a = details.get("relay_vs_forwarder", {})
+        b = details["store_vs_driver"]
+        batched = details.get("batched", {})
+        scale = details.get("scale", {})
         results: dict[str, Any] = {
-            "relay_vs_forwarder_ratio": details["relay_vs_forwarder"]["relay_vs_forwarder_ratio"],
-            "store_vs_driver_ratio": details["store_vs_driver"]["store_vs_driver_ratio"],
-            "store_vs_driver_reason": details["store_vs_driver"]["reason"],
-            "envelopes_per_s_batched": details["batched"]["envelopes_per_s_batched"],
-            "p99_ms_at_70pct": details["at_70pct"].get("p99_ms_at_70pct"),
-            "rss_kb_per_stream": details["scale"]["rss_kb_per_stream"],
-            "throughput_10k_vs_100_ratio": details["scale"]["throughput_10k_vs_100_ratio"],
+            "relay_vs_forwarder_ratio": a.get("relay_vs_forwarder_ratio"),
+            "store_vs_driver_ratio": b.get("store_vs_driver_ratio"),
+            "store_vs_driver_reason": b.get("reason"),
+            "envelopes_per_s_batched": batched.get("envelopes_per_s_batched"),
+            "p99_ms_at_70pct": details.get("at_70pct", {}).get("p99_ms_at_70pct"),
+            "rss_kb_per_stream": scale.get("rss_kb_per_stream"),
+            "throughput_10k_vs_100_ratio": scale.get("throughput_10k_vs_100_ratio"),
         }
         results["targets"] = {k: f"{op} {v:g}" for k, (op, v) in TARGETS.items()}
         results["meets_targets"] = {
@@ -477,6 +589,7 @@ class Bench:
                 "relay and the forwarder",
             },
             plan=dataclasses.asdict(self.plan),
+            phases=[p for p in PHASES if p in self.phases],
             noise=_noise(self.runs),
             duration_s=round(time.monotonic() - started, 1),
             details=details,
@@ -496,6 +609,13 @@ def _noise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         ],
         "generator_saturated_runs": [r["label"] for r in runs if r["generator_saturated"]],
     }
+
+
+def _cpu(pid: int) -> float:
+    try:
+        return servers.cpu_seconds(pid)
+    except OSError:  # it went away
+        return 0.0
 
 
 def _rss_sampler(pid: int, into: dict[str, int]) -> Callable[[], None]:
@@ -557,6 +677,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="one repetition, shorter steps, 2,000 instead of 10,000 streams",
     )
     p.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    p.add_argument(
+        "--no-store",
+        action="store_true",
+        help="skip (b), the store-and-forward comparison on Cassandra",
+    )
+    p.add_argument(
+        "--only",
+        choices=PHASES,
+        action="append",
+        help="run only these phases (repeatable; for iterating: the JSON then lacks the "
+        "others' keys)",
+    )
     p.add_argument("--verbose", action="store_true", help="print every run's progress lines")
 
 

@@ -84,6 +84,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         f"their stored envelopes {d}",
     )
     g.add_argument(
+        "--offline-recipients",
+        action="store_true",
+        help="send only to the offline devices (store-and-forward: every envelope is stored, "
+        "none delivered live); steps and --stop-on-saturation then count acknowledged "
+        "envelopes instead of delivered ones",
+    )
+    g.add_argument(
         "--tenant", default=c.DEFAULT_TENANT, help=f"tenant of the simulated devices {d}"
     )
     g = p.add_argument_group("load")
@@ -211,6 +218,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         batch=args.batch,
         fanout=args.fanout,
         offline_fraction=args.offline_fraction,
+        offline_recipients=args.offline_recipients,
         tenant=args.tenant,
         interval_s=args.interval,
         drain_timeout_s=args.drain_timeout,

@@ -50,6 +50,10 @@ class LoadConfig:
     batch: int = DEFAULT_BATCH
     fanout: int = DEFAULT_FANOUT
     offline_fraction: float = 0.0
+    #: Send only to the offline devices: every envelope is stored, none is delivered live
+    #: (the store-and-forward path); steps and saturation are then judged on acknowledged
+    #: (STORED) envelopes instead of delivered ones.
+    offline_recipients: bool = False
     tenant: str = DEFAULT_TENANT
     interval_s: float = DEFAULT_INTERVAL_S
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
@@ -87,6 +91,11 @@ class LoadConfig:
         f = self.offline_fraction
         return math.floor((device + 1) * f) > math.floor(device * f)
 
+    def progress(self, delivered: float, acked: float) -> float:
+        """The count that says whether the target keeps up: delivered, or acknowledged
+        when every recipient is offline (``offline_recipients``)."""
+        return acked if self.offline_recipients else delivered
+
     def connections_per_node(self) -> int:
         """Channels (TCP connections) each worker opens to each target."""
         return max(1, math.ceil(self.connections / (self.workers * len(self.targets))))
@@ -116,5 +125,15 @@ class LoadConfig:
         owners = {self.owner_of(d) for d in online}
         if len(owners) < self.workers:
             raise ConfigError("every worker needs an online device: lower --workers")
+        if self.offline_recipients:
+            offline_nodes = {self.node_of(d) for d in range(self.devices) if self.is_offline(d)}
+            online_nodes = {self.node_of(d) for d in online}
+            if self.cross_node:
+                offline_nodes = set(range(len(self.targets)))
+            if not online_nodes <= offline_nodes:
+                raise ConfigError(
+                    "--offline-recipients: every node with senders needs offline devices "
+                    "(raise --offline-fraction)"
+                )
         self.parsed_schedule()
         return self

@@ -78,6 +78,7 @@ def steps(result: LoadResult) -> list[dict[str, Any]]:
         span = len(inside) * i
         hist = merged([t.live for t in inside])
         delivered = sum(t.delivered for t in inside) / span
+        acked = sum(t.acked for t in inside) / span
         errors = sum(sum(t.errors.values()) for t in inside)
         out.append(
             {
@@ -85,10 +86,11 @@ def steps(result: LoadResult) -> list[dict[str, Any]]:
                 "end_s": seg.end,
                 "rate": seg.rate,
                 "delivered_per_s": round(delivered, 1),
-                "acked_per_s": round(sum(t.acked for t in inside) / span, 1),
+                "acked_per_s": round(acked, 1),
                 "errors": errors,
                 "latency_ms": hist.summary(),
-                "sustained": errors == 0 and delivered >= SUSTAINED_SHARE * seg.rate,
+                "sustained": errors == 0
+                and result.cfg.progress(delivered, acked) >= SUSTAINED_SHARE * seg.rate,
             }
         )
     return out

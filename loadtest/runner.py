@@ -259,7 +259,7 @@ class Coordinator:
         cfg = self.cfg
         if not cfg.stop_on_saturation or self.stopped_at is not None or offered <= 0:
             return
-        low = t.delivered < cfg.saturation_ratio * offered
+        low = cfg.progress(t.delivered, t.acked) < cfg.saturation_ratio * offered
         slow = t.live.percentile_ms(99) > cfg.stop_p99_ms
         self._low_streak = self._low_streak + 1 if (low or slow or t.errors) else 0
         if self._low_streak >= max(2, math.ceil(SATURATED_SECONDS / cfg.interval_s - 1e-9)):

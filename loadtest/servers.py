@@ -52,6 +52,21 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def pids_running(marker: str) -> list[int]:
+    """Processes whose command line contains ``marker`` (e.g. ``CassandraDaemon``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all CPUs have spent busy (not idle or waiting on I/O) since boot."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -175,18 +190,24 @@ def _python(module: str, gc_probe: Path | None) -> list[str]:
 
 
 def relayd(
-    data_dir: Path, cpus: tuple[int, ...] = (), gc_probe: Path | None = None
+    data_dir: Path,
+    cpus: tuple[int, ...] = (),
+    gc_probe: Path | None = None,
+    config: Path | None = None,
 ) -> tuple[ServerProcess, Endpoints]:
     """``relayd run`` on free ports with its data in ``data_dir``.
 
     With ``gc_probe``, it runs under ``loadtest.gcprobe``, which writes its garbage
-    collection pauses there.
+    collection pauses there; with ``config``, it reads that TOML file (e.g. the Cassandra
+    backend of the store bench).
     """
     relay, keys = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     argv = [
         *_python("relay.cli.relayd", gc_probe), "run", "--data-dir", str(data_dir),
         "--listen", relay, "--keys-listen", keys, "--log-level", "WARNING",
     ]  # fmt: skip
+    if config is not None:
+        argv += ["--config", str(config)]
     server = ServerProcess(
         "relayd",
         argv,

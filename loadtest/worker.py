@@ -163,6 +163,8 @@ class Worker:
         padding = os.urandom(max(0, cfg.payload_bytes))
         by_node: dict[int, list[int]] = defaultdict(list)
         for d in range(cfg.devices):
+            if cfg.offline_recipients and not cfg.is_offline(d):
+                continue
             by_node[0 if cfg.cross_node else cfg.node_of(d)].append(d)
         senders: dict[int, list[DeviceStream]] = defaultdict(list)
         for stream in self.streams.values():

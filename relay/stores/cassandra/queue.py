@@ -79,7 +79,8 @@ _DROP_BUCKETS = (
     "DELETE FROM {ks}.queue_index WHERE tenant = ? AND user = ? AND device = ? AND bucket < ?"
 )
 _DEPTH = "SELECT count, bytes FROM {ks}.queue_depth WHERE tenant = ? AND user = ? AND device = ?"
-_INSERT = (
+#: The row insert of an append (also what ``loadtest/storebench.py`` times raw).
+INSERT_ROW = (
     "INSERT INTO {ks}.queue (tenant, user, device, bucket, seq, message_id, sender_tenant,"
     " sender_user, sender_device, content, server_ts, expires_at, size)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
@@ -236,7 +237,7 @@ class CassandraQueue:
             values: tuple[Any, ...] = (*key(env.recipient), bucket, seq, env.message_id)
             values += (s.tenant, s.user, s.device, env.content, env.server_timestamp_ms)
             values += (expires, env.size, ttl_until(expires, now))
-            rows.append(((env.recipient, bucket), (_INSERT, values), env.size))
+            rows.append(((env.recipient, bucket), (INSERT_ROW, values), env.size))
             count, size = added.get(env.recipient, (0, 0))
             added[env.recipient] = (count + 1, size + env.size)
         batches = partition_batches(rows) + self._expiry.entries(stored, now)
