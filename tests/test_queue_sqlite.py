@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from relay.model import Address, Envelope, Outcome, QueueLimits
 from relay.stores.sqlite_queue import SqliteQueue
-from tests.conformance.queue import NOW, QueueConformance
+from tests.conformance.queue import BIG, BOB, BOB2, NOW, QueueConformance, env, read_all
 
 
 class TestSqliteQueue(QueueConformance):
@@ -109,3 +110,46 @@ class QueueModel(RuleBasedStateMachine):
 
 TestQueueModel = QueueModel.TestCase
 TestQueueModel.settings = settings(max_examples=40, stateful_step_count=20, deadline=None)
+
+
+async def test_seqs_are_never_reused_after_acks_and_reopen(tmp_path: Path) -> None:
+    async with SqliteQueue(tmp_path / "q.db") as q:
+        first = [env() for _ in range(5)]
+        res = await q.append(first, [NOW + 1000] * 5, BIG)
+        top = max(r.seq for r in res)
+        assert await q.ack(BOB, [e.message_id for e in first]) == 5
+        assert await q.depth(BOB) == (0, 0)
+        res = await q.append([env()], [NOW + 1000], BIG)
+        assert res[0].seq == top + 1
+        top = res[0].seq
+        await q.ack(BOB, [e.envelope.message_id for e in (await q.read(BOB, 0, 10, NOW)).items])
+    async with SqliteQueue(tmp_path / "q.db") as q:  # the high-water mark survives a restart
+        res = await q.append([env(), env()], [NOW + 1000] * 2, BIG)
+        assert [r.seq for r in res] == [top + 1, top + 2]
+        assert len(await read_all(q, BOB)) == 2
+
+
+async def test_depth_tracks_appends_acks_and_purges_per_device(tmp_path: Path) -> None:
+    async with SqliteQueue(tmp_path / "q.db") as q:
+        envs = [env(BOB, b"ab"), env(BOB2, b"c"), env(BOB, b"d"), env(BOB2, b"efg")]
+        await q.append(envs, [NOW + 10, NOW + 10, NOW + 1000, NOW + 10], BIG)
+        assert await q.depth(BOB) == (2, envs[0].size + envs[2].size)
+        assert await q.depth(BOB2) == (2, envs[1].size + envs[3].size)
+        assert await q.purge_expired(NOW + 100) == 3
+        assert await q.depth(BOB) == (1, envs[2].size)
+        assert await q.depth(BOB2) == (0, 0)
+        assert await q.ack(BOB, [envs[2].message_id, envs[2].message_id]) == 1
+        assert await q.depth(BOB) == (0, 0)
+
+
+async def test_a_failing_append_leaves_no_trace(tmp_path: Path) -> None:
+    async with SqliteQueue(tmp_path / "q.db") as q:
+        # A sender SQLite cannot bind fails the row insert after the first row went in.
+        bad = Envelope(b"m" * 16, Address(object(), "a", 1), BOB, b"c")  # type: ignore[arg-type]
+        good = env()
+        with pytest.raises(sqlite3.Error):
+            await q.append([good, bad], [NOW + 1000] * 2, BIG)
+        assert await q.depth(BOB) == (0, 0)
+        assert await read_all(q, BOB) == []
+        res = await q.append([good], [NOW + 1000], BIG)
+        assert res[0].outcome is Outcome.STORED

@@ -4,6 +4,14 @@
 and serves as the read cursor. ``accepted`` remembers every message id until it
 expires, so a retried send after an ack is still a duplicate. ``depth`` keeps count and
 bytes per device so that limits cost one row lookup, not a scan.
+
+Appends and acks are set-at-a-time: an append of N envelopes to R recipients runs about
+2R + 4 statements (per recipient one ``IN (...)`` probe of ``accepted`` and one depth
+read; then one ``executemany`` each for the queue rows, the accepted ids and the depth
+upserts), not 5N; an ack is one ``DELETE ... IN (...) RETURNING`` and one depth update.
+Queue ids are given explicitly, counting up from the largest id ever used, which is what
+AUTOINCREMENT would give them: the append runs inside the writer's transaction, the only
+writer, so nothing can take an id in between.
 """
 
 from __future__ import annotations
@@ -79,7 +87,7 @@ class SqliteQueue(AsyncResource):
         items = list(zip(envelopes, expires_at_ms, strict=True))
 
         def txn(conn: sqlite3.Connection) -> list[Appended]:
-            return [_append_one(conn, env, exp, limits) for env, exp in items]
+            return _append_all(conn, items, limits)
 
         return await self._db.write(txn)
 
@@ -121,15 +129,15 @@ class SqliteQueue(AsyncResource):
         def txn(conn: sqlite3.Connection) -> int:
             removed = 0
             freed = 0
-            for mid in ids:
-                row = conn.execute(
-                    "DELETE FROM queue WHERE tenant=? AND user=? AND device=? AND message_id=?"
-                    " RETURNING size",
-                    (*_key(device), mid),
-                ).fetchone()
-                if row is not None:
-                    removed += 1
-                    freed += int(row[0])
+            for chunk in _chunks(list(dict.fromkeys(ids))):
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    "DELETE FROM queue WHERE tenant=? AND user=? AND device=?"
+                    f" AND message_id IN ({marks}) RETURNING size",
+                    (*_key(device), *chunk),
+                ).fetchall()
+                removed += len(rows)
+                freed += sum(int(r[0]) for r in rows)
             if removed:
                 conn.execute(
                     "UPDATE depth SET count=count-?, bytes=bytes-?"
@@ -148,12 +156,15 @@ class SqliteQueue(AsyncResource):
                 "DELETE FROM queue WHERE expires_at<=? RETURNING tenant, user, device, size",
                 (now_ms,),
             ).fetchall()
+            freed: dict[tuple[str, str, int], tuple[int, int]] = {}
             for tenant, user, device, size in rows:
-                conn.execute(
-                    "UPDATE depth SET count=count-1, bytes=bytes-?"
-                    " WHERE tenant=? AND user=? AND device=?",
-                    (size, tenant, user, device),
-                )
+                count, total = freed.get((tenant, user, device), (0, 0))
+                freed[(tenant, user, device)] = (count + 1, total + int(size))
+            conn.executemany(
+                "UPDATE depth SET count=count-?, bytes=bytes-?"
+                " WHERE tenant=? AND user=? AND device=?",
+                [(c, b, *k) for k, (c, b) in freed.items()],
+            )
             conn.execute("DELETE FROM accepted WHERE expires_at<=?", (now_ms,))
             return len(rows)
 
@@ -172,48 +183,102 @@ class SqliteQueue(AsyncResource):
         return await self._db.read(query)
 
 
-def _append_one(
-    conn: sqlite3.Connection, env: Envelope, expires_at: int, limits: QueueLimits
-) -> Appended:
-    key = _key(env.recipient)
-    seen = conn.execute(
-        "SELECT 1 FROM accepted WHERE tenant=? AND user=? AND device=? AND message_id=?",
-        (*key, env.message_id),
-    ).fetchone()
-    if seen is not None:
-        return Appended(Outcome.DUPLICATE)
+#: Most message ids bound into one ``IN (...)`` (SQLite allows 32766 variables).
+_IN_CHUNK = 500
+_INSERT_ROW = (
+    "INSERT INTO queue (id, tenant, user, device, message_id, sender_tenant, sender_user,"
+    " sender_device, content, server_ts, expires_at, size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _chunks(values: list[bytes]) -> list[list[bytes]]:
+    return [values[i : i + _IN_CHUNK] for i in range(0, len(values), _IN_CHUNK)]
+
+
+def _accepted_ids(
+    conn: sqlite3.Connection, key: tuple[str, str, int], mids: list[bytes]
+) -> set[bytes]:
+    """The ids among ``mids`` accepted for ``key`` before (one probe per chunk)."""
+    seen: set[bytes] = set()
+    for chunk in _chunks(mids):
+        marks = ",".join("?" * len(chunk))
+        rows = conn.execute(
+            "SELECT message_id FROM accepted WHERE tenant=? AND user=? AND device=?"
+            f" AND message_id IN ({marks})",
+            (*key, *chunk),
+        ).fetchall()
+        seen.update(bytes(r[0]) for r in rows)
+    return seen
+
+
+def _last_id(conn: sqlite3.Connection) -> int:
+    """The largest queue id ever handed out (AUTOINCREMENT's high-water mark)."""
     row = conn.execute(
-        "SELECT count, bytes FROM depth WHERE tenant=? AND user=? AND device=?", key
+        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name='queue'), 0),"
+        " coalesce((SELECT max(id) FROM queue), 0))"
     ).fetchone()
-    count, size = (int(row[0]), int(row[1])) if row else (0, 0)
-    if count + 1 > limits.max_depth:
-        return Appended(Outcome.REJECTED, limit="max_queue_depth")
-    if size + env.size > limits.max_bytes:
-        return Appended(Outcome.REJECTED, limit="max_queue_bytes")
-    cur = conn.execute(
-        "INSERT INTO queue (tenant, user, device, message_id, sender_tenant, sender_user,"
-        " sender_device, content, server_ts, expires_at, size)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-        (
-            *key,
-            env.message_id,
-            env.sender.tenant,
-            env.sender.user,
-            env.sender.device,
-            env.content,
-            env.server_timestamp_ms,
-            expires_at,
-            env.size,
-        ),
-    )
-    conn.execute(
-        "INSERT INTO accepted (tenant, user, device, message_id, expires_at) VALUES (?,?,?,?,?)",
-        (*key, env.message_id, expires_at),
-    )
-    conn.execute(
-        "INSERT INTO depth (tenant, user, device, count, bytes) VALUES (?,?,?,1,?)"
-        " ON CONFLICT (tenant, user, device) DO UPDATE"
-        " SET count=count+1, bytes=bytes+excluded.bytes",
-        (*key, env.size),
-    )
-    return Appended(Outcome.STORED, seq=int(cur.lastrowid or 0))
+    return int(row[0])
+
+
+def _append_all(
+    conn: sqlite3.Connection, items: list[tuple[Envelope, int]], limits: QueueLimits
+) -> list[Appended]:
+    """One append: dedup and limits decided from per-recipient reads, writes set-at-a-time.
+
+    Answers come in ``items`` order, and rows are queued in that order.
+    """
+    by_key: dict[tuple[str, str, int], list[bytes]] = {}
+    for env, _ in items:
+        by_key.setdefault(_key(env.recipient), []).append(env.message_id)
+    seen: dict[tuple[str, str, int], set[bytes]] = {}
+    depth: dict[tuple[str, str, int], tuple[int, int]] = {}
+    for key, mids in by_key.items():
+        seen[key] = _accepted_ids(conn, key, list(dict.fromkeys(mids)))
+        row = conn.execute(
+            "SELECT count, bytes FROM depth WHERE tenant=? AND user=? AND device=?", key
+        ).fetchone()
+        depth[key] = (int(row[0]), int(row[1])) if row else (0, 0)
+    results: list[Appended] = []
+    rows: list[tuple[Any, ...]] = []
+    accepted: list[tuple[Any, ...]] = []
+    added: dict[tuple[str, str, int], tuple[int, int]] = {}
+    next_id = _last_id(conn) + 1
+    for env, expires_at in items:
+        key = _key(env.recipient)
+        if env.message_id in seen[key]:
+            results.append(Appended(Outcome.DUPLICATE))
+            continue
+        count, total = depth[key]
+        size = env.size
+        if count + 1 > limits.max_depth:
+            results.append(Appended(Outcome.REJECTED, limit="max_queue_depth"))
+            continue
+        if total + size > limits.max_bytes:
+            results.append(Appended(Outcome.REJECTED, limit="max_queue_bytes"))
+            continue
+        seen[key].add(env.message_id)
+        depth[key] = (count + 1, total + size)
+        c, b = added.get(key, (0, 0))
+        added[key] = (c + 1, b + size)
+        s = env.sender
+        rows.append(
+            (next_id, *key, env.message_id, s.tenant, s.user, s.device, env.content,
+             env.server_timestamp_ms, expires_at, size)
+        )  # fmt: skip
+        accepted.append((*key, env.message_id, expires_at))
+        results.append(Appended(Outcome.STORED, seq=next_id))
+        next_id += 1
+    if rows:
+        conn.executemany(_INSERT_ROW, rows)
+        conn.executemany(
+            "INSERT INTO accepted (tenant, user, device, message_id, expires_at)"
+            " VALUES (?,?,?,?,?)",
+            accepted,
+        )
+        conn.executemany(
+            "INSERT INTO depth (tenant, user, device, count, bytes) VALUES (?,?,?,?,?)"
+            " ON CONFLICT (tenant, user, device) DO UPDATE"
+            " SET count=count+excluded.count, bytes=bytes+excluded.bytes",
+            [(*k, c, b) for k, (c, b) in added.items()],
+        )
+    return results

@@ -134,3 +134,48 @@ class QueueConformance:
         assert len(got) == 80
         for s in senders:
             assert [e.content for e in got if e.sender == s] == [bytes([n]) for n in range(10)]
+
+    async def test_repeated_id_within_one_call_is_a_duplicate(self, queue: MessageQueue) -> None:
+        a, b = env(), env()
+        again = Envelope(a.message_id, ALICE, BOB, b"other content")
+        res = await queue.append([a, b, again, b], [NOW + 1000] * 4, BIG)
+        assert [r.outcome for r in res] == [
+            Outcome.STORED, Outcome.STORED, Outcome.DUPLICATE, Outcome.DUPLICATE
+        ]  # fmt: skip
+        got = await read_all(queue, BOB)
+        assert [(e.message_id, e.content) for e in got] == [
+            (a.message_id, a.content), (b.message_id, b.content)
+        ]  # fmt: skip
+
+    async def test_limits_count_earlier_envelopes_of_the_same_call(
+        self, queue: MessageQueue
+    ) -> None:
+        limits = QueueLimits(max_depth=2, max_bytes=1 << 30)
+        envs = [env(BOB), env(BOB2), env(BOB), env(BOB2), env(BOB), env(BOB2)]
+        res = await queue.append(envs, [NOW + 1000] * 6, limits)
+        assert [r.outcome for r in res] == [Outcome.STORED] * 4 + [Outcome.REJECTED] * 2
+        # A rejected envelope takes no room; a smaller one after it still fits by bytes.
+        big, small = env(content=b"b" * 500), env(content=b"s")
+        tight = QueueLimits(max_depth=100, max_bytes=3 * env().size + small.size + 10)
+        res = await queue.append([big, small], [NOW + 1000] * 2, tight)
+        assert [r.outcome for r in res] == [Outcome.REJECTED, Outcome.STORED]
+        assert [e.message_id for e in await read_all(queue, BOB)][-1] == small.message_id
+
+    async def test_interleaved_recipients_keep_call_order_each(self, queue: MessageQueue) -> None:
+        envs = [env(BOB if i % 3 else BOB2, content=bytes([i])) for i in range(30)]
+        res = await queue.append(envs, [NOW + 1000] * 30, BIG)
+        for device in (BOB, BOB2):
+            mine = [(e, r) for e, r in zip(envs, res, strict=True) if e.recipient == device]
+            seqs = [r.seq for _, r in mine]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            got = await read_all(queue, device)
+            assert [e.content for e in got] == [e.content for e, _ in mine]
+
+    async def test_ack_of_many_ids_with_repeats(self, queue: MessageQueue) -> None:
+        envs = [env() for _ in range(1200)]
+        await queue.append(envs, [NOW + 1000] * 1200, BIG)
+        ids = [e.message_id for e in envs[:1100]]
+        assert await queue.ack(BOB, ids + ids[:50] + [os.urandom(16)]) == 1100
+        assert [e.message_id for e in await read_all(queue, BOB)] == [
+            e.message_id for e in envs[1100:]
+        ]
