@@ -6,9 +6,9 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 
 from keyserver.client import SERVICE_NAME
-from keyserver.directory import KeyDirectory
+from keyserver.directory import DirectoryLimits, KeyDirectory
 from keyserver.servicer import KeyDirectoryServicer
-from keyserver.sqlite_store import KEYS_DB, SCHEMA, SqliteDeviceDirectory, SqlitePrekeyStore
+from keyserver.sqlite_store import KEYS_DB, SCHEMA, sqlite_key_stores
 from relay.clock import Clock, SystemClock
 from relay.config import Config, ConfigError
 from relay.server.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
@@ -75,20 +75,18 @@ class KeyserverApp:
 
     async def _open_core(self, stack: AsyncExitStack) -> KeyDirectory:
         """The core on the configured backend (``storage.backend``)."""
+        limits = DirectoryLimits(low_water_mark=self._config.keyserver.low_water_mark)
         if self._config.storage.backend == "cassandra":
             from keyserver.cassandra_store import (  # noqa: PLC0415 - optional driver
-                CassandraDeviceDirectory,
-                CassandraPrekeyStore,
+                cassandra_key_stores,
             )
             from relay.stores.cassandra.session import CassandraSession  # noqa: PLC0415
 
             session = await stack.enter_async_context(CassandraSession(self._config.cassandra))
-            return KeyDirectory(
-                CassandraDeviceDirectory(session), CassandraPrekeyStore(session), self._clock
-            )
+            return KeyDirectory(cassandra_key_stores(session), self._clock, limits)
         path = self._config.storage.path / KEYS_DB
         worker = await stack.enter_async_context(SqliteWorker(path, SCHEMA))
-        return KeyDirectory(SqliteDeviceDirectory(worker), SqlitePrekeyStore(worker), self._clock)
+        return KeyDirectory(sqlite_key_stores(worker), self._clock, limits)
 
     async def __aexit__(
         self,

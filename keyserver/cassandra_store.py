@@ -1,4 +1,4 @@
-"""The key directory's stores on Cassandra (tables in ``0002_keys.cql``).
+"""The key directory's stores on Cassandra (tables in ``0002_keys.cql``, ``0003_pq_prekeys.cql``).
 
 Atomicity comes from lightweight transactions (Paxos), so it holds across processes:
 
@@ -11,7 +11,14 @@ Atomicity comes from lightweight transactions (Paxos), so it holds across proces
   the pool; only one claimer's delete applies, so a key is handed out at most once.
   A lost race tries the next key. Publishing records each key_id with
   ``INSERT ... IF NOT EXISTS`` in ``prekey_ids`` before the key enters the pool, so a
-  claimed (deleted) key_id can never be put back by a retried publish.
+  claimed (deleted) key_id can never be put back by a retried publish. The one-time PQ
+  pool (``one_time_pq_prekeys``, ``pq_prekey_ids``) works the same way.
+- Bundles: each one-time key (X25519, PQ) is claimed by its own lightweight transaction;
+  the two claims of one bundle are not one transaction (Cassandra has none across
+  tables), so a fetch that fails between them may burn a key: at most once, never twice.
+- Removal: ``removed_at_ms`` is set by ``UPDATE ... IF identity_key != null AND
+  removed_at_ms = null``; the row stays, so ``last_device`` and ``identity_keys`` keep
+  its number and identity key taken.
 
 Within one process, operations on one user (registration) or device (prekeys) take
 turns on an asyncio lock: not for safety (the transactions give that) but to keep
@@ -31,7 +38,15 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from keyserver.model import DeviceRecord, OneTimePrekey, PrekeysAdded, SignedPrekey
+from keyserver.model import (
+    BundleKeys,
+    DeviceRecord,
+    OneTimePrekey,
+    PqPrekey,
+    PrekeysAdded,
+    SignedPrekey,
+)
+from keyserver.ports import KeyStores
 from relay.errors import Unavailable
 from relay.model import Address
 from relay.stores.cassandra.errors import is_contention
@@ -45,7 +60,9 @@ CLAIM_CANDIDATES = 8
 #: Key ids per conditional batch when publishing (keeps batches small).
 PUBLISH_CHUNK = 50
 
-_DEVICE_COLUMNS = "device, identity_key, identity_dh_key, identity_dh_signature, registered_at_ms"
+_DEVICE_COLUMNS = (
+    "device, identity_key, identity_dh_key, identity_dh_signature, registered_at_ms, removed_at_ms"
+)
 _NUMBERING = (
     "SELECT last_device, identity_keys FROM {ks}.devices WHERE tenant = ? AND user = ? LIMIT 1"
 )
@@ -64,18 +81,18 @@ _SET_SIGNED = (
     "INSERT INTO {ks}.signed_prekeys (tenant, user, device, key_id, public_key, signature)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
+_REMOVE = (
+    f"UPDATE {{ks}}.devices SET removed_at_ms = ? {_WHERE_DEVICE}"
+    " IF identity_key != null AND removed_at_ms = null"
+)
 _SIGNED = f"SELECT key_id, public_key, signature FROM {{ks}}.signed_prekeys {_WHERE_DEVICE}"
-_KNOWN_IDS = f"SELECT key_id FROM {{ks}}.prekey_ids {_WHERE_DEVICE} AND key_id IN ?"
-_RECORD_ID = (
-    "INSERT INTO {ks}.prekey_ids (tenant, user, device, key_id) VALUES (?, ?, ?, ?) IF NOT EXISTS;"
+_SET_LAST_RESORT = (
+    "INSERT INTO {ks}.last_resort_pq_prekeys (tenant, user, device, key_id, public_key, signature)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
 )
-_ADD = (
-    "INSERT INTO {ks}.one_time_prekeys (tenant, user, device, key_id, public_key)"
-    " VALUES (?, ?, ?, ?, ?)"
+_LAST_RESORT = (
+    f"SELECT key_id, public_key, signature FROM {{ks}}.last_resort_pq_prekeys {_WHERE_DEVICE}"
 )
-_COUNT = f"SELECT COUNT(*) FROM {{ks}}.one_time_prekeys {_WHERE_DEVICE}"
-_CANDIDATES = f"SELECT key_id, public_key FROM {{ks}}.one_time_prekeys {_WHERE_DEVICE} LIMIT ?"
-_CLAIM = f"DELETE FROM {{ks}}.one_time_prekeys {_WHERE_DEVICE} AND key_id = ? IF EXISTS"
 
 
 def _key(device: Address) -> tuple[str, str, int]:
@@ -89,6 +106,7 @@ def _record(tenant: str, user: str, row: Sequence[Any]) -> DeviceRecord:
         identity_dh_key=bytes(row[2]),
         identity_dh_signature=bytes(row[3]),
         registered_at_ms=int(row[4]),
+        removed_at_ms=None if row[5] is None else int(row[5]),
     )
 
 
@@ -123,7 +141,7 @@ class CassandraDeviceDirectory:
                 last = rows[0][0] if rows else None
                 known = (rows[0][1] if rows else None) or {}
                 if identity_key in known:
-                    existing = await self.get(Address(tenant, user, int(known[identity_key])))
+                    existing = await self._get_any(Address(tenant, user, int(known[identity_key])))
                     if existing is not None:
                         return existing
                 number = int(last or 0) + 1
@@ -153,16 +171,160 @@ class CassandraDeviceDirectory:
         raise Unavailable(f"register {tenant}/{user}: gave up after {MAX_ROUNDS} contended rounds")
 
     async def get(self, address: Address) -> DeviceRecord | None:
-        """Return the record of the device at ``address``, or None."""
+        """Return the record of the device at ``address``; None if none or removed."""
+        record = await self._get_any(address)
+        return None if record is None or record.removed_at_ms is not None else record
+
+    async def _get_any(self, address: Address) -> DeviceRecord | None:
         rows = await self._session.execute(_GET, _key(address), op="get a device")
-        if not rows or rows[0][0] is None:
+        if not rows or rows[0][0] is None or rows[0][1] is None:
             return None
         return _record(address.tenant, address.user, rows[0])
 
     async def list(self, tenant: str, user: str) -> tuple[DeviceRecord, ...]:
-        """Return the devices of (tenant, user) in ascending device number."""
+        """Return the devices of (tenant, user) not removed, in ascending device number."""
         rows = await self._session.execute(_LIST, (tenant, user), op="list devices")
-        return tuple(_record(tenant, user, row) for row in rows if row[0] is not None)
+        return tuple(
+            _record(tenant, user, row)
+            for row in rows
+            if row[0] is not None and row[1] is not None and row[5] is None
+        )
+
+    async def remove(self, address: Address, removed_at_ms: int) -> bool:
+        """Set ``removed_at_ms`` (a lightweight transaction); False if none or removed."""
+        for _ in range(MAX_ROUNDS):
+            try:
+                rows = await self._session.execute(
+                    _REMOVE,
+                    (removed_at_ms, *_key(address)),
+                    op="remove a device",
+                    idempotent=False,
+                )
+            except Unavailable as exc:
+                if not is_contention(exc):
+                    raise
+                # Unknown outcome: applied now if the device still looks live.
+                if await self._get_any(address) is None:
+                    return False
+                continue
+            return bool(rows and rows[0][0])
+        raise Unavailable(f"remove device {address}: gave up after {MAX_ROUNDS} rounds")
+
+
+class _Pool:
+    """A one-time key pool: ``table`` holds unclaimed keys, ``ids_table`` every key_id.
+
+    ``columns`` are the value columns after ``key_id`` (``public_key`` [, ``signature``]).
+    """
+
+    def __init__(
+        self, session: CassandraSession, table: str, ids_table: str, columns: tuple[str, ...]
+    ) -> None:
+        self._session = session
+        self._turns = Turns()
+        self._name = table
+        names = ", ".join(columns)
+        self._known_ids = f"SELECT key_id FROM {{ks}}.{ids_table} {_WHERE_DEVICE} AND key_id IN ?"
+        self._record_id = (
+            f"INSERT INTO {{ks}}.{ids_table} (tenant, user, device, key_id)"
+            " VALUES (?, ?, ?, ?) IF NOT EXISTS;"
+        )
+        marks = ", ".join("?" * (4 + len(columns)))
+        self._add = (
+            f"INSERT INTO {{ks}}.{table} (tenant, user, device, key_id, {names}) VALUES ({marks})"
+        )
+        self._count = f"SELECT COUNT(*) FROM {{ks}}.{table} {_WHERE_DEVICE}"
+        self._candidates = f"SELECT key_id, {names} FROM {{ks}}.{table} {_WHERE_DEVICE} LIMIT ?"
+        self._claim = f"DELETE FROM {{ks}}.{table} {_WHERE_DEVICE} AND key_id = ? IF EXISTS"
+
+    async def add(
+        self, device: Address, keys: Sequence[tuple[Any, ...]], max_held: int
+    ) -> PrekeysAdded:
+        """Add ``keys`` (``(key_id, *columns)``) idempotently, all or nothing in ``max_held``."""
+        first: dict[int, tuple[Any, ...]] = {}
+        for key in keys:
+            first.setdefault(int(key[0]), key)
+        unique = list(first.values())
+        async with self._turns.take(("add", device)):
+            for round_ in range(MAX_ROUNDS):
+                known = await self._known(device, [int(k[0]) for k in unique])
+                held = await self.count(device)
+                new = [k for k in unique if int(k[0]) not in known]
+                if not new:
+                    return PrekeysAdded(held=held, accepted=True)
+                if held + len(new) > max_held:
+                    return PrekeysAdded(held=held, accepted=False)
+                if await self._record_ids(device, new):
+                    return PrekeysAdded(held=held + len(new), accepted=True)
+                await _backoff(round_)
+        raise Unavailable(f"publish prekeys of {device}: gave up after {MAX_ROUNDS} rounds")
+
+    async def _known(self, device: Address, key_ids: list[int]) -> set[int]:
+        chunks = [key_ids[i : i + 100] for i in range(0, len(key_ids), 100)]
+        found = await self._session.execute_many(
+            [(self._known_ids, (*_key(device), chunk)) for chunk in chunks],
+            op="publish prekeys: read known key ids",
+        )
+        return {int(row[0]) for rows in found for row in rows}
+
+    async def _record_ids(self, device: Address, new: list[tuple[Any, ...]]) -> bool:
+        """Record the key ids (a conditional batch per chunk), then pool the keys.
+
+        False if a concurrent publish recorded one of them first (nothing of that chunk
+        is written; the caller starts over).
+        """
+        for i in range(0, len(new), PUBLISH_CHUNK):
+            chunk = new[i : i + PUBLISH_CHUNK]
+            batch = "BEGIN BATCH " + " ".join([self._record_id] * len(chunk)) + " APPLY BATCH"
+            params = [v for k in chunk for v in (*_key(device), k[0])]
+            try:
+                rows = await self._session.execute(
+                    batch, params, op="publish prekeys: record key ids", idempotent=False
+                )
+            except Unavailable as exc:
+                if not is_contention(exc):
+                    raise
+                return False
+            if not rows or not rows[0][0]:
+                return False
+            await self._session.execute_many(
+                [(self._add, (*_key(device), *k)) for k in chunk],
+                op="publish prekeys: pool the keys",
+            )
+        return True
+
+    async def claim(self, device: Address) -> tuple[Any, ...] | None:
+        """Claim the unclaimed key with the lowest key_id (``DELETE ... IF EXISTS``)."""
+        async with self._turns.take(("claim", device)):
+            for round_ in range(MAX_ROUNDS):
+                candidates = await self._session.execute(
+                    self._candidates,
+                    (*_key(device), CLAIM_CANDIDATES),
+                    op=f"claim a prekey: read the pool {self._name}",
+                )
+                if not candidates:
+                    return None
+                for candidate in candidates:
+                    try:
+                        rows = await self._session.execute(
+                            self._claim,
+                            (*_key(device), candidate[0]),
+                            op=f"claim a prekey of {self._name}",
+                            idempotent=False,
+                        )
+                    except Unavailable as exc:
+                        if not is_contention(exc):
+                            raise
+                        continue  # unknown outcome: never hand this one out
+                    if rows and rows[0][0]:
+                        return tuple(candidate)
+                await _backoff(round_)
+        raise Unavailable(f"claim a prekey of {device}: gave up after {MAX_ROUNDS} rounds")
+
+    async def count(self, device: Address) -> int:
+        """How many unclaimed keys ``device`` holds."""
+        rows = await self._session.execute(self._count, _key(device), op="count prekeys")
+        return int(rows[0][0]) if rows else 0
 
 
 class CassandraPrekeyStore:
@@ -170,7 +332,7 @@ class CassandraPrekeyStore:
 
     def __init__(self, session: CassandraSession) -> None:
         self._session = session
-        self._turns = Turns()
+        self._pool = _Pool(session, "one_time_prekeys", "prekey_ids", ("public_key",))
 
     async def set_signed_prekey(self, device: Address, prekey: SignedPrekey) -> None:
         """Store ``prekey`` as the signed prekey of ``device``, replacing any previous one."""
@@ -189,87 +351,96 @@ class CassandraPrekeyStore:
         self, device: Address, prekeys: Sequence[OneTimePrekey], max_held: int
     ) -> PrekeysAdded:
         """Add ``prekeys`` idempotently by key_id, all or nothing within ``max_held``."""
-        first: dict[int, OneTimePrekey] = {}
-        for prekey in prekeys:
-            first.setdefault(prekey.key_id, prekey)
-        unique = list(first.values())
-        async with self._turns.take(("add", device)):
-            for round_ in range(MAX_ROUNDS):
-                known = await self._known_ids(device, [p.key_id for p in unique])
-                held = await self.count_one_time_prekeys(device)
-                new = [p for p in unique if p.key_id not in known]
-                if not new:
-                    return PrekeysAdded(held=held, accepted=True)
-                if held + len(new) > max_held:
-                    return PrekeysAdded(held=held, accepted=False)
-                if await self._record_ids(device, new):
-                    return PrekeysAdded(held=held + len(new), accepted=True)
-                await _backoff(round_)
-        raise Unavailable(f"publish prekeys of {device}: gave up after {MAX_ROUNDS} rounds")
-
-    async def _known_ids(self, device: Address, key_ids: list[int]) -> set[int]:
-        chunks = [key_ids[i : i + 100] for i in range(0, len(key_ids), 100)]
-        found = await self._session.execute_many(
-            [(_KNOWN_IDS, (*_key(device), chunk)) for chunk in chunks],
-            op="publish prekeys: read known key ids",
-        )
-        return {int(row[0]) for rows in found for row in rows}
-
-    async def _record_ids(self, device: Address, new: list[OneTimePrekey]) -> bool:
-        """Record the key ids (a conditional batch per chunk), then pool the keys.
-
-        False if a concurrent publish recorded one of them first (nothing of that chunk
-        is written; the caller starts over).
-        """
-        for i in range(0, len(new), PUBLISH_CHUNK):
-            chunk = new[i : i + PUBLISH_CHUNK]
-            batch = "BEGIN BATCH " + " ".join([_RECORD_ID] * len(chunk)) + " APPLY BATCH"
-            params = [v for p in chunk for v in (*_key(device), p.key_id)]
-            try:
-                rows = await self._session.execute(
-                    batch, params, op="publish prekeys: record key ids", idempotent=False
-                )
-            except Unavailable as exc:
-                if not is_contention(exc):
-                    raise
-                return False
-            if not rows or not rows[0][0]:
-                return False
-            await self._session.execute_many(
-                [(_ADD, (*_key(device), p.key_id, p.public_key)) for p in chunk],
-                op="publish prekeys: pool the keys",
-            )
-        return True
+        return await self._pool.add(device, [(p.key_id, p.public_key) for p in prekeys], max_held)
 
     async def claim_one_time_prekey(self, device: Address) -> OneTimePrekey | None:
         """Claim the unclaimed key with the lowest key_id (``DELETE ... IF EXISTS``)."""
-        async with self._turns.take(("claim", device)):
-            for round_ in range(MAX_ROUNDS):
-                candidates = await self._session.execute(
-                    _CANDIDATES,
-                    (*_key(device), CLAIM_CANDIDATES),
-                    op="claim a prekey: read the pool",
-                )
-                if not candidates:
-                    return None
-                for key_id, public_key in candidates:
-                    try:
-                        rows = await self._session.execute(
-                            _CLAIM,
-                            (*_key(device), key_id),
-                            op="claim a prekey",
-                            idempotent=False,
-                        )
-                    except Unavailable as exc:
-                        if not is_contention(exc):
-                            raise
-                        continue  # unknown outcome: never hand this one out
-                    if rows and rows[0][0]:
-                        return OneTimePrekey(int(key_id), bytes(public_key))
-                await _backoff(round_)
-        raise Unavailable(f"claim a prekey of {device}: gave up after {MAX_ROUNDS} rounds")
+        row = await self._pool.claim(device)
+        return None if row is None else OneTimePrekey(int(row[0]), bytes(row[1]))
 
     async def count_one_time_prekeys(self, device: Address) -> int:
         """Return how many unclaimed one-time prekeys ``device`` holds."""
-        rows = await self._session.execute(_COUNT, _key(device), op="count prekeys")
-        return int(rows[0][0]) if rows else 0
+        return await self._pool.count(device)
+
+
+class CassandraPqPrekeyStore:
+    """PqPrekeyStore on ``last_resort_pq_prekeys``, ``one_time_pq_prekeys``, ``pq_prekey_ids``."""
+
+    def __init__(self, session: CassandraSession) -> None:
+        self._session = session
+        self._pool = _Pool(
+            session, "one_time_pq_prekeys", "pq_prekey_ids", ("public_key", "signature")
+        )
+
+    async def set_last_resort_pq_prekey(self, device: Address, prekey: PqPrekey) -> None:
+        """Store ``prekey`` as the last-resort PQ prekey of ``device``, replacing any other."""
+        params = (*_key(device), prekey.key_id, prekey.public_key, prekey.signature)
+        await self._session.execute(_SET_LAST_RESORT, params, op="set a last-resort PQ prekey")
+
+    async def last_resort_pq_prekey(self, device: Address) -> PqPrekey | None:
+        """Return the last-resort PQ prekey of ``device``, or None."""
+        rows = await self._session.execute(
+            _LAST_RESORT, _key(device), op="get a last-resort PQ prekey"
+        )
+        if not rows:
+            return None
+        key_id, public_key, signature = rows[0]
+        return PqPrekey(int(key_id), bytes(public_key), bytes(signature))
+
+    async def add_one_time_pq_prekeys(
+        self, device: Address, prekeys: Sequence[PqPrekey], max_held: int
+    ) -> PrekeysAdded:
+        """Add ``prekeys`` idempotently by key_id, all or nothing within ``max_held``."""
+        keys = [(p.key_id, p.public_key, p.signature) for p in prekeys]
+        return await self._pool.add(device, keys, max_held)
+
+    async def claim_one_time_pq_prekey(self, device: Address) -> PqPrekey | None:
+        """Claim the unclaimed PQ key with the lowest key_id (``DELETE ... IF EXISTS``)."""
+        row = await self._pool.claim(device)
+        return None if row is None else PqPrekey(int(row[0]), bytes(row[1]), bytes(row[2]))
+
+    async def count_one_time_pq_prekeys(self, device: Address) -> int:
+        """Return how many unclaimed one-time PQ prekeys ``device`` holds."""
+        return await self._pool.count(device)
+
+
+class CassandraPrekeyHandout:
+    """PrekeyHandout over the two prekey stores: one lightweight transaction per claim."""
+
+    def __init__(self, prekeys: CassandraPrekeyStore, pq_prekeys: CassandraPqPrekeyStore) -> None:
+        self._prekeys = prekeys
+        self._pq_prekeys = pq_prekeys
+
+    async def claim_bundle_keys(self, device: Address) -> BundleKeys:
+        """Signed prekeys and one one-time key of each pool; see PrekeyHandout."""
+        signed, last_resort = await asyncio.gather(
+            self._prekeys.signed_prekey(device), self._pq_prekeys.last_resort_pq_prekey(device)
+        )
+        if signed is None:
+            return BundleKeys(None, None, last_resort, last_resort is not None)
+        if last_resort is None:
+            # Without a fallback, spend an X25519 key only if a PQ key was found.
+            pq = await self._pq_prekeys.claim_one_time_pq_prekey(device)
+            if pq is None:
+                return BundleKeys(signed, None, None, False)
+            one_time = await self._prekeys.claim_one_time_prekey(device)
+        else:
+            one_time, pq = await asyncio.gather(
+                self._prekeys.claim_one_time_prekey(device),
+                self._pq_prekeys.claim_one_time_pq_prekey(device),
+            )
+        if pq is None:
+            return BundleKeys(signed, one_time, last_resort, True)
+        return BundleKeys(signed, one_time, pq, False)
+
+
+def cassandra_key_stores(session: CassandraSession) -> KeyStores:
+    """Every key directory store on the keyspace of ``session`` (migrated)."""
+    prekeys = CassandraPrekeyStore(session)
+    pq_prekeys = CassandraPqPrekeyStore(session)
+    return KeyStores(
+        devices=CassandraDeviceDirectory(session),
+        prekeys=prekeys,
+        pq_prekeys=pq_prekeys,
+        handout=CassandraPrekeyHandout(prekeys, pq_prekeys),
+    )

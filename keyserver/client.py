@@ -21,6 +21,7 @@ SERVICE_NAME = "relaypb.keys.v1.KeyDirectory"
 #: Full method names, as signed in request transcripts.
 PUBLISH_PREKEYS_METHOD = f"/{SERVICE_NAME}/PublishPrekeys"
 COUNT_ONE_TIME_PREKEYS_METHOD = f"/{SERVICE_NAME}/CountOneTimePrekeys"
+REMOVE_DEVICE_METHOD = f"/{SERVICE_NAME}/RemoveDevice"
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 

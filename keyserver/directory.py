@@ -14,13 +14,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from keyserver import validation
-from keyserver.model import DeviceRecord, OneTimePrekey, PrekeyBundle, Registration, SignedPrekey
-from keyserver.ports import DeviceDirectory, PrekeyStore
+from keyserver.model import (
+    DeviceRecord,
+    OneTimePrekey,
+    PqPrekey,
+    PrekeyBundle,
+    PrekeyStatus,
+    Registration,
+    SignedPrekey,
+)
+from keyserver.ports import KeyStores
 from keyserver.replay import ReplayCache
 from relay import authproof
 from relay.clock import Clock
 from relay.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     LimitExceeded,
     NotFound,
@@ -33,6 +42,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ONE_TIME_PREKEYS_PER_REQUEST = 100
 DEFAULT_MAX_ONE_TIME_PREKEYS = 1000
+DEFAULT_MAX_ONE_TIME_PQ_PREKEYS_PER_REQUEST = 100
+DEFAULT_MAX_ONE_TIME_PQ_PREKEYS = 1000
+#: Default of ``keyserver.low_water_mark`` (relay.config).
+DEFAULT_LOW_WATER_MARK = 10
 DEFAULT_REQUEST_WINDOW_MS = 60_000
 DEFAULT_REPLAY_CACHE_ENTRIES = 100_000
 
@@ -43,6 +56,10 @@ class DirectoryLimits:
 
     max_one_time_prekeys_per_request: int = DEFAULT_MAX_ONE_TIME_PREKEYS_PER_REQUEST
     max_one_time_prekeys: int = DEFAULT_MAX_ONE_TIME_PREKEYS
+    max_one_time_pq_prekeys_per_request: int = DEFAULT_MAX_ONE_TIME_PQ_PREKEYS_PER_REQUEST
+    max_one_time_pq_prekeys: int = DEFAULT_MAX_ONE_TIME_PQ_PREKEYS
+    #: A pool at or below this many keys asks its device to replenish (PrekeyStatus).
+    low_water_mark: int = DEFAULT_LOW_WATER_MARK
     #: A signed request's time may differ from the server's by at most this much.
     request_window_ms: int = DEFAULT_REQUEST_WINDOW_MS
     #: Signed requests remembered at once for replay detection.
@@ -50,17 +67,18 @@ class DirectoryLimits:
 
 
 class KeyDirectory:
-    """Devices, identity keys and prekeys, over a DeviceDirectory and a PrekeyStore."""
+    """Devices, identity keys and prekeys, over the stores of ``keyserver.ports``."""
 
     def __init__(
         self,
-        devices: DeviceDirectory,
-        prekeys: PrekeyStore,
+        stores: KeyStores,
         clock: Clock,
         limits: DirectoryLimits | None = None,
     ) -> None:
-        self._devices = devices
-        self._prekeys = prekeys
+        self._devices = stores.devices
+        self._prekeys = stores.prekeys
+        self._pq_prekeys = stores.pq_prekeys
+        self._handout = stores.handout
         self._clock = clock
         self._limits = limits or DirectoryLimits()
         self._replays = ReplayCache(self._limits.replay_cache_entries)
@@ -68,10 +86,12 @@ class KeyDirectory:
     async def register(self, registration: Registration) -> DeviceRecord:
         """Register a new device after checking every key and signature in ``registration``.
 
-        Retrying a registration with the same identity key returns the device registered
-        the first time (stores its signed prekey only if it has none, adds one-time
-        prekeys idempotently); the same identity key with another identity_dh_key is
-        AlreadyExists.
+        Every signature is verified before anything is stored; a bad one is
+        InvalidArgument naming the key. Retrying a registration with the same identity key
+        returns the device registered the first time (stores its signed and last-resort PQ
+        prekeys only if it has none, adds one-time prekeys idempotently); the same identity
+        key with another identity_dh_key is AlreadyExists, and the identity key of a
+        removed device is FailedPrecondition (register with a new identity).
         """
         reg = registration
         Address(reg.tenant, reg.user, 1).validate(field="request")
@@ -83,6 +103,8 @@ class KeyDirectory:
         validation.check_length("proof", reg.proof, validation.SIGNATURE_BYTES)
         if reg.signed_prekey is None:
             raise InvalidArgument("signed_prekey is required")
+        if reg.last_resort_pq_prekey is None:
+            raise InvalidArgument("last_resort_pq_prekey is required")
         validation.check_one_time_prekeys(
             "one_time_prekeys", reg.one_time_prekeys, self._limits.max_one_time_prekeys_per_request
         )
@@ -95,6 +117,15 @@ class KeyDirectory:
         if not authproof.verify(reg.identity_key, reg.identity_dh_signature, dh_transcript):
             raise InvalidArgument("identity_dh_signature does not verify with identity_key")
         validation.check_signed_prekey("signed_prekey", reg.signed_prekey, reg.identity_key)
+        validation.check_pq_prekey(
+            "last_resort_pq_prekey", reg.last_resort_pq_prekey, reg.identity_key
+        )
+        validation.check_one_time_pq_prekeys(
+            "one_time_pq_prekeys",
+            reg.one_time_pq_prekeys,
+            reg.identity_key,
+            self._limits.max_one_time_pq_prekeys_per_request,
+        )
 
         record = await self._devices.register(
             reg.tenant,
@@ -104,6 +135,11 @@ class KeyDirectory:
             identity_dh_signature=reg.identity_dh_signature,
             registered_at_ms=self._clock.now_ms(),
         )
+        if record.removed_at_ms is not None:
+            raise FailedPrecondition(
+                f"identity_key belonged to device {record.address}, which was removed; "
+                "register with a new identity key"
+            )
         if record.identity_dh_key != reg.identity_dh_key:
             raise AlreadyExists(
                 f"identity_key is already registered as device {record.address} "
@@ -112,7 +148,12 @@ class KeyDirectory:
         # Only when missing: a replayed registration must not roll back a rotated key.
         if await self._prekeys.signed_prekey(record.address) is None:
             await self._prekeys.set_signed_prekey(record.address, reg.signed_prekey)
+        if await self._pq_prekeys.last_resort_pq_prekey(record.address) is None:
+            await self._pq_prekeys.set_last_resort_pq_prekey(
+                record.address, reg.last_resort_pq_prekey
+            )
         await self._add_one_time_prekeys(record.address, reg.one_time_prekeys)
+        await self._add_one_time_pq_prekeys(record.address, reg.one_time_pq_prekeys)
         log.info("registered device %s", record.address)
         return record
 
@@ -157,34 +198,58 @@ class KeyDirectory:
         device: Address,
         signed_prekey: SignedPrekey | None,
         one_time_prekeys: Sequence[OneTimePrekey],
-    ) -> int:
-        """Rotate the signed prekey and/or add one-time prekeys of ``device``.
+        *,
+        last_resort_pq_prekey: PqPrekey | None = None,
+        one_time_pq_prekeys: Sequence[PqPrekey] = (),
+    ) -> PrekeyStatus:
+        """Rotate the signed or last-resort PQ prekey and/or add one-time prekeys of ``device``.
 
         ``caller`` is the device that signed the request (see ``authenticate``); it may
-        publish only for itself. Returns the number of unclaimed one-time prekeys after.
+        publish only for itself. Every key and signature is checked before anything is
+        stored (InvalidArgument naming the first bad key). One-time keys are added first,
+        X25519 then PQ: a request refused for a pool limit (LimitExceeded) replaces no
+        signed key, though it may have added its X25519 keys when the PQ pool is the one
+        that is full (retrying is safe: adds are idempotent by key_id). Returns the
+        device's prekey status afterwards.
         """
         record = await self._own_device(caller, device, "publish prekeys")
+        limits = self._limits
         validation.check_one_time_prekeys(
-            "one_time_prekeys", one_time_prekeys, self._limits.max_one_time_prekeys_per_request
+            "one_time_prekeys", one_time_prekeys, limits.max_one_time_prekeys_per_request
         )
         if signed_prekey is not None:
             validation.check_signed_prekey("signed_prekey", signed_prekey, record.identity_key)
-        # One-time keys first: if they pass the limit, the request changes nothing.
+        if last_resort_pq_prekey is not None:
+            validation.check_pq_prekey(
+                "last_resort_pq_prekey", last_resort_pq_prekey, record.identity_key
+            )
+        validation.check_one_time_pq_prekeys(
+            "one_time_pq_prekeys",
+            one_time_pq_prekeys,
+            record.identity_key,
+            limits.max_one_time_pq_prekeys_per_request,
+        )
+        # One-time keys first: if they pass a limit, no signed key is replaced.
+        ec_held = pq_held = None
         if one_time_prekeys:
-            remaining = await self._add_one_time_prekeys(device, one_time_prekeys)
-        else:
-            remaining = await self._prekeys.count_one_time_prekeys(device)
+            ec_held = await self._add_one_time_prekeys(device, one_time_prekeys)
+        if one_time_pq_prekeys:
+            pq_held = await self._add_one_time_pq_prekeys(device, one_time_pq_prekeys)
         if signed_prekey is not None:
             await self._prekeys.set_signed_prekey(device, signed_prekey)
-        return remaining
+        if last_resort_pq_prekey is not None:
+            await self._pq_prekeys.set_last_resort_pq_prekey(device, last_resort_pq_prekey)
+        return await self._status(device, ec_held, pq_held)
 
     async def fetch_bundles(
         self, tenant: str, user: str, devices: Sequence[int]
     ) -> list[PrekeyBundle]:
         """Return a prekey bundle per device of the user (``devices``, or all if empty).
 
-        Claims one one-time prekey per device. NotFound if the user has no device or a
-        named device does not exist (nothing is claimed then).
+        Claims one one-time X25519 prekey and one one-time PQ prekey per device (the
+        last-resort PQ prekey when that pool is empty); see ``PrekeyHandout``. NotFound
+        if the user has no device or a named device does not exist or was removed
+        (nothing is claimed then).
         """
         Address(tenant, user, 1).validate(field="request")
         seen: set[int] = set()
@@ -215,6 +280,32 @@ class KeyDirectory:
         await self._own_device(caller, device, "count the one-time prekeys of")
         return await self._prekeys.count_one_time_prekeys(device)
 
+    async def prekey_status(self, caller: Address, device: Address) -> PrekeyStatus:
+        """Return how full the one-time pools of ``device`` are; only it may ask."""
+        await self._own_device(caller, device, "count the one-time prekeys of")
+        return await self._status(device)
+
+    async def remove_device(self, caller: Address, device: Address) -> DeviceRecord:
+        """Remove ``device``: the caller itself or another device of the same user.
+
+        ``caller`` is the device that signed the request. PermissionDenied if ``device``
+        belongs to another tenant or user (whether it exists or not); NotFound if it is
+        not registered or was removed already. Afterwards the device is gone from
+        ListDevices, GetIdentityKey and FetchPrekeyBundles, its signed requests are
+        refused, and its device number is never given out again. Returns its record.
+        """
+        device.validate(field="device")
+        if (caller.tenant, caller.user) != (device.tenant, device.user):
+            raise PermissionDenied(
+                f"device {caller} may not remove device {device}: only a device of "
+                f"{device.tenant}/{device.user} may"
+            )
+        record = await self._devices.get(device)
+        if record is None or not await self._devices.remove(device, self._clock.now_ms()):
+            raise NotFound(f"device {device} is not registered")
+        log.info("device %s removed by %s", device, caller)
+        return record
+
     async def identity_key(self, device: Address) -> bytes:
         """Return the Ed25519 identity key of ``device``; NotFound if not registered."""
         device.validate(field="device")
@@ -232,6 +323,36 @@ class KeyDirectory:
             raise NotFound(f"device {device} is not registered")
         return record
 
+    async def _status(
+        self, device: Address, ec_held: int | None = None, pq_held: int | None = None
+    ) -> PrekeyStatus:
+        """The prekey status of ``device``; counts already known are passed in."""
+        if ec_held is None:
+            ec_held = await self._prekeys.count_one_time_prekeys(device)
+        if pq_held is None:
+            pq_held = await self._pq_prekeys.count_one_time_pq_prekeys(device)
+        has_last_resort = await self._pq_prekeys.last_resort_pq_prekey(device) is not None
+        mark = self._limits.low_water_mark
+        return PrekeyStatus(
+            one_time_prekeys=ec_held,
+            one_time_pq_prekeys=pq_held,
+            low_water_mark=mark,
+            replenish=ec_held <= mark or pq_held <= mark or not has_last_resort,
+            has_last_resort_pq_prekey=has_last_resort,
+        )
+
+    async def _add_one_time_pq_prekeys(self, device: Address, prekeys: Sequence[PqPrekey]) -> int:
+        limit = self._limits.max_one_time_pq_prekeys
+        added = await self._pq_prekeys.add_one_time_pq_prekeys(device, prekeys, limit)
+        if not added.accepted:
+            raise LimitExceeded(
+                "max_one_time_pq_prekeys",
+                limit,
+                f"device {device} holds {added.held} one-time PQ prekeys; adding "
+                f"{len(prekeys)} would pass max_one_time_pq_prekeys = {limit}",
+            )
+        return added.held
+
     async def _add_one_time_prekeys(self, device: Address, prekeys: Sequence[OneTimePrekey]) -> int:
         limit = self._limits.max_one_time_prekeys
         added = await self._prekeys.add_one_time_prekeys(device, prekeys, limit)
@@ -245,9 +366,7 @@ class KeyDirectory:
         return added.held
 
     async def _bundle(self, record: DeviceRecord) -> PrekeyBundle:
-        signed = await self._prekeys.signed_prekey(record.address)
-        # A device without a signed prekey cannot be used; do not spend its one-time keys.
-        one_time = None
-        if signed is not None:
-            one_time = await self._prekeys.claim_one_time_prekey(record.address)
-        return PrekeyBundle(record, signed, one_time)
+        keys = await self._handout.claim_bundle_keys(record.address)
+        return PrekeyBundle(
+            record, keys.signed_prekey, keys.one_time_prekey, keys.pq_prekey, keys.pq_last_resort
+        )

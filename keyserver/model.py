@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.model import Address
+from relay.model import Address, registration_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,14 +25,38 @@ class OneTimePrekey:
 
 
 @dataclass(frozen=True, slots=True)
+class PqPrekey:
+    """An ML-KEM-1024 prekey vouched for by the device's identity key.
+
+    One-time (handed out at most once) or the device's last-resort key (handed out when
+    the one-time PQ pool is empty); the signature is over
+    ``relay.authproof.pq_prekey_transcript(public_key)`` either way.
+    """
+
+    key_id: int
+    public_key: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceRecord:
-    """A registered device: its address and identity keys."""
+    """A registered device: its address and identity keys.
+
+    ``removed_at_ms`` is set once the device was removed: its number is never given out
+    again, and the directory treats it as unknown everywhere else.
+    """
 
     address: Address
     identity_key: bytes
     identity_dh_key: bytes
     identity_dh_signature: bytes
     registered_at_ms: int
+    removed_at_ms: int | None = None
+
+    @property
+    def registration_id(self) -> int:
+        """The device's registration id (derived from its identity key)."""
+        return registration_id(self.identity_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +65,41 @@ class PrekeyBundle:
 
     ``signed_prekey`` is None only for a device whose registration was interrupted
     before its signed prekey was stored; ``one_time_prekey`` is None when the pool is empty.
+    ``pq_prekey`` is a one-time PQ prekey, or the last-resort one (``pq_last_resort``)
+    when that pool is empty; None only for a device that never published a PQ prekey
+    (registered by an SDK older than PQXDH).
     """
 
     device: DeviceRecord
     signed_prekey: SignedPrekey | None
     one_time_prekey: OneTimePrekey | None
+    pq_prekey: PqPrekey | None = None
+    pq_last_resort: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BundleKeys:
+    """The prekeys a PrekeyHandout gives out for one bundle (see ``keyserver.ports``)."""
+
+    signed_prekey: SignedPrekey | None
+    one_time_prekey: OneTimePrekey | None
+    pq_prekey: PqPrekey | None
+    pq_last_resort: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PrekeyStatus:
+    """How full a device's one-time pools are, and whether it should upload more.
+
+    ``replenish`` is set when either pool holds at most ``low_water_mark`` keys or the
+    device has no last-resort PQ prekey.
+    """
+
+    one_time_prekeys: int
+    one_time_pq_prekeys: int
+    low_water_mark: int
+    replenish: bool
+    has_last_resort_pq_prekey: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +114,8 @@ class Registration:
     signed_prekey: SignedPrekey | None
     one_time_prekeys: tuple[OneTimePrekey, ...]
     proof: bytes
+    last_resort_pq_prekey: PqPrekey | None = None
+    one_time_pq_prekeys: tuple[PqPrekey, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

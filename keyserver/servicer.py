@@ -9,7 +9,12 @@ from typing import TypeVar
 import grpc
 
 from keyserver import model
-from keyserver.client import COUNT_ONE_TIME_PREKEYS_METHOD, PUBLISH_PREKEYS_METHOD, request_body
+from keyserver.client import (
+    COUNT_ONE_TIME_PREKEYS_METHOD,
+    PUBLISH_PREKEYS_METHOD,
+    REMOVE_DEVICE_METHOD,
+    request_body,
+)
 from keyserver.directory import KeyDirectory
 from relay import authproof
 from relay.errors import Unauthenticated
@@ -34,6 +39,28 @@ def _one_time_prekeys(msgs: Iterable[pb.OneTimePrekey]) -> tuple[model.OneTimePr
     return tuple(model.OneTimePrekey(m.key_id, m.public_key) for m in msgs)
 
 
+def _pq_prekey(msg: pb.PqPrekey) -> model.PqPrekey:
+    return model.PqPrekey(msg.key_id, msg.public_key, msg.signature)
+
+
+def _pq_prekeys(msgs: Iterable[pb.PqPrekey]) -> tuple[model.PqPrekey, ...]:
+    return tuple(_pq_prekey(m) for m in msgs)
+
+
+def _pq_prekey_pb(key: model.PqPrekey) -> pb.PqPrekey:
+    return pb.PqPrekey(key_id=key.key_id, public_key=key.public_key, signature=key.signature)
+
+
+def _status_pb(status: model.PrekeyStatus) -> pb.PrekeyStatus:
+    return pb.PrekeyStatus(
+        one_time_prekeys=status.one_time_prekeys,
+        one_time_pq_prekeys=status.one_time_pq_prekeys,
+        low_water_mark=status.low_water_mark,
+        replenish=status.replenish,
+        has_last_resort_pq_prekey=status.has_last_resort_pq_prekey,
+    )
+
+
 def _signed_prekey_pb(spk: model.SignedPrekey) -> pb.SignedPrekey:
     return pb.SignedPrekey(key_id=spk.key_id, public_key=spk.public_key, signature=spk.signature)
 
@@ -45,7 +72,11 @@ def _bundle_pb(bundle: model.PrekeyBundle) -> pb.PrekeyBundle:
         identity_key=device.identity_key,
         identity_dh_key=device.identity_dh_key,
         identity_dh_signature=device.identity_dh_signature,
+        registration_id=device.registration_id,
+        pq_prekey_last_resort=bundle.pq_last_resort,
     )
+    if bundle.pq_prekey is not None:
+        msg.pq_prekey.CopyFrom(_pq_prekey_pb(bundle.pq_prekey))
     if bundle.signed_prekey is not None:
         msg.signed_prekey.CopyFrom(_signed_prekey_pb(bundle.signed_prekey))
     if bundle.one_time_prekey is not None:
@@ -114,9 +145,17 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
             signed_prekey=_signed_prekey(request.signed_prekey) if has_spk else None,
             one_time_prekeys=_one_time_prekeys(request.one_time_prekeys),
             proof=request.proof,
+            last_resort_pq_prekey=(
+                _pq_prekey(request.last_resort_pq_prekey)
+                if request.HasField("last_resort_pq_prekey")
+                else None
+            ),
+            one_time_pq_prekeys=_pq_prekeys(request.one_time_pq_prekeys),
         )
         record = await self._core.register(registration)
-        return pb.RegisterDeviceResponse(address=address_to_pb(record.address))
+        return pb.RegisterDeviceResponse(
+            address=address_to_pb(record.address), registration_id=record.registration_id
+        )
 
     @unary
     async def PublishPrekeys(
@@ -124,16 +163,23 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         request: pb.PublishPrekeysRequest,
         context: Context[pb.PublishPrekeysRequest, pb.PublishPrekeysResponse],
     ) -> pb.PublishPrekeysResponse:
-        """Rotate the signed prekey and/or add one-time prekeys (device-signed)."""
+        """Rotate signed prekeys and/or add one-time prekeys (device-signed)."""
         caller = await self._authenticate(PUBLISH_PREKEYS_METHOD, request_body(request), context)
         has_spk = request.HasField("signed_prekey")
-        remaining = await self._core.publish_prekeys(
+        has_last_resort = request.HasField("last_resort_pq_prekey")
+        status = await self._core.publish_prekeys(
             caller,
             address_from_pb(request.device),
             _signed_prekey(request.signed_prekey) if has_spk else None,
             _one_time_prekeys(request.one_time_prekeys),
+            last_resort_pq_prekey=(
+                _pq_prekey(request.last_resort_pq_prekey) if has_last_resort else None
+            ),
+            one_time_pq_prekeys=_pq_prekeys(request.one_time_pq_prekeys),
         )
-        return pb.PublishPrekeysResponse(one_time_prekeys_remaining=remaining)
+        return pb.PublishPrekeysResponse(
+            one_time_prekeys_remaining=status.one_time_prekeys, status=_status_pb(status)
+        )
 
     @unary
     async def FetchPrekeyBundles(
@@ -159,6 +205,7 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
                     address=address_to_pb(r.address),
                     identity_key=r.identity_key,
                     registered_at_ms=r.registered_at_ms,
+                    registration_id=r.registration_id,
                 )
                 for r in records
             ]
@@ -170,11 +217,13 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         request: pb.CountOneTimePrekeysRequest,
         context: Context[pb.CountOneTimePrekeysRequest, pb.CountOneTimePrekeysResponse],
     ) -> pb.CountOneTimePrekeysResponse:
-        """How many unclaimed one-time prekeys the signing device has (device-signed)."""
+        """How full the one-time pools of the signing device are (device-signed)."""
         body = request_body(request)
         caller = await self._authenticate(COUNT_ONE_TIME_PREKEYS_METHOD, body, context)
-        count = await self._core.count_one_time_prekeys(caller, address_from_pb(request.device))
-        return pb.CountOneTimePrekeysResponse(count=count)
+        status = await self._core.prekey_status(caller, address_from_pb(request.device))
+        return pb.CountOneTimePrekeysResponse(
+            count=status.one_time_prekeys, status=_status_pb(status)
+        )
 
     @unary
     async def GetIdentityKey(
@@ -185,3 +234,14 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         """The Ed25519 identity key of one device."""
         key = await self._core.identity_key(address_from_pb(request.device))
         return pb.GetIdentityKeyResponse(identity_key=key)
+
+    @unary
+    async def RemoveDevice(
+        self,
+        request: pb.RemoveDeviceRequest,
+        context: Context[pb.RemoveDeviceRequest, pb.RemoveDeviceResponse],
+    ) -> pb.RemoveDeviceResponse:
+        """Remove a device of the signing device's own user (device-signed)."""
+        caller = await self._authenticate(REMOVE_DEVICE_METHOD, request_body(request), context)
+        await self._core.remove_device(caller, address_from_pb(request.device))
+        return pb.RemoveDeviceResponse()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from keyserver.model import OneTimePrekey, SignedPrekey
+from cryptography.hazmat.primitives.asymmetric import mlkem
+
+from keyserver.model import OneTimePrekey, PqPrekey, SignedPrekey
 from relay import authproof
 from relay.errors import InvalidArgument, LimitExceeded
 
 KEY_BYTES = 32
+#: An ML-KEM-1024 encapsulation key.
+PQ_KEY_BYTES = 1568
 SIGNATURE_BYTES = 64
 MAX_KEY_ID = 2**32 - 1
 
@@ -50,17 +54,59 @@ def check_signed_prekey(field: str, prekey: SignedPrekey, identity_key: bytes) -
         raise InvalidArgument(f"{field}.signature does not verify with identity_key")
 
 
+def check_pq_prekey(field: str, prekey: PqPrekey, identity_key: bytes) -> None:
+    """Raise InvalidArgument unless ``prekey`` is a valid ML-KEM-1024 key, signed.
+
+    The signature must verify with ``identity_key``; the message names ``field`` and the
+    key_id, e.g. ``one_time_pq_prekeys[3] (key_id 17): signature does not verify ...``.
+    """
+    check_key_id(field, prekey.key_id)
+    named = f"{field} (key_id {prekey.key_id})"
+    if len(prekey.public_key) != PQ_KEY_BYTES:
+        raise InvalidArgument(
+            f"{named}: public_key must be {PQ_KEY_BYTES} bytes, got {len(prekey.public_key)}"
+        )
+    if len(prekey.signature) != SIGNATURE_BYTES:
+        raise InvalidArgument(
+            f"{named}: signature must be {SIGNATURE_BYTES} bytes, got {len(prekey.signature)}"
+        )
+    transcript = authproof.pq_prekey_transcript(prekey.public_key)
+    if not authproof.verify(identity_key, prekey.signature, transcript):
+        raise InvalidArgument(f"{named}: signature does not verify with identity_key")
+    try:
+        mlkem.MLKEM1024PublicKey.from_public_bytes(prekey.public_key)
+    except ValueError as exc:
+        # Signed by the device, but no sender could encapsulate to it (FIPS 203 check).
+        raise InvalidArgument(f"{named}: public_key is not a valid ML-KEM-1024 key") from exc
+
+
+def check_one_time_pq_prekeys(
+    field: str, prekeys: Sequence[PqPrekey], identity_key: bytes, max_per_request: int
+) -> None:
+    """Raise unless ``prekeys`` are at most ``max_per_request`` distinct, signed PQ keys."""
+    _check_count(field, len(prekeys), "max_one_time_pq_prekeys_per_request", max_per_request)
+    seen: set[int] = set()
+    for i, prekey in enumerate(prekeys):
+        check_pq_prekey(f"{field}[{i}]", prekey, identity_key)
+        if prekey.key_id in seen:
+            raise InvalidArgument(f"{field}[{i}].key_id {prekey.key_id} repeats an earlier key_id")
+        seen.add(prekey.key_id)
+
+
+def _check_count(field: str, count: int, limit: str, max_per_request: int) -> None:
+    if count > max_per_request:
+        raise LimitExceeded(
+            limit,
+            max_per_request,
+            f"{field} has {count} keys, more than {limit} = {max_per_request}",
+        )
+
+
 def check_one_time_prekeys(
     field: str, prekeys: Sequence[OneTimePrekey], max_per_request: int
 ) -> None:
     """Raise unless ``prekeys`` are at most ``max_per_request`` well-formed, distinct keys."""
-    if len(prekeys) > max_per_request:
-        raise LimitExceeded(
-            "max_one_time_prekeys_per_request",
-            max_per_request,
-            f"{field} has {len(prekeys)} keys, more than "
-            f"max_one_time_prekeys_per_request = {max_per_request}",
-        )
+    _check_count(field, len(prekeys), "max_one_time_prekeys_per_request", max_per_request)
     seen: set[int] = set()
     for i, prekey in enumerate(prekeys):
         check_key_id(f"{field}[{i}]", prekey.key_id)

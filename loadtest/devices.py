@@ -1,8 +1,8 @@
 """Simulated devices: real Ed25519 keys, registration with proofs, the Connect handshake.
 
 Registration follows ``RegisterDevice`` exactly as a real SDK does (identity key, X25519
-identity key signed by it, signed prekey, proof of possession), many at once over one
-channel with a bounded number in flight.
+identity key signed by it, signed prekey, last-resort ML-KEM-1024 prekey, proof of
+possession), many at once over one channel with a bounded number in flight.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import mlkem
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -56,6 +57,8 @@ def registration_request(tenant: str, user: str, key: Ed25519PrivateKey) -> Any:
     """A RegisterDeviceRequest with fresh X25519 keys and every signature and proof."""
     dh, spk = X25519PrivateKey.generate(), X25519PrivateKey.generate()
     ik, dhk, spk_pub = _raw(key), _raw(dh), _raw(spk)
+    # Required by RegisterDevice since PQXDH (issue 4): a signed last-resort ML-KEM key.
+    pq_pub = mlkem.MLKEM1024PrivateKey.generate().public_key().public_bytes_raw()
     return keys_pb2.RegisterDeviceRequest(
         tenant=tenant,
         user=user,
@@ -68,6 +71,9 @@ def registration_request(tenant: str, user: str, key: Ed25519PrivateKey) -> Any:
             signature=key.sign(authproof.signed_prekey_transcript(spk_pub)),
         ),
         proof=key.sign(authproof.registration_transcript(tenant, user, ik, dhk)),
+        last_resort_pq_prekey=keys_pb2.PqPrekey(
+            key_id=2, public_key=pq_pub, signature=key.sign(authproof.pq_prekey_transcript(pq_pub))
+        ),
     )
 
 

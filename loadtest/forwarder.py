@@ -194,6 +194,10 @@ class TrivialKeys(keys_pb2_grpc.KeyDirectoryServicer):
         """Not part of the baseline."""
         await _unimplemented(context)
 
+    async def RemoveDevice(self, request: Any, context: Any) -> Any:
+        """Not part of the baseline."""
+        await _unimplemented(context)
+
 
 async def _unimplemented(context: Any) -> None:
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the forwarder only forwards")

@@ -20,6 +20,10 @@ REGISTER_LABEL = b"e2ee-relay/register/v1"
 REQUEST_LABEL = b"e2ee-relay/request/v1"
 SIGNED_PREKEY_LABEL = b"e2ee-relay/signed-prekey/v1"
 IDENTITY_DH_LABEL = b"e2ee-relay/identity-dh/v1"
+PQ_PREKEY_LABEL = b"e2ee-relay/pq-prekey/v1"
+#: ``Encode_KEM`` type byte of an ML-KEM-1024 public key (PQXDH section 2.5; the value
+#: ``relay.sdk.crypto.primitives.KEM_TYPE_MLKEM1024``, pinned equal by a test).
+KEM_TYPE_MLKEM1024 = 0x0A
 
 #: Metadata keys of a device-signed unary request.
 REQUEST_DEVICE_HEADER = "x-relay-device"
@@ -72,6 +76,16 @@ def signed_prekey_transcript(public_key: bytes) -> bytes:
 def identity_dh_transcript(identity_dh_key: bytes) -> bytes:
     """Bytes the identity key signs to vouch for the device's X25519 identity key."""
     return _field(IDENTITY_DH_LABEL) + _field(identity_dh_key)
+
+
+def pq_prekey_transcript(public_key: bytes) -> bytes:
+    """Bytes the identity key signs to vouch for an ML-KEM-1024 prekey (one-time or last-resort).
+
+    ``field(PQ_PREKEY_LABEL) || field(Encode_KEM(public_key))`` with ``Encode_KEM`` the
+    type byte 0x0A followed by the 1568-byte key. The length is not checked here: a key
+    of another length simply gets a transcript no honest device signs.
+    """
+    return _field(PQ_PREKEY_LABEL) + _field(bytes([KEM_TYPE_MLKEM1024]) + public_key)
 
 
 def request_transcript(method: str, address: Address, time_ms: int, body: bytes) -> bytes:

@@ -29,6 +29,7 @@ DEFAULT_DELIVERY_PAGE = 256
 DEFAULT_SESSION_REPOLL_SECONDS = 30.0
 DEFAULT_IDENTITY_CACHE_SECONDS = 60.0
 DEFAULT_GRACE_SECONDS = 5.0
+DEFAULT_LOW_WATER_MARK = 10
 
 
 class ConfigError(ValueError):
@@ -51,12 +52,15 @@ class NodeConfig:
 
 @dataclass(frozen=True, slots=True)
 class KeyserverConfig:
-    """Where the key directory listens, and where relay nodes reach it."""
+    """Where the key directory listens, where relay nodes reach it, and its prekey signal."""
 
     listen: str = DEFAULT_KEYSERVER_LISTEN
     target: str = DEFAULT_KEYSERVER_LISTEN
     #: Seconds a relay node caches a device's identity key (and a miss, for a tenth of it).
     identity_cache_seconds: float = DEFAULT_IDENTITY_CACHE_SECONDS
+    #: A device whose one-time X25519 or PQ prekey pool holds at most this many keys is
+    #: told to replenish (PrekeyStatus.replenish in PublishPrekeys and CountOneTimePrekeys).
+    low_water_mark: int = DEFAULT_LOW_WATER_MARK
 
 
 STORAGE_BACKENDS = ("embedded", "cassandra")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import mlkem
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -37,6 +38,7 @@ async def register(keys_target: str, user: str, tenant: str = "default") -> Devi
     dh = X25519PrivateKey.generate()
     spk = X25519PrivateKey.generate()
     ik, dhk = pub(sk), pub(dh)
+    pq = mlkem.MLKEM1024PrivateKey.generate().public_key().public_bytes_raw()
     request = keys_pb2.RegisterDeviceRequest(
         tenant=tenant,
         user=user,
@@ -49,6 +51,9 @@ async def register(keys_target: str, user: str, tenant: str = "default") -> Devi
             signature=sk.sign(authproof.signed_prekey_transcript(pub(spk))),
         ),
         proof=sk.sign(authproof.registration_transcript(tenant, user, ik, dhk)),
+        last_resort_pq_prekey=keys_pb2.PqPrekey(
+            key_id=2, public_key=pq, signature=sk.sign(authproof.pq_prekey_transcript(pq))
+        ),
     )
     async with grpc.aio.insecure_channel(keys_target) as channel:
         reply = await keys_pb2_grpc.KeyDirectoryStub(channel).RegisterDevice(request)

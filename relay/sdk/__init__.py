@@ -12,8 +12,8 @@ Typical use::
 from relay.sdk.backoff import Backoff, ExponentialBackoff
 from relay.sdk.client import RelayClient
 from relay.sdk.codec import Codec, PlaintextCodec
-from relay.sdk.device import register_device
-from relay.sdk.directory import DeviceInfo, KeyDirectoryClient, PrekeyBundle, PublicPrekey
+from relay.sdk.device import register_device, replenish_prekeys
+from relay.sdk.directory import DeviceBundle, DeviceInfo, KeyDirectoryClient, PrekeyStatus
 from relay.sdk.keys import Identity, Prekey
 from relay.sdk.outbox import OutgoingMessage, SendReceipt
 from relay.sdk.state import DeviceState, ReceivedMessage
@@ -21,6 +21,7 @@ from relay.sdk.state import DeviceState, ReceivedMessage
 __all__ = [
     "Backoff",
     "Codec",
+    "DeviceBundle",
     "DeviceInfo",
     "DeviceState",
     "ExponentialBackoff",
@@ -29,10 +30,10 @@ __all__ = [
     "OutgoingMessage",
     "PlaintextCodec",
     "Prekey",
-    "PrekeyBundle",
-    "PublicPrekey",
+    "PrekeyStatus",
     "ReceivedMessage",
     "RelayClient",
     "SendReceipt",
     "register_device",
+    "replenish_prekeys",
 ]

@@ -1,11 +1,31 @@
-"""Provision a new device: make its keys, keep the private parts, register it."""
+"""Provision a device and keep its prekeys stocked on the key directory.
+
+Private keys are always stored before their public halves leave the device, and a key
+generated but not yet acknowledged by the key directory is marked ``unpublished`` in the
+state file, so an upload cut short by a crash or an outage is simply sent again (the
+directory adds keys idempotently by key_id) rather than replaced by fresh ones.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
+from relay.errors import FailedPrecondition
 from relay.model import Address
-from relay.sdk.directory import KeyDirectoryClient
-from relay.sdk.keys import DEFAULT_ONE_TIME_PREKEYS, Identity, Prekey, generate_one_time_prekeys
+from relay.sdk.crypto import primitives
+from relay.sdk.crypto.bundle import OneTimePrekey
+from relay.sdk.crypto.prekeys import DevicePrekeys
+from relay.sdk.directory import KeyDirectoryClient, PrekeyStatus
+from relay.sdk.keys import Identity
 from relay.sdk.state import DeviceState
+
+#: Target size of the one-time X25519 pool (uploaded at registration, refilled to).
+DEFAULT_ONE_TIME_PREKEYS = 100
+#: Target size of the one-time ML-KEM-1024 pool.
+DEFAULT_ONE_TIME_PQ_PREKEYS = 100
+#: Keys of one pool per request (the key directory's default per-request limits).
+MAX_KEYS_PER_REQUEST = 100
 
 
 async def register_device(
@@ -15,24 +35,180 @@ async def register_device(
     user: str,
     *,
     one_time_prekeys: int = DEFAULT_ONE_TIME_PREKEYS,
+    one_time_pq_prekeys: int = DEFAULT_ONE_TIME_PQ_PREKEYS,
 ) -> Address:
     """Give the device in ``state`` keys, register it as a new device of ``user``.
 
-    Private keys are stored before registering, so a crash in between never leaves a
-    registered device without its keys. If the state already has an identity but no
-    address (an earlier registration failed), that identity is registered. Returns the
-    address, which is stored too. Raises FileExistsError if the state is registered.
+    Generates the identity and a full :class:`DevicePrekeys` (signed prekey, last-resort
+    PQ prekey, ``one_time_prekeys`` X25519 and ``one_time_pq_prekeys`` ML-KEM-1024
+    one-time prekeys) and stores them before registering, so a crash in between never
+    leaves a registered device without its keys. If the state already has an identity
+    but no address (an earlier registration failed), that identity and its stored keys
+    are registered. Keys beyond what one request carries are published right after.
+    Returns the address, which is stored too. Raises FileExistsError if the state is
+    registered.
     """
     if state.address() is not None:
         raise FileExistsError(f"{state.path} is already registered as {state.address()}")
-    identity = state.identity()
-    if identity is None:
-        identity = Identity.generate()
-        signed = Prekey.generate_signed(identity, 1)
-        state.save_identity(identity, [signed, *generate_one_time_prekeys(2, one_time_prekeys)])
-    prekeys = state.prekeys()
-    signed_prekeys = [p for p in prekeys if p.signature]
-    one_time = [p for p in prekeys if not p.signature]
-    address = await directory.register(identity, tenant, user, signed_prekeys[-1], one_time)
+    prekeys = await asyncio.to_thread(_prepare, state, one_time_prekeys, one_time_pq_prekeys)
+    identity = prekeys.identity
+    ec_ids = sorted(prekeys.one_time_ec)[:MAX_KEYS_PER_REQUEST]
+    pq_ids = sorted(prekeys.one_time_pq)[:MAX_KEYS_PER_REQUEST]
+    address = await directory.register(
+        identity,
+        tenant,
+        user,
+        signed_prekey=prekeys.signed_prekey(max(prekeys.signed)),
+        one_time=_one_time(prekeys, ec_ids),
+        last_resort_pq=prekeys.pq_prekey(max(prekeys.last_resort)),
+        one_time_pq=[prekeys.pq_prekey(i) for i in pq_ids],
+    )
     state.save_address(address)
+    state.mark_prekeys_published([*ec_ids, *pq_ids])
+    if state.unpublished_prekey_ids():
+        await _upload_unpublished(state, directory, identity, address)
     return address
+
+
+def _prepare(state: DeviceState, one_time_ec: int, one_time_pq: int) -> DevicePrekeys:
+    """The keys to register with: stored ones if any, else new ones, stored first."""
+    with state.transaction():
+        identity = state.identity()
+        if identity is None:
+            identity = Identity.generate()
+            state.save_identity(identity)
+        prekeys = state.device_prekeys()
+        if prekeys is None:
+            prekeys = DevicePrekeys.generate(identity, one_time_ec, one_time_pq)
+            # All but the first request's worth are uploaded after registering.
+            later = [
+                *sorted(prekeys.one_time_ec)[MAX_KEYS_PER_REQUEST:],
+                *sorted(prekeys.one_time_pq)[MAX_KEYS_PER_REQUEST:],
+            ]
+            state.save_device_prekeys(prekeys, unpublished=later)
+        elif not prekeys.last_resort or not prekeys.signed:
+            # Keys of a state file from before PQXDH: complete them before registering.
+            _add_signed_keys(prekeys, signed=not prekeys.signed, last_resort=True)
+            state.save_device_prekeys(prekeys)
+        return prekeys
+
+
+async def replenish_prekeys(
+    state: DeviceState,
+    directory: KeyDirectoryClient,
+    status: PrekeyStatus | None = None,
+    *,
+    one_time_prekeys: int = DEFAULT_ONE_TIME_PREKEYS,
+    one_time_pq_prekeys: int = DEFAULT_ONE_TIME_PQ_PREKEYS,
+) -> PrekeyStatus:
+    """Refill this device's prekeys on the key directory if it asks for it; return the status.
+
+    ``status`` is the directory's last answer (fetched when None). If it says
+    ``replenish``, one-time X25519 and PQ keys are generated to bring each pool back to
+    ``one_time_prekeys`` / ``one_time_pq_prekeys``, plus a last-resort PQ prekey if the
+    directory has none; the private keys are saved (marked unpublished) before anything
+    is uploaded. Keys left unpublished by an earlier call that failed are uploaded first,
+    and no new keys are made while some are unpublished, so calling this often (at every
+    session start, after every prekey message) costs one status request when the pools
+    are full. Raises FailedPrecondition if the device is not registered.
+    """
+    address, identity = state.address(), state.identity()
+    if address is None or identity is None:
+        raise FailedPrecondition(f"{state.path} holds no registered device")
+    if state.unpublished_prekey_ids():
+        status = await _upload_unpublished(state, directory, identity, address)
+    if status is None:
+        status = await directory.prekey_status(identity, address)
+    if not status.replenish:
+        return status
+    targets = (one_time_prekeys, one_time_pq_prekeys)
+    if await asyncio.to_thread(_generate, state, status, *targets):
+        return await _upload_unpublished(state, directory, identity, address) or status
+    return status
+
+
+def _generate(state: DeviceState, status: PrekeyStatus, ec_target: int, pq_target: int) -> bool:
+    """Add and save (unpublished) the keys ``status`` lacks; False if there was nothing to do."""
+    with state.transaction():  # no consume of a key can slip between load and save
+        if state.unpublished_prekey_ids():
+            return True  # a concurrent call made keys already: upload those
+        prekeys = state.device_prekeys()
+        if prekeys is None:
+            raise FailedPrecondition(f"{state.path} holds no prekeys: register the device")
+        before = _all_ids(prekeys)
+        ec = max(0, ec_target - status.one_time_prekeys)
+        pq = max(0, pq_target - status.one_time_pq_prekeys)
+        prekeys.add_one_time(ec, pq)
+        if not status.has_last_resort_pq_prekey and not prekeys.last_resort:
+            _add_signed_keys(prekeys, signed=False, last_resort=True)
+        new = _all_ids(prekeys) - before
+        if not status.has_last_resort_pq_prekey:
+            new.add(max(prekeys.last_resort))  # ours, if the directory lost it: send again
+        if not new:
+            return False
+        state.save_device_prekeys(prekeys, unpublished=new)
+        return True
+
+
+async def _upload_unpublished(
+    state: DeviceState, directory: KeyDirectoryClient, identity: Identity, address: Address
+) -> PrekeyStatus | None:
+    """Upload every unpublished key (chunked by request limits); mark them published."""
+    prekeys, ids = await asyncio.to_thread(_unpublished, state)
+    if prekeys is None or not ids:
+        return None
+    ec = [i for i in sorted(ids) if i in prekeys.one_time_ec]
+    pq = [i for i in sorted(ids) if i in prekeys.one_time_pq]
+    last_resort = [i for i in ids if i in prekeys.last_resort]
+    status = None
+    rounds = max(1, -(-len(ec) // MAX_KEYS_PER_REQUEST), -(-len(pq) // MAX_KEYS_PER_REQUEST))
+    for n in range(rounds):
+        chunk = slice(n * MAX_KEYS_PER_REQUEST, (n + 1) * MAX_KEYS_PER_REQUEST)
+        status = await directory.publish_prekeys(
+            identity,
+            address,
+            one_time=_one_time(prekeys, ec[chunk]),
+            one_time_pq=[prekeys.pq_prekey(i) for i in pq[chunk]],
+            last_resort_pq=(
+                prekeys.pq_prekey(max(last_resort)) if n == 0 and last_resort else None
+            ),
+        )
+        sent = [*ec[chunk], *pq[chunk], *(last_resort if n == 0 else ())]
+        state.mark_prekeys_published(sent)
+    # Keys consumed meanwhile are no longer stored; nothing else is left unpublished.
+    state.mark_prekeys_published(ids)
+    return status
+
+
+def _unpublished(state: DeviceState) -> tuple[DevicePrekeys | None, set[int]]:
+    with state.transaction():
+        return state.device_prekeys(), state.unpublished_prekey_ids()
+
+
+def _one_time(prekeys: DevicePrekeys, key_ids: Sequence[int]) -> list[OneTimePrekey]:
+    return [
+        OneTimePrekey(i, primitives.x25519_public(prekeys.one_time_private(i))) for i in key_ids
+    ]
+
+
+def _add_signed_keys(prekeys: DevicePrekeys, *, signed: bool, last_resort: bool) -> None:
+    """Give ``prekeys`` a new signed X25519 and/or last-resort ML-KEM prekey."""
+    if signed:
+        prekeys.signed[_take_id(prekeys)] = primitives.x25519_generate()
+    if last_resort:
+        prekeys.last_resort[_take_id(prekeys)] = primitives.mlkem_generate()
+
+
+def _take_id(prekeys: DevicePrekeys) -> int:
+    key_id = prekeys.next_id
+    prekeys.next_id += 1
+    return key_id
+
+
+def _all_ids(prekeys: DevicePrekeys) -> set[int]:
+    return {
+        *prekeys.signed,
+        *prekeys.last_resort,
+        *prekeys.one_time_ec,
+        *prekeys.one_time_pq,
+    }

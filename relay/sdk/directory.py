@@ -1,4 +1,9 @@
-"""Async client of the key directory (relaypb.keys.v1.KeyDirectory)."""
+"""Async client of the key directory (relaypb.keys.v1.KeyDirectory).
+
+Keys go up and come down as the public types of :mod:`relay.sdk.crypto.bundle`; every
+bundle fetched is verified here too (each signature, and the registration id against
+the identity key), so a directory that forges or swaps a key is caught before any DH.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,21 @@ import grpc
 from keyserver.client import (
     COUNT_ONE_TIME_PREKEYS_METHOD,
     PUBLISH_PREKEYS_METHOD,
+    REMOVE_DEVICE_METHOD,
     sign_request_metadata,
 )
-from relay import authproof
 from relay.clock import Clock, SystemClock
-from relay.errors import Unauthenticated
-from relay.model import Address
-from relay.sdk.keys import Identity, Prekey
+from relay.errors import FailedPrecondition, Unauthenticated
+from relay.model import Address, registration_id
+from relay.sdk.crypto.bundle import (
+    OneTimePrekey,
+    PqPrekey,
+    PrekeyBundle,
+    PublicIdentity,
+    SignedPrekey,
+)
+from relay.sdk.crypto.errors import BadSignature
+from relay.sdk.keys import Identity
 from relay.sdk.status import from_rpc_error
 from relaypb.common.v1 import address_pb2
 from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
@@ -34,27 +47,32 @@ class DeviceInfo:
     address: Address
     identity_key: bytes
     registered_at_ms: int
+    #: ``relay.model.registration_id(identity_key)``: changes when the device re-registers.
+    registration_id: int
 
 
 @dataclass(frozen=True, slots=True)
-class PublicPrekey:
-    """The public half of a prekey; ``signature`` is empty for a one-time prekey."""
-
-    key_id: int
-    public: bytes
-    signature: bytes = b""
-
-
-@dataclass(frozen=True, slots=True)
-class PrekeyBundle:
-    """What a sender needs to start a session with one device (signatures verified)."""
+class DeviceBundle:
+    """A verified prekey bundle of one device, ready for ``pqxdh.initiate``."""
 
     address: Address
-    identity_key: bytes
-    identity_dh_key: bytes
-    identity_dh_signature: bytes
-    signed_prekey: PublicPrekey
-    one_time_prekey: PublicPrekey | None
+    registration_id: int
+    bundle: PrekeyBundle
+
+
+@dataclass(frozen=True, slots=True)
+class PrekeyStatus:
+    """How full a device's one-time pools are on the key directory.
+
+    ``replenish`` is set when either pool holds at most ``low_water_mark`` keys or the
+    last-resort PQ prekey is missing: then call ``relay.sdk.device.replenish_prekeys``.
+    """
+
+    one_time_prekeys: int
+    one_time_pq_prekeys: int
+    low_water_mark: int
+    replenish: bool
+    has_last_resort_pq_prekey: bool
 
 
 def to_pb(address: Address) -> address_pb2.Address:
@@ -68,10 +86,11 @@ def from_pb(address: address_pb2.Address) -> Address:
 
 
 class KeyDirectoryClient:
-    """Register devices, publish and fetch prekeys, list devices.
+    """Register and remove devices, publish and fetch prekeys, list devices.
 
     The caller owns ``channel``. Failures raise relay.errors exceptions (``Unavailable``
     when the directory cannot be reached, ``NotFound``, ``Unauthenticated``, ...).
+    Device-signed calls (publish, status, remove) are signed with the identity passed in.
     """
 
     def __init__(
@@ -98,10 +117,17 @@ class KeyDirectoryClient:
         identity: Identity,
         tenant: str,
         user: str,
-        signed_prekey: Prekey,
-        one_time_prekeys: Sequence[Prekey] = (),
+        *,
+        signed_prekey: SignedPrekey,
+        one_time: Sequence[OneTimePrekey],
+        last_resort_pq: PqPrekey,
+        one_time_pq: Sequence[PqPrekey] = (),
     ) -> Address:
-        """Register a new device of ``user`` with these keys; return its address."""
+        """Register a new device of ``user`` with these public keys; return its address.
+
+        At most ``max_one_time_prekeys_per_request`` (100 by default) keys of each pool
+        fit in one registration; publish more with :meth:`publish_prekeys`.
+        """
         request = keys_pb2.RegisterDeviceRequest(
             tenant=tenant,
             user=user,
@@ -109,8 +135,10 @@ class KeyDirectoryClient:
             identity_dh_key=identity.dh_public_key,
             identity_dh_signature=identity.dh_signature(),
             signed_prekey=_signed_pb(signed_prekey),
-            one_time_prekeys=[_one_time_pb(p) for p in one_time_prekeys],
+            one_time_prekeys=[_one_time_pb(p) for p in one_time],
             proof=identity.registration_proof(tenant, user),
+            last_resort_pq_prekey=_pq_pb(last_resort_pq),
+            one_time_pq_prekeys=[_pq_pb(p) for p in one_time_pq],
         )
         response = await self._call(self._stub.RegisterDevice(request, timeout=self._timeout))
         return from_pb(response.address)
@@ -120,25 +148,31 @@ class KeyDirectoryClient:
         identity: Identity,
         device: Address,
         *,
-        signed_prekey: Prekey | None = None,
-        one_time_prekeys: Sequence[Prekey] = (),
-    ) -> int:
-        """Upload one-time prekeys and/or a new signed prekey; return how many remain."""
+        signed_prekey: SignedPrekey | None = None,
+        one_time: Sequence[OneTimePrekey] = (),
+        last_resort_pq: PqPrekey | None = None,
+        one_time_pq: Sequence[PqPrekey] = (),
+    ) -> PrekeyStatus:
+        """Upload one-time prekeys and/or new signed or last-resort keys; return the status."""
         request = keys_pb2.PublishPrekeysRequest(
-            device=to_pb(device), one_time_prekeys=[_one_time_pb(p) for p in one_time_prekeys]
+            device=to_pb(device),
+            one_time_prekeys=[_one_time_pb(p) for p in one_time],
+            one_time_pq_prekeys=[_pq_pb(p) for p in one_time_pq],
         )
         if signed_prekey is not None:
             request.signed_prekey.CopyFrom(_signed_pb(signed_prekey))
+        if last_resort_pq is not None:
+            request.last_resort_pq_prekey.CopyFrom(_pq_pb(last_resort_pq))
         metadata = sign_request_metadata(
             PUBLISH_PREKEYS_METHOD, device, identity.signing_key, request, self._clock
         )
         response = await self._call(
             self._stub.PublishPrekeys(request, metadata=metadata, timeout=self._timeout)
         )
-        return response.one_time_prekeys_remaining
+        return _status(response.status)
 
-    async def count_one_time_prekeys(self, identity: Identity, device: Address) -> int:
-        """How many one-time prekeys of ``device`` are still unclaimed."""
+    async def prekey_status(self, identity: Identity, device: Address) -> PrekeyStatus:
+        """How full the one-time pools of ``device`` are, and whether to replenish them."""
         request = keys_pb2.CountOneTimePrekeysRequest(device=to_pb(device))
         metadata = sign_request_metadata(
             COUNT_ONE_TIME_PREKEYS_METHOD, device, identity.signing_key, request, self._clock
@@ -146,15 +180,33 @@ class KeyDirectoryClient:
         response = await self._call(
             self._stub.CountOneTimePrekeys(request, metadata=metadata, timeout=self._timeout)
         )
-        return response.count
+        return _status(response.status)
+
+    async def count_one_time_prekeys(self, identity: Identity, device: Address) -> int:
+        """How many one-time X25519 prekeys of ``device`` are still unclaimed."""
+        return (await self.prekey_status(identity, device)).one_time_prekeys
+
+    async def remove_device(self, identity: Identity, caller: Address, device: Address) -> None:
+        """Remove ``device`` (``caller`` itself or another device of its user).
+
+        Signed by ``caller`` with ``identity``. Raises PermissionDenied for a device of
+        another user, NotFound for an unknown or already removed one.
+        """
+        request = keys_pb2.RemoveDeviceRequest(device=to_pb(device))
+        metadata = sign_request_metadata(
+            REMOVE_DEVICE_METHOD, caller, identity.signing_key, request, self._clock
+        )
+        await self._call(self._stub.RemoveDevice(request, metadata=metadata, timeout=self._timeout))
 
     async def fetch_bundles(
         self, tenant: str, user: str, devices: Sequence[int] = ()
-    ) -> list[PrekeyBundle]:
-        """Prekey bundles of ``user``'s devices (all when ``devices`` is empty).
+    ) -> list[DeviceBundle]:
+        """Verified prekey bundles of ``user``'s devices (all when ``devices`` is empty).
 
-        Claims one one-time prekey per device. Raises Unauthenticated if a bundle's
-        signatures do not verify against its identity key.
+        Claims one one-time X25519 and one one-time PQ prekey per device. Raises
+        Unauthenticated naming the device and key if a signature does not verify or the
+        registration id does not match the identity key, and FailedPrecondition for a
+        device that has published no signed or no PQ prekey (an SDK older than PQXDH).
         """
         request = keys_pb2.FetchPrekeyBundlesRequest(tenant=tenant, user=user, devices=devices)
         response = await self._call(self._stub.FetchPrekeyBundles(request, timeout=self._timeout))
@@ -165,7 +217,7 @@ class KeyDirectoryClient:
         request = keys_pb2.ListDevicesRequest(tenant=tenant, user=user)
         response = await self._call(self._stub.ListDevices(request, timeout=self._timeout))
         return [
-            DeviceInfo(from_pb(d.address), d.identity_key, d.registered_at_ms)
+            DeviceInfo(from_pb(d.address), d.identity_key, d.registered_at_ms, d.registration_id)
             for d in response.devices
         ]
 
@@ -176,34 +228,62 @@ class KeyDirectoryClient:
         return response.identity_key
 
 
-def _signed_pb(prekey: Prekey) -> keys_pb2.SignedPrekey:
+def _status(status: keys_pb2.PrekeyStatus) -> PrekeyStatus:
+    return PrekeyStatus(
+        one_time_prekeys=status.one_time_prekeys,
+        one_time_pq_prekeys=status.one_time_pq_prekeys,
+        low_water_mark=status.low_water_mark,
+        replenish=status.replenish,
+        has_last_resort_pq_prekey=status.has_last_resort_pq_prekey,
+    )
+
+
+def _signed_pb(prekey: SignedPrekey) -> keys_pb2.SignedPrekey:
     return keys_pb2.SignedPrekey(
         key_id=prekey.key_id, public_key=prekey.public, signature=prekey.signature
     )
 
 
-def _one_time_pb(prekey: Prekey) -> keys_pb2.OneTimePrekey:
+def _one_time_pb(prekey: OneTimePrekey) -> keys_pb2.OneTimePrekey:
     return keys_pb2.OneTimePrekey(key_id=prekey.key_id, public_key=prekey.public)
 
 
-def _verified_bundle(bundle: keys_pb2.PrekeyBundle) -> PrekeyBundle:
-    address = from_pb(bundle.address)
-    ik = bundle.identity_key
-    spk = bundle.signed_prekey
-    if not authproof.verify(
-        ik, bundle.identity_dh_signature, authproof.identity_dh_transcript(bundle.identity_dh_key)
-    ) or not authproof.verify(
-        ik, spk.signature, authproof.signed_prekey_transcript(spk.public_key)
-    ):
-        raise Unauthenticated(f"prekey bundle of {address} has an invalid signature")
-    one_time = None
-    if bundle.HasField("one_time_prekey"):
-        one_time = PublicPrekey(bundle.one_time_prekey.key_id, bundle.one_time_prekey.public_key)
-    return PrekeyBundle(
-        address,
-        ik,
-        bundle.identity_dh_key,
-        bundle.identity_dh_signature,
-        PublicPrekey(spk.key_id, spk.public_key, spk.signature),
-        one_time,
+def _pq_pb(prekey: PqPrekey) -> keys_pb2.PqPrekey:
+    return keys_pb2.PqPrekey(
+        key_id=prekey.key_id, public_key=prekey.public, signature=prekey.signature
     )
+
+
+def _verified_bundle(msg: keys_pb2.PrekeyBundle) -> DeviceBundle:
+    address = from_pb(msg.address)
+    if not msg.HasField("signed_prekey") or not msg.HasField("pq_prekey"):
+        missing = "signed prekey" if not msg.HasField("signed_prekey") else "PQ prekey"
+        raise FailedPrecondition(
+            f"device {address} has published no {missing} (registered by an SDK older than "
+            "PQXDH?): it cannot receive end-to-end-encrypted messages until it does",
+            metadata={"device": str(address), "key": missing},
+        )
+    spk, pq = msg.signed_prekey, msg.pq_prekey
+    one_time = None
+    if msg.HasField("one_time_prekey"):
+        one_time = OneTimePrekey(msg.one_time_prekey.key_id, msg.one_time_prekey.public_key)
+    bundle = PrekeyBundle(
+        identity=PublicIdentity(msg.identity_key, msg.identity_dh_key, msg.identity_dh_signature),
+        signed_prekey=SignedPrekey(spk.key_id, spk.public_key, spk.signature),
+        pq_prekey=PqPrekey(pq.key_id, pq.public_key, pq.signature, msg.pq_prekey_last_resort),
+        one_time_prekey=one_time,
+    )
+    try:
+        bundle.verify()
+    except BadSignature as exc:
+        raise Unauthenticated(
+            f"prekey bundle of {address}: bad signature on the {exc.key}",
+            metadata={"device": str(address), "key": exc.key},
+        ) from exc
+    if msg.registration_id != registration_id(msg.identity_key):
+        raise Unauthenticated(
+            f"prekey bundle of {address}: registration_id {msg.registration_id} does not "
+            "match its identity key",
+            metadata={"device": str(address), "key": "registration id"},
+        )
+    return DeviceBundle(address, msg.registration_id, bundle)

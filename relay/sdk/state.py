@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from types import TracebackType
 from relay.authproof import parse_address
 from relay.clock import Clock, SystemClock
 from relay.model import Address
+from relay.sdk.crypto.prekeys import DevicePrekeys
 from relay.sdk.keys import Identity, Prekey
 
 DB_NAME = "device.db"
@@ -43,6 +44,16 @@ CREATE TABLE IF NOT EXISTS prekeys (
     private BLOB NOT NULL,
     public BLOB NOT NULL,
     signature BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_prekeys (
+    key_id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('signed', 'last_resort', 'one_time_ec', 'one_time_pq')),
+    private BLOB NOT NULL,
+    unpublished INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS device_prekey_counter (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    next_id INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS received (
     sender TEXT NOT NULL,
@@ -255,6 +266,113 @@ class DeviceState:
         """An id greater than any prekey id stored so far."""
         rows = self._query("SELECT COALESCE(MAX(key_id), 0) FROM prekeys")
         return int(str(rows[0][0])) + 1
+
+    # -- PQXDH prekeys (DevicePrekeys) ---------------------------------------------------
+
+    def device_prekeys(self) -> DevicePrekeys | None:
+        """Every private prekey of this device (X25519 and ML-KEM seeds), or None.
+
+        None before :meth:`save_device_prekeys` (or without an identity). A state file of
+        the release before PQXDH, whose signed and one-time X25519 prekeys live in the
+        ``prekeys`` table, is converted on first use: those keys move here (and leave that
+        table); it then has no last-resort PQ prekey, which ``replenish_prekeys`` adds.
+        """
+        with self._txn() as conn:
+            counter = conn.execute("SELECT next_id FROM device_prekey_counter").fetchone()
+            identity = self._identity(conn)
+            if identity is None:
+                return None
+            if counter is None:
+                return self._convert_old_prekeys(conn, identity)
+            keys = DevicePrekeys(identity, next_id=int(counter[0]))
+            pools = {
+                "signed": keys.signed,
+                "last_resort": keys.last_resort,
+                "one_time_ec": keys.one_time_ec,
+                "one_time_pq": keys.one_time_pq,
+            }
+            for key_id, kind, private in conn.execute(
+                "SELECT key_id, kind, private FROM device_prekeys ORDER BY key_id"
+            ):
+                pools[kind][int(key_id)] = bytes(private)
+            return keys
+
+    def save_device_prekeys(
+        self, prekeys: DevicePrekeys, *, unpublished: Iterable[int] = ()
+    ) -> None:
+        """Store ``prekeys`` in place of the stored ones (one transaction).
+
+        Keys no longer in ``prekeys`` (consumed) are deleted. Key ids in ``unpublished``
+        are marked as not yet uploaded (see :meth:`unpublished_prekey_ids`); kept keys keep
+        their mark. For a read-modify-write that must not race another one (consuming
+        keys while new ones are added), load and save inside :meth:`transaction`.
+        """
+        rows = [
+            (key_id, kind, private)
+            for kind, pool in (
+                ("signed", prekeys.signed),
+                ("last_resort", prekeys.last_resort),
+                ("one_time_ec", prekeys.one_time_ec),
+                ("one_time_pq", prekeys.one_time_pq),
+            )
+            for key_id, private in pool.items()
+        ]
+        with self._txn() as conn:
+            conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS kept_prekeys (key_id INTEGER PRIMARY KEY)"
+            )
+            conn.execute("DELETE FROM kept_prekeys")
+            conn.executemany("INSERT INTO kept_prekeys VALUES (?)", [(r[0],) for r in rows])
+            conn.execute(
+                "DELETE FROM device_prekeys WHERE key_id NOT IN (SELECT key_id FROM kept_prekeys)"
+            )
+            conn.executemany(
+                "INSERT INTO device_prekeys (key_id, kind, private) VALUES (?, ?, ?)"
+                " ON CONFLICT (key_id) DO UPDATE"
+                " SET kind = excluded.kind, private = excluded.private",
+                rows,
+            )
+            conn.executemany(
+                "UPDATE device_prekeys SET unpublished = 1 WHERE key_id = ?",
+                [(key_id,) for key_id in unpublished],
+            )
+            conn.execute(
+                "INSERT INTO device_prekey_counter (id, next_id) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET next_id = excluded.next_id",
+                (prekeys.next_id,),
+            )
+
+    def unpublished_prekey_ids(self) -> set[int]:
+        """Ids of stored prekeys generated but not yet acknowledged by the key directory."""
+        rows = self._query("SELECT key_id FROM device_prekeys WHERE unpublished = 1")
+        return {int(str(r[0])) for r in rows}
+
+    def mark_prekeys_published(self, key_ids: Iterable[int]) -> None:
+        """Record that the key directory holds the prekeys ``key_ids``."""
+        with self._txn() as conn:
+            conn.executemany(
+                "UPDATE device_prekeys SET unpublished = 0 WHERE key_id = ?",
+                [(key_id,) for key_id in key_ids],
+            )
+
+    def _identity(self, conn: sqlite3.Connection) -> Identity | None:
+        row = conn.execute("SELECT signing_private, dh_private FROM identity").fetchone()
+        return None if row is None else Identity.from_private_bytes(bytes(row[0]), bytes(row[1]))
+
+    def _convert_old_prekeys(
+        self, conn: sqlite3.Connection, identity: Identity
+    ) -> DevicePrekeys | None:
+        rows = conn.execute(
+            "SELECT key_id, signed, private FROM prekeys ORDER BY key_id"
+        ).fetchall()
+        if not rows:
+            return None
+        keys = DevicePrekeys(identity, next_id=max(int(r[0]) for r in rows) + 1)
+        for key_id, signed, private in rows:
+            (keys.signed if signed else keys.one_time_ec)[int(key_id)] = bytes(private)
+        self.save_device_prekeys(keys)  # joins this transaction
+        conn.execute("DELETE FROM prekeys")  # no private key lingers in the old table
+        return keys
 
     # -- end-to-end sessions ------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 
-from keyserver.cassandra_store import CassandraDeviceDirectory, CassandraPrekeyStore
+from keyserver.cassandra_store import cassandra_key_stores
 from keyserver.model import OneTimePrekey
 from relay.config import CassandraConfig
 from relay.stores.cassandra.session import CassandraSession
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.services
 async def open_cassandra_stores(config: CassandraConfig) -> AsyncIterator[Stores]:
     """Stores on a session of their own: each opener stands for another process."""
     async with CassandraSession(config) as session:
-        yield Stores(CassandraDeviceDirectory(session), CassandraPrekeyStore(session))
+        yield cassandra_key_stores(session)
 
 
 class TestCassandraKeyStores(DeviceDirectoryConformance, PrekeyStoreConformance):

@@ -12,12 +12,11 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 
 import pytest
 
 from keyserver.model import DeviceRecord, OneTimePrekey, SignedPrekey
-from keyserver.ports import DeviceDirectory, PrekeyStore
+from keyserver.ports import DeviceDirectory, KeyStores
 from relay.model import Address
 
 NOW = 1_700_000_000_000
@@ -26,10 +25,7 @@ DEV = Address("acme", "alice", 1)
 OTHER = Address("acme", "alice", 2)
 
 
-@dataclass(frozen=True)
-class Stores:
-    devices: DeviceDirectory
-    prekeys: PrekeyStore
+Stores = KeyStores
 
 
 OpenStores = Callable[[], AbstractAsyncContextManager[Stores]]

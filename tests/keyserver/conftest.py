@@ -11,7 +11,7 @@ import pytest
 
 from keyserver.app import KeyserverApp
 from keyserver.directory import DirectoryLimits, KeyDirectory
-from keyserver.sqlite_store import KEYS_DB, SCHEMA, SqliteDeviceDirectory, SqlitePrekeyStore
+from keyserver.sqlite_store import KEYS_DB, SCHEMA, sqlite_key_stores
 from relay.clock import FakeClock
 from relay.stores.sqlite_worker import SqliteWorker
 from relaypb.keys.v1 import keys_pb2_grpc
@@ -34,12 +34,7 @@ async def make_core(tmp_path: Path, clock: FakeClock) -> AsyncIterator[MakeCore]
     async with SqliteWorker(tmp_path / KEYS_DB, SCHEMA) as worker:
 
         def make(**limits: Any) -> KeyDirectory:
-            return KeyDirectory(
-                SqliteDeviceDirectory(worker),
-                SqlitePrekeyStore(worker),
-                clock,
-                DirectoryLimits(**limits),
-            )
+            return KeyDirectory(sqlite_key_stores(worker), clock, DirectoryLimits(**limits))
 
         yield make
 

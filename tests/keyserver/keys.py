@@ -6,11 +6,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import mlkem
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from keyserver.model import OneTimePrekey, Registration, SignedPrekey
+from keyserver.model import OneTimePrekey, PqPrekey, Registration, SignedPrekey
 from relay import authproof
 from relaypb.keys.v1 import keys_pb2
 
@@ -23,6 +24,18 @@ def public(key: Any) -> bytes:
 
 def x25519() -> bytes:
     return public(X25519PrivateKey.generate())
+
+
+_MLKEM_PUBLICS: list[bytes] = []
+
+
+def mlkem1024() -> bytes:
+    """A valid ML-KEM-1024 public key (a few real ones, reused: key generation is slow)."""
+    if len(_MLKEM_PUBLICS) < 8:
+        _MLKEM_PUBLICS.append(mlkem.MLKEM1024PrivateKey.generate().public_key().public_bytes_raw())
+        return _MLKEM_PUBLICS[-1]
+    _MLKEM_PUBLICS.append(_MLKEM_PUBLICS.pop(0))
+    return _MLKEM_PUBLICS[-1]
 
 
 @dataclass
@@ -43,8 +56,20 @@ class DeviceKeys:
         pk = x25519()
         return SignedPrekey(key_id, pk, self.sign(authproof.signed_prekey_transcript(pk)))
 
+    def pq_prekey(self, key_id: int = 1) -> PqPrekey:
+        pk = mlkem1024()
+        return PqPrekey(key_id, pk, self.sign(authproof.pq_prekey_transcript(pk)))
+
+    def pq_prekeys(self, key_ids: Iterable[int]) -> tuple[PqPrekey, ...]:
+        return tuple(self.pq_prekey(i) for i in key_ids)
+
     def registration(
-        self, tenant: str = "acme", user: str = "alice", one_time: Iterable[int] = (), **kw: Any
+        self,
+        tenant: str = "acme",
+        user: str = "alice",
+        one_time: Iterable[int] = (),
+        one_time_pq: Iterable[int] = (),
+        **kw: Any,
     ) -> Registration:
         ik, dhk = self.identity_key, self.identity_dh_key
         reg = Registration(
@@ -56,6 +81,8 @@ class DeviceKeys:
             signed_prekey=self.signed_prekey(),
             one_time_prekeys=one_time_prekeys(one_time),
             proof=self.sign(authproof.registration_transcript(tenant, user, ik, dhk)),
+            last_resort_pq_prekey=self.pq_prekey(key_id=1_000_000),
+            one_time_pq_prekeys=self.pq_prekeys(one_time_pq),
         )
         return replace(reg, **kw)
 
@@ -74,6 +101,12 @@ def one_time_pb(prekeys: Iterable[OneTimePrekey]) -> list[keys_pb2.OneTimePrekey
     return [keys_pb2.OneTimePrekey(key_id=p.key_id, public_key=p.public_key) for p in prekeys]
 
 
+def pq_pb(prekey: PqPrekey) -> keys_pb2.PqPrekey:
+    return keys_pb2.PqPrekey(
+        key_id=prekey.key_id, public_key=prekey.public_key, signature=prekey.signature
+    )
+
+
 def registration_pb(reg: Registration) -> keys_pb2.RegisterDeviceRequest:
     request = keys_pb2.RegisterDeviceRequest(
         tenant=reg.tenant,
@@ -86,4 +119,7 @@ def registration_pb(reg: Registration) -> keys_pb2.RegisterDeviceRequest:
     )
     if reg.signed_prekey is not None:
         request.signed_prekey.CopyFrom(signed_prekey_pb(reg.signed_prekey))
+    if reg.last_resort_pq_prekey is not None:
+        request.last_resort_pq_prekey.CopyFrom(pq_pb(reg.last_resort_pq_prekey))
+    request.one_time_pq_prekeys.extend(pq_pb(p) for p in reg.one_time_pq_prekeys)
     return request

@@ -176,10 +176,8 @@ async def test_a_device_holds_at_most_max_one_time_prekeys(
     device = (await core.register(keys.registration(one_time=range(100)))).address
     for batch in range(1, 10):
         ids = range(batch * 100, batch * 100 + 100)
-        assert (
-            await core.publish_prekeys(device, device, None, one_time_prekeys(ids))
-            == (batch + 1) * 100
-        )
+        status = await core.publish_prekeys(device, device, None, one_time_prekeys(ids))
+        assert status.one_time_prekeys == (batch + 1) * 100
     rotated = keys.signed_prekey(key_id=2)
     with pytest.raises(LimitExceeded) as info:
         await core.publish_prekeys(device, device, rotated, one_time_prekeys([5000]))
@@ -196,7 +194,7 @@ async def test_publish_rotates_the_signed_prekey_and_checks_it(core: KeyDirector
     keys = DeviceKeys()
     device = (await core.register(keys.registration())).address
     rotated = keys.signed_prekey(key_id=9)
-    assert await core.publish_prekeys(device, device, rotated, ()) == 0
+    assert (await core.publish_prekeys(device, device, rotated, ())).one_time_prekeys == 0
     bundle = (await core.fetch_bundles("acme", "alice", [1]))[0]
     assert bundle.signed_prekey == rotated
     forged = DeviceKeys().signed_prekey(key_id=10)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from keyserver.sqlite_store import KEYS_DB, SCHEMA, SqliteDeviceDirectory, SqlitePrekeyStore
+from keyserver.sqlite_store import KEYS_DB, SCHEMA, sqlite_key_stores
 from relay.stores.sqlite_worker import SqliteWorker
 from tests.keyserver.conformance import (
     DeviceDirectoryConformance,
@@ -24,6 +24,6 @@ class TestSqliteKeyStores(DeviceDirectoryConformance, PrekeyStoreConformance):
         @asynccontextmanager
         async def open_stores() -> AsyncIterator[Stores]:
             async with SqliteWorker(tmp_path / KEYS_DB, SCHEMA) as worker:
-                yield Stores(SqliteDeviceDirectory(worker), SqlitePrekeyStore(worker))
+                yield sqlite_key_stores(worker)
 
         return open_stores

@@ -6,8 +6,9 @@ start with a distinct label as in :mod:`relay.authproof`):
 * the X25519 identity key: ``authproof.identity_dh_transcript(IK_dh)``;
 * a signed X25519 prekey: ``authproof.signed_prekey_transcript(SPK)`` (the transcript
   the SDK already uploads, so existing signed prekeys stay valid);
-* an ML-KEM-1024 prekey, one-time or last-resort: :func:`pq_prekey_transcript` over
-  ``Encode_KEM(PQPK)``.
+* an ML-KEM-1024 prekey, one-time or last-resort:
+  ``authproof.pq_prekey_transcript(PQPK)`` over ``Encode_KEM(PQPK)`` (shared with the key
+  directory, which verifies it on upload; re-exported here as :func:`pq_prekey_transcript`).
 """
 
 from __future__ import annotations
@@ -15,18 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from relay import authproof
+from relay.authproof import pq_prekey_transcript
 from relay.sdk.crypto import primitives as p
 from relay.sdk.crypto.errors import BadSignature, MalformedMessage
 from relay.sdk.crypto.wire import Reader, field, u32
 
-PQ_PREKEY_LABEL = b"e2ee-relay/pq-prekey/v1"
 #: Version byte that starts an encoded :class:`InitialMessage`.
 INITIAL_MESSAGE_VERSION = 1
-
-
-def pq_prekey_transcript(public: bytes) -> bytes:
-    """Bytes the identity key signs to vouch for an ML-KEM-1024 prekey."""
-    return field(PQ_PREKEY_LABEL) + field(p.encode_kem(public))
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from relay import authproof
+from relay.authproof import pq_prekey_transcript
 from relay.sdk.crypto import primitives as p
 from relay.sdk.crypto.bundle import (
     OneTimePrekey,
@@ -18,7 +19,6 @@ from relay.sdk.crypto.bundle import (
     PrekeyBundle,
     PublicIdentity,
     SignedPrekey,
-    pq_prekey_transcript,
 )
 from relay.sdk.crypto.errors import UnknownPrekey
 from relay.sdk.keys import Identity
