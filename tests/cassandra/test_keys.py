@@ -18,9 +18,13 @@ from tests.keyserver.conformance import (
     DEV,
     DeviceDirectoryConformance,
     OpenStores,
+    PqPrekeyStoreConformance,
+    PrekeyHandoutConformance,
     PrekeyStoreConformance,
     Stores,
     otks,
+    pqks,
+    spk,
 )
 
 pytestmark = pytest.mark.services
@@ -33,7 +37,12 @@ async def open_cassandra_stores(config: CassandraConfig) -> AsyncIterator[Stores
         yield cassandra_key_stores(session)
 
 
-class TestCassandraKeyStores(DeviceDirectoryConformance, PrekeyStoreConformance):
+class TestCassandraKeyStores(
+    DeviceDirectoryConformance,
+    PrekeyStoreConformance,
+    PqPrekeyStoreConformance,
+    PrekeyHandoutConformance,
+):
     @pytest.fixture
     def open_stores(self, fresh: CassandraSession, cassandra_config: CassandraConfig) -> OpenStores:
         return lambda: open_cassandra_stores(cassandra_config)
@@ -56,6 +65,49 @@ async def test_200_claimers_in_4_processes_share_50_keys(
     assert len(handed) == 50
     assert sorted(k.key_id for k in handed) == list(range(50))
     assert {k.public_key for k in handed} == {k.public_key for k in keys}
+
+
+async def test_200_pq_claimers_in_4_processes_share_50_keys(
+    fresh: CassandraSession, cassandra_config: CassandraConfig
+) -> None:
+    keys = pqks(*range(50))
+    async with AsyncExitStack() as stack:
+        stores = [
+            await stack.enter_async_context(open_cassandra_stores(cassandra_config))
+            for _ in range(4)
+        ]
+        await stores[0].pq_prekeys.add_one_time_pq_prekeys(DEV, keys, BIG)
+        got = await asyncio.gather(
+            *(s.pq_prekeys.claim_one_time_pq_prekey(DEV) for s in stores for _ in range(50))
+        )
+    handed = [k for k in got if k is not None]
+    assert sorted(k.key_id for k in handed) == list(range(50))
+    assert {(k.public_key, k.signature) for k in handed} == {
+        (k.public_key, k.signature) for k in keys
+    }
+
+
+async def test_bundle_handouts_in_4_processes_give_each_key_once(
+    fresh: CassandraSession, cassandra_config: CassandraConfig
+) -> None:
+    last_resort = pqks(999)[0]
+    async with AsyncExitStack() as stack:
+        stores = [
+            await stack.enter_async_context(open_cassandra_stores(cassandra_config))
+            for _ in range(4)
+        ]
+        await stores[0].prekeys.set_signed_prekey(DEV, spk())
+        await stores[0].pq_prekeys.set_last_resort_pq_prekey(DEV, last_resort)
+        await stores[0].prekeys.add_one_time_prekeys(DEV, otks(*range(40)), BIG)
+        await stores[0].pq_prekeys.add_one_time_pq_prekeys(DEV, pqks(*range(25)), BIG)
+        got = await asyncio.gather(
+            *(s.handout.claim_bundle_keys(DEV) for s in stores for _ in range(15))
+        )
+    ec = [b.one_time_prekey.key_id for b in got if b.one_time_prekey is not None]
+    pq = [b.pq_prekey.key_id for b in got if b.pq_prekey is not None and not b.pq_last_resort]
+    assert sorted(ec) == list(range(40))
+    assert sorted(pq) == list(range(25))
+    assert [b.pq_prekey for b in got if b.pq_last_resort] == [last_resort] * 35
 
 
 async def test_registrations_in_3_processes_get_distinct_numbers(

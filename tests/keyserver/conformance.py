@@ -15,7 +15,7 @@ from contextlib import AbstractAsyncContextManager
 
 import pytest
 
-from keyserver.model import DeviceRecord, OneTimePrekey, SignedPrekey
+from keyserver.model import DeviceRecord, OneTimePrekey, PqPrekey, SignedPrekey
 from keyserver.ports import DeviceDirectory, KeyStores
 from relay.model import Address
 
@@ -37,6 +37,11 @@ def otks(*key_ids: int) -> list[OneTimePrekey]:
 
 def spk(key_id: int = 1) -> SignedPrekey:
     return SignedPrekey(key_id, os.urandom(32), os.urandom(64))
+
+
+def pqks(*key_ids: int) -> list[PqPrekey]:
+    """PQ prekeys with random bytes (stores do not check keys; the core does)."""
+    return [PqPrekey(i, os.urandom(1568), os.urandom(64)) for i in key_ids]
 
 
 async def register(
@@ -98,6 +103,31 @@ class DeviceDirectoryConformance(_StoresFixture):
         assert await stores.devices.list("acme", "alice") == (first,)
         elsewhere = await register(stores.devices, user="bob", identity_key=key)
         assert elsewhere.address == Address("acme", "bob", 1)
+
+    async def test_a_removed_device_is_gone_but_keeps_its_number(self, stores: Stores) -> None:
+        one, two, three = [await register(stores.devices) for _ in range(3)]
+        assert await stores.devices.remove(three.address, NOW + 7)
+        assert not await stores.devices.remove(three.address, NOW + 8)  # removed already
+        assert not await stores.devices.remove(Address("acme", "alice", 9), NOW)  # unknown
+        assert not await stores.devices.remove(Address("acme", "nobody", 1), NOW)
+        assert await stores.devices.get(three.address) is None
+        assert await stores.devices.list("acme", "alice") == (one, two)
+        # Its number is never given out again, though it was the highest.
+        assert (await register(stores.devices)).address.device == 4
+        # Its identity key still names it, marked removed (a retried registration).
+        again = await register(stores.devices, identity_key=three.identity_key)
+        assert again.address == three.address
+        assert again.removed_at_ms == NOW + 7
+        assert await stores.devices.get(two.address) == two
+        assert (await register(stores.devices, user="bob")).address.device == 1
+
+    async def test_concurrent_removals_remove_once(self, stores: Stores) -> None:
+        record = await register(stores.devices)
+        results = await asyncio.gather(
+            *(stores.devices.remove(record.address, NOW + i) for i in range(10))
+        )
+        assert sorted(results) == [False] * 9 + [True]
+        assert await stores.devices.list("acme", "alice") == ()
 
     async def test_devices_survive_reopening(self, open_stores: OpenStores) -> None:
         async with open_stores() as stores:
@@ -201,3 +231,124 @@ class PrekeyStoreConformance(_StoresFixture):
             assert await stores.prekeys.signed_prekey(DEV) == signed
             assert await stores.prekeys.count_one_time_prekeys(DEV) == 1
             assert await stores.prekeys.claim_one_time_prekey(DEV) == keys[1]
+
+
+class PqPrekeyStoreConformance(_StoresFixture):
+    async def test_last_resort_is_set_and_replaced(self, stores: Stores) -> None:
+        assert await stores.pq_prekeys.last_resort_pq_prekey(DEV) is None
+        first, second = pqks(1, 2)
+        await stores.pq_prekeys.set_last_resort_pq_prekey(DEV, first)
+        assert await stores.pq_prekeys.last_resort_pq_prekey(DEV) == first
+        await stores.pq_prekeys.set_last_resort_pq_prekey(DEV, second)
+        assert await stores.pq_prekeys.last_resort_pq_prekey(DEV) == second
+        assert await stores.pq_prekeys.last_resort_pq_prekey(OTHER) is None
+
+    async def test_pool_claims_lowest_first_once_and_counts(self, stores: Stores) -> None:
+        keys = pqks(5, 1, 3)
+        added = await stores.pq_prekeys.add_one_time_pq_prekeys(DEV, keys, BIG)
+        assert (added.held, added.accepted) == (3, True)
+        by_id = {k.key_id: k for k in keys}
+        assert await stores.pq_prekeys.claim_one_time_pq_prekey(DEV) == by_id[1]
+        assert await stores.pq_prekeys.count_one_time_pq_prekeys(DEV) == 2
+        assert await stores.pq_prekeys.claim_one_time_pq_prekey(DEV) == by_id[3]
+        assert await stores.pq_prekeys.claim_one_time_pq_prekey(DEV) == by_id[5]
+        assert await stores.pq_prekeys.claim_one_time_pq_prekey(DEV) is None
+        assert await stores.pq_prekeys.count_one_time_pq_prekeys(DEV) == 0
+
+    async def test_pool_is_apart_from_the_x25519_pool(self, stores: Stores) -> None:
+        await stores.pq_prekeys.add_one_time_pq_prekeys(DEV, pqks(1, 2), BIG)
+        await stores.prekeys.add_one_time_prekeys(DEV, otks(1), BIG)
+        assert await stores.prekeys.count_one_time_prekeys(DEV) == 1
+        assert await stores.pq_prekeys.count_one_time_pq_prekeys(DEV) == 2
+        assert await stores.prekeys.claim_one_time_prekey(DEV) is not None
+        assert await stores.pq_prekeys.count_one_time_pq_prekeys(DEV) == 2
+
+    async def test_adds_are_idempotent_and_claimed_ids_never_return(self, stores: Stores) -> None:
+        original = pqks(1, 2)
+        await stores.pq_prekeys.add_one_time_pq_prekeys(DEV, original, BIG)
+        assert await stores.pq_prekeys.claim_one_time_pq_prekey(DEV) == original[0]
+        added = await stores.pq_prekeys.add_one_time_pq_prekeys(DEV, [*pqks(1, 2), *pqks(3)], BIG)
+        assert (added.held, added.accepted) == (2, True)
+        # key_id 2 kept its first key; key_id 1 was claimed and stays out.
+        assert await stores.pq_prekeys.claim_one_time_pq_prekey(DEV) == original[1]
+        assert (await stores.pq_prekeys.claim_one_time_pq_prekey(DEV) or pqks(0)[0]).key_id == 3
+        assert await stores.pq_prekeys.claim_one_time_pq_prekey(DEV) is None
+
+    async def test_add_past_max_held_adds_nothing(self, stores: Stores) -> None:
+        assert (await stores.pq_prekeys.add_one_time_pq_prekeys(DEV, pqks(1, 2, 3), 4)).accepted
+        refused = await stores.pq_prekeys.add_one_time_pq_prekeys(DEV, pqks(4, 5), 4)
+        assert (refused.held, refused.accepted) == (3, False)
+        assert await stores.pq_prekeys.count_one_time_pq_prekeys(DEV) == 3
+
+    async def test_200_concurrent_claimers_share_50_keys(self, stores: Stores) -> None:
+        keys = pqks(*range(50))
+        await stores.pq_prekeys.add_one_time_pq_prekeys(DEV, keys, BIG)
+        got = await asyncio.gather(
+            *(stores.pq_prekeys.claim_one_time_pq_prekey(DEV) for _ in range(200))
+        )
+        handed = [k for k in got if k is not None]
+        assert sorted(k.key_id for k in handed) == list(range(50))
+        assert {k.public_key for k in handed} == {k.public_key for k in keys}
+        assert {k.signature for k in handed} == {k.signature for k in keys}
+        assert got.count(None) == 150
+
+    async def test_pq_prekeys_survive_reopening(self, open_stores: OpenStores) -> None:
+        last_resort, keys = pqks(9)[0], pqks(1, 2)
+        async with open_stores() as stores:
+            await stores.pq_prekeys.set_last_resort_pq_prekey(DEV, last_resort)
+            await stores.pq_prekeys.add_one_time_pq_prekeys(DEV, keys, BIG)
+            await stores.pq_prekeys.claim_one_time_pq_prekey(DEV)
+        async with open_stores() as stores:
+            assert await stores.pq_prekeys.last_resort_pq_prekey(DEV) == last_resort
+            assert await stores.pq_prekeys.claim_one_time_pq_prekey(DEV) == keys[1]
+
+
+class PrekeyHandoutConformance(_StoresFixture):
+    async def _device(self, stores: Stores, ec: int, pq: int) -> tuple[SignedPrekey, PqPrekey]:
+        signed, last_resort = spk(), pqks(10_000)[0]
+        await stores.prekeys.set_signed_prekey(DEV, signed)
+        await stores.pq_prekeys.set_last_resort_pq_prekey(DEV, last_resort)
+        await stores.prekeys.add_one_time_prekeys(DEV, otks(*range(ec)), BIG)
+        await stores.pq_prekeys.add_one_time_pq_prekeys(DEV, pqks(*range(pq)), BIG)
+        return signed, last_resort
+
+    async def test_one_key_of_each_pool_then_the_last_resort(self, stores: Stores) -> None:
+        signed, last_resort = await self._device(stores, ec=1, pq=2)
+        first = await stores.handout.claim_bundle_keys(DEV)
+        assert first.signed_prekey == signed
+        assert first.one_time_prekey is not None and first.one_time_prekey.key_id == 0
+        assert first.pq_prekey is not None and first.pq_prekey.key_id == 0
+        assert not first.pq_last_resort
+        second = await stores.handout.claim_bundle_keys(DEV)
+        assert second.one_time_prekey is None  # the X25519 pool is empty
+        assert second.pq_prekey is not None and second.pq_prekey.key_id == 1
+        third = await stores.handout.claim_bundle_keys(DEV)
+        assert (third.pq_prekey, third.pq_last_resort) == (last_resort, True)
+        assert (await stores.handout.claim_bundle_keys(DEV)).pq_prekey == last_resort
+        assert await stores.pq_prekeys.last_resort_pq_prekey(DEV) == last_resort
+
+    async def test_a_device_without_signed_or_pq_keys_spends_nothing(self, stores: Stores) -> None:
+        await stores.prekeys.add_one_time_prekeys(DEV, otks(1), BIG)
+        await stores.pq_prekeys.add_one_time_pq_prekeys(DEV, pqks(1), BIG)
+        nothing = await stores.handout.claim_bundle_keys(DEV)
+        assert (nothing.signed_prekey, nothing.one_time_prekey) == (None, None)
+        assert await stores.pq_prekeys.count_one_time_pq_prekeys(DEV) == 1
+        # A signed prekey but no PQ key at all (a device from before PQXDH).
+        await stores.prekeys.set_signed_prekey(OTHER, spk())
+        await stores.prekeys.add_one_time_prekeys(OTHER, otks(1), BIG)
+        legacy = await stores.handout.claim_bundle_keys(OTHER)
+        assert legacy.signed_prekey is not None
+        assert (legacy.one_time_prekey, legacy.pq_prekey) == (None, None)
+        assert await stores.prekeys.count_one_time_prekeys(OTHER) == 1
+
+    async def test_concurrent_handouts_give_each_one_time_key_once(self, stores: Stores) -> None:
+        _, last_resort = await self._device(stores, ec=30, pq=20)
+        got = await asyncio.gather(*(stores.handout.claim_bundle_keys(DEV) for _ in range(60)))
+        ec = [b.one_time_prekey.key_id for b in got if b.one_time_prekey is not None]
+        pq = [b.pq_prekey.key_id for b in got if b.pq_prekey and not b.pq_last_resort]
+        assert sorted(ec) == list(range(30))
+        assert sorted(pq) == list(range(20))
+        fallbacks = [b.pq_prekey for b in got if b.pq_last_resort]
+        assert fallbacks == [last_resort] * 40
+        assert await stores.prekeys.count_one_time_prekeys(DEV) == 0
+        assert await stores.pq_prekeys.count_one_time_pq_prekeys(DEV) == 0

@@ -13,12 +13,19 @@ from relay.stores.sqlite_worker import SqliteWorker
 from tests.keyserver.conformance import (
     DeviceDirectoryConformance,
     OpenStores,
+    PqPrekeyStoreConformance,
+    PrekeyHandoutConformance,
     PrekeyStoreConformance,
     Stores,
 )
 
 
-class TestSqliteKeyStores(DeviceDirectoryConformance, PrekeyStoreConformance):
+class TestSqliteKeyStores(
+    DeviceDirectoryConformance,
+    PrekeyStoreConformance,
+    PqPrekeyStoreConformance,
+    PrekeyHandoutConformance,
+):
     @pytest.fixture
     def open_stores(self, tmp_path: Path) -> OpenStores:
         @asynccontextmanager
