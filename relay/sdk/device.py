@@ -9,9 +9,10 @@ directory adds keys idempotently by key_id) rather than replaced by fresh ones.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
-from relay.errors import FailedPrecondition
+from relay.errors import FailedPrecondition, RelayError
 from relay.model import Address
 from relay.sdk.crypto import primitives
 from relay.sdk.crypto.bundle import OneTimePrekey
@@ -19,6 +20,8 @@ from relay.sdk.crypto.prekeys import DevicePrekeys
 from relay.sdk.directory import KeyDirectoryClient, PrekeyStatus
 from relay.sdk.keys import Identity
 from relay.sdk.state import DeviceState
+
+log = logging.getLogger(__name__)
 
 #: Target size of the one-time X25519 pool (uploaded at registration, refilled to).
 DEFAULT_ONE_TIME_PREKEYS = 100
@@ -44,7 +47,9 @@ async def register_device(
     one-time prekeys) and stores them before registering, so a crash in between never
     leaves a registered device without its keys. If the state already has an identity
     but no address (an earlier registration failed), that identity and its stored keys
-    are registered. Keys beyond what one request carries are published right after.
+    are registered. Keys beyond what one request carries are published right after (if
+    that fails, the device is registered all the same and ``replenish_prekeys`` sends
+    them later).
     Returns the address, which is stored too. Raises FileExistsError if the state is
     registered.
     """
@@ -66,7 +71,10 @@ async def register_device(
     state.save_address(address)
     state.mark_prekeys_published([*ec_ids, *pq_ids])
     if state.unpublished_prekey_ids():
-        await _upload_unpublished(state, directory, identity, address)
+        try:
+            await _upload_unpublished(state, directory, identity, address)
+        except RelayError as exc:  # registered all the same: replenish_prekeys sends them
+            log.warning("registered %s; uploading its other prekeys failed: %s", address, exc)
     return address
 
 
