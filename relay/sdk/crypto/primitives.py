@@ -153,10 +153,21 @@ def encode_ec(public: bytes) -> bytes:
 
 
 def decode_ec(encoded: bytes) -> bytes:
-    """Inverse of :func:`encode_ec`; checks the type byte and the length."""
+    """Inverse of :func:`encode_ec`; checks the type byte, the length and canonicity.
+
+    X25519 ignores bit 255 of a public key and reduces it mod p, so several encodings
+    give the same key. Honest keys are always canonical (u < 2^255 - 19); refusing the
+    others keeps messages from being malleable (a flipped top bit would otherwise
+    still decrypt).
+    """
     if len(encoded) != 1 + X25519_KEY_LEN or encoded[0] != EC_TYPE_X25519:
         raise MalformedMessage("not an Encode_EC X25519 public key")
+    if int.from_bytes(encoded[1:], "little") >= _X25519_P:
+        raise MalformedMessage("non-canonical X25519 public key")
     return encoded[1:]
+
+
+_X25519_P = 2**255 - 19
 
 
 def encode_kem(public: bytes) -> bytes:
