@@ -267,7 +267,11 @@ class SecureClient:
         gone = [Address(tenant, user, d) for d in (*mismatch.extra, *mismatch.stale)]
         if gone:
             await asyncio.to_thread(self.codec.forget, gone)
-        fetch = [d for d in (*mismatch.missing, *mismatch.stale) if d != self.address.device]
+        fetch = [
+            d
+            for d in (*mismatch.missing, *mismatch.stale)
+            if Address(tenant, user, d) != self.address
+        ]
         if fetch:
             await self._start_sessions(tenant, user, fetch)
         log.info(
