@@ -203,9 +203,12 @@ class CassandraDeviceDirectory:
             except Unavailable as exc:
                 if not is_contention(exc):
                     raise
-                # Unknown outcome: applied now if the device still looks live.
-                if await self._get_any(address) is None:
+                # Unknown outcome: read what happened; try again if nothing did.
+                record = await self._get_any(address)
+                if record is None:
                     return False
+                if record.removed_at_ms is not None:
+                    return record.removed_at_ms == removed_at_ms
                 continue
             return bool(rows and rows[0][0])
         raise Unavailable(f"remove device {address}: gave up after {MAX_ROUNDS} rounds")

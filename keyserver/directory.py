@@ -48,6 +48,8 @@ DEFAULT_MAX_ONE_TIME_PQ_PREKEYS = 1000
 DEFAULT_LOW_WATER_MARK = 10
 DEFAULT_REQUEST_WINDOW_MS = 60_000
 DEFAULT_REPLAY_CACHE_ENTRIES = 100_000
+#: Up to this many PQ prekeys are checked on the event loop, more in a worker thread.
+_PQ_CHECKS_ON_LOOP = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +122,7 @@ class KeyDirectory:
         validation.check_pq_prekey(
             "last_resort_pq_prekey", reg.last_resort_pq_prekey, reg.identity_key
         )
-        validation.check_one_time_pq_prekeys(
-            "one_time_pq_prekeys",
-            reg.one_time_pq_prekeys,
-            reg.identity_key,
-            self._limits.max_one_time_pq_prekeys_per_request,
-        )
+        await self._check_pq_prekeys(reg.one_time_pq_prekeys, reg.identity_key)
 
         record = await self._devices.register(
             reg.tenant,
@@ -223,12 +220,7 @@ class KeyDirectory:
             validation.check_pq_prekey(
                 "last_resort_pq_prekey", last_resort_pq_prekey, record.identity_key
             )
-        validation.check_one_time_pq_prekeys(
-            "one_time_pq_prekeys",
-            one_time_pq_prekeys,
-            record.identity_key,
-            limits.max_one_time_pq_prekeys_per_request,
-        )
+        await self._check_pq_prekeys(one_time_pq_prekeys, record.identity_key)
         # One-time keys first: if they pass a limit, no signed key is replaced.
         ec_held = pq_held = None
         if one_time_prekeys:
@@ -322,6 +314,19 @@ class KeyDirectory:
         if record is None:
             raise NotFound(f"device {device} is not registered")
         return record
+
+    async def _check_pq_prekeys(self, prekeys: Sequence[PqPrekey], identity_key: bytes) -> None:
+        """Check ``one_time_pq_prekeys`` (see validation); off the event loop when many.
+
+        A hundred keys take some 15 ms of signature and ML-KEM checks: long enough to
+        stall every other call on this loop if run on it.
+        """
+        limit = self._limits.max_one_time_pq_prekeys_per_request
+        args = ("one_time_pq_prekeys", prekeys, identity_key, limit)
+        if len(prekeys) <= _PQ_CHECKS_ON_LOOP or len(prekeys) > limit:
+            validation.check_one_time_pq_prekeys(*args)
+        else:
+            await asyncio.to_thread(validation.check_one_time_pq_prekeys, *args)
 
     async def _status(
         self, device: Address, ec_held: int | None = None, pq_held: int | None = None

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from relay.errors import FailedPrecondition, RelayError
 from relay.model import Address
 from relay.sdk.crypto import primitives
-from relay.sdk.crypto.bundle import OneTimePrekey
+from relay.sdk.crypto.bundle import OneTimePrekey, PqPrekey, SignedPrekey
 from relay.sdk.crypto.prekeys import DevicePrekeys
 from relay.sdk.directory import KeyDirectoryClient, PrekeyStatus
 from relay.sdk.keys import Identity
@@ -55,21 +56,20 @@ async def register_device(
     """
     if state.address() is not None:
         raise FileExistsError(f"{state.path} is already registered as {state.address()}")
-    prekeys = await asyncio.to_thread(_prepare, state, one_time_prekeys, one_time_pq_prekeys)
-    identity = prekeys.identity
-    ec_ids = sorted(prekeys.one_time_ec)[:MAX_KEYS_PER_REQUEST]
-    pq_ids = sorted(prekeys.one_time_pq)[:MAX_KEYS_PER_REQUEST]
+    keys = await asyncio.to_thread(_prepare, state, one_time_prekeys, one_time_pq_prekeys)
+    identity = keys.identity
     address = await directory.register(
         identity,
         tenant,
         user,
-        signed_prekey=prekeys.signed_prekey(max(prekeys.signed)),
-        one_time=_one_time(prekeys, ec_ids),
-        last_resort_pq=prekeys.pq_prekey(max(prekeys.last_resort)),
-        one_time_pq=[prekeys.pq_prekey(i) for i in pq_ids],
+        signed_prekey=keys.signed_prekey,
+        one_time=keys.one_time,
+        last_resort_pq=keys.last_resort_pq,
+        one_time_pq=keys.one_time_pq,
     )
     state.save_address(address)
-    state.mark_prekeys_published([*ec_ids, *pq_ids])
+    sent = [k.key_id for k in keys.one_time] + [k.key_id for k in keys.one_time_pq]
+    state.mark_prekeys_published(sent)
     if state.unpublished_prekey_ids():
         try:
             await _upload_unpublished(state, directory, identity, address)
@@ -78,8 +78,22 @@ async def register_device(
     return address
 
 
-def _prepare(state: DeviceState, one_time_ec: int, one_time_pq: int) -> DevicePrekeys:
-    """The keys to register with: stored ones if any, else new ones, stored first."""
+class _RegistrationKeys(NamedTuple):
+    """The public keys a registration request carries."""
+
+    identity: Identity
+    signed_prekey: SignedPrekey
+    one_time: list[OneTimePrekey]
+    last_resort_pq: PqPrekey
+    one_time_pq: list[PqPrekey]
+
+
+def _prepare(state: DeviceState, one_time_ec: int, one_time_pq: int) -> _RegistrationKeys:
+    """The keys to register with: stored ones if any, else new ones, stored first.
+
+    Keys beyond the first request's worth of each pool are marked unpublished: they are
+    uploaded right after registering.
+    """
     with state.transaction():
         identity = state.identity()
         if identity is None:
@@ -88,17 +102,25 @@ def _prepare(state: DeviceState, one_time_ec: int, one_time_pq: int) -> DevicePr
         prekeys = state.device_prekeys()
         if prekeys is None:
             prekeys = DevicePrekeys.generate(identity, one_time_ec, one_time_pq)
-            # All but the first request's worth are uploaded after registering.
+        elif prekeys.last_resort and prekeys.signed:
+            prekeys = None  # stored and marked by an earlier attempt
+        else:  # keys of a state file from before PQXDH: complete them first
+            _add_signed_keys(prekeys, signed=not prekeys.signed, last_resort=True)
+        if prekeys is not None:
             later = [
                 *sorted(prekeys.one_time_ec)[MAX_KEYS_PER_REQUEST:],
                 *sorted(prekeys.one_time_pq)[MAX_KEYS_PER_REQUEST:],
             ]
             state.save_device_prekeys(prekeys, unpublished=later)
-        elif not prekeys.last_resort or not prekeys.signed:
-            # Keys of a state file from before PQXDH: complete them before registering.
-            _add_signed_keys(prekeys, signed=not prekeys.signed, last_resort=True)
-            state.save_device_prekeys(prekeys)
-        return prekeys
+        prekeys = state.device_prekeys()
+    assert prekeys is not None
+    return _RegistrationKeys(
+        identity,
+        prekeys.signed_prekey(max(prekeys.signed)),
+        _one_time(prekeys, sorted(prekeys.one_time_ec)[:MAX_KEYS_PER_REQUEST]),
+        prekeys.pq_prekey(max(prekeys.last_resort)),
+        [prekeys.pq_prekey(i) for i in sorted(prekeys.one_time_pq)[:MAX_KEYS_PER_REQUEST]],
+    )
 
 
 async def replenish_prekeys(
@@ -162,35 +184,38 @@ async def _upload_unpublished(
     state: DeviceState, directory: KeyDirectoryClient, identity: Identity, address: Address
 ) -> PrekeyStatus | None:
     """Upload every unpublished key (chunked by request limits); mark them published."""
-    prekeys, ids = await asyncio.to_thread(_unpublished, state)
-    if prekeys is None or not ids:
+    found = await asyncio.to_thread(_unpublished, state)
+    if found is None:
         return None
-    ec = [i for i in sorted(ids) if i in prekeys.one_time_ec]
-    pq = [i for i in sorted(ids) if i in prekeys.one_time_pq]
-    last_resort = [i for i in ids if i in prekeys.last_resort]
+    ids, ec, pq, last_resort = found
     status = None
     rounds = max(1, -(-len(ec) // MAX_KEYS_PER_REQUEST), -(-len(pq) // MAX_KEYS_PER_REQUEST))
     for n in range(rounds):
         chunk = slice(n * MAX_KEYS_PER_REQUEST, (n + 1) * MAX_KEYS_PER_REQUEST)
+        extra = last_resort if n == 0 else None
         status = await directory.publish_prekeys(
-            identity,
-            address,
-            one_time=_one_time(prekeys, ec[chunk]),
-            one_time_pq=[prekeys.pq_prekey(i) for i in pq[chunk]],
-            last_resort_pq=(
-                prekeys.pq_prekey(max(last_resort)) if n == 0 and last_resort else None
-            ),
+            identity, address, one_time=ec[chunk], one_time_pq=pq[chunk], last_resort_pq=extra
         )
-        sent = [*ec[chunk], *pq[chunk], *(last_resort if n == 0 else ())]
-        state.mark_prekeys_published(sent)
+        sent = [k.key_id for k in (*ec[chunk], *pq[chunk], *((extra,) if extra else ()))]
+        await asyncio.to_thread(state.mark_prekeys_published, sent)
     # Keys consumed meanwhile are no longer stored; nothing else is left unpublished.
-    state.mark_prekeys_published(ids)
+    await asyncio.to_thread(state.mark_prekeys_published, ids)
     return status
 
 
-def _unpublished(state: DeviceState) -> tuple[DevicePrekeys | None, set[int]]:
+_Unpublished = tuple[set[int], list[OneTimePrekey], list[PqPrekey], PqPrekey | None]
+
+
+def _unpublished(state: DeviceState) -> _Unpublished | None:
+    """The unpublished keys in their published form (derived and signed here, off the loop)."""
     with state.transaction():
-        return state.device_prekeys(), state.unpublished_prekey_ids()
+        prekeys, ids = state.device_prekeys(), state.unpublished_prekey_ids()
+    if prekeys is None or not ids:
+        return None
+    ec = _one_time(prekeys, [i for i in sorted(ids) if i in prekeys.one_time_ec])
+    pq = [prekeys.pq_prekey(i) for i in sorted(ids) if i in prekeys.one_time_pq]
+    last_resort = [i for i in ids if i in prekeys.last_resort]
+    return ids, ec, pq, prekeys.pq_prekey(max(last_resort)) if last_resort else None
 
 
 def _one_time(prekeys: DevicePrekeys, key_ids: Sequence[int]) -> list[OneTimePrekey]:
