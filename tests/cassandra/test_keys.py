@@ -6,13 +6,22 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
+import grpc
 import pytest
 
+from keyserver.app import KeyserverApp
 from keyserver.cassandra_store import cassandra_key_stores
+from keyserver.client import REMOVE_DEVICE_METHOD, sign_request_metadata
 from keyserver.model import OneTimePrekey
+from relay.clock import FakeClock
 from relay.config import CassandraConfig
+from relay.model import Address
+from relay.server.convert import address_from_pb, address_to_pb
 from relay.stores.cassandra.session import CassandraSession
+from relaypb.keys.v1 import keys_pb2 as pb
+from relaypb.keys.v1 import keys_pb2_grpc
 from tests.keyserver.conformance import (
     BIG,
     DEV,
@@ -26,6 +35,9 @@ from tests.keyserver.conformance import (
     pqks,
     spk,
 )
+from tests.keyserver.keys import DeviceKeys
+from tests.keyserver.wire import config as wire_config
+from tests.keyserver.wire import register as wire_register
 
 pytestmark = pytest.mark.services
 
@@ -153,3 +165,41 @@ async def test_racing_publishes_and_claims_hand_each_key_out_once(
         after = [await two.prekeys.claim_one_time_prekey(DEV) for _ in range(21)]
     handed = [k.key_id for k in [*racing[:20], *after] if isinstance(k, OneTimePrekey)]
     assert sorted(handed) == list(range(20))
+
+
+async def test_key_directory_on_cassandra_end_to_end(
+    fresh: CassandraSession, cassandra_config: CassandraConfig, tmp_path: Path
+) -> None:
+    """The gRPC key directory on the Cassandra backend: PQ handout, fallback, removal."""
+    clock = FakeClock()
+    cfg = wire_config(
+        tmp_path,
+        **{
+            "storage.backend": "cassandra",
+            "cassandra.port": cassandra_config.port,
+            "cassandra.keyspace": cassandra_config.keyspace,
+            "cassandra.request_timeout_seconds": 30.0,
+        },
+    )
+    phone, laptop = DeviceKeys(), DeviceKeys()
+    async with (
+        KeyserverApp(cfg, clock) as app,
+        grpc.aio.insecure_channel(app.address) as channel,
+    ):
+        stub = keys_pb2_grpc.KeyDirectoryStub(channel)
+        one = await wire_register(stub, phone, one_time=[1], one_time_pq=[1, 2])
+        two = await wire_register(stub, laptop)
+        fetch = pb.FetchPrekeyBundlesRequest(tenant="acme", user="alice", devices=[1])
+        got = [(await stub.FetchPrekeyBundles(fetch)).bundles[0] for _ in range(3)]
+        assert [b.pq_prekey.key_id for b in got] == [1, 2, 1_000_000]
+        assert [b.pq_prekey_last_resort for b in got] == [False, False, True]
+        assert [b.HasField("one_time_prekey") for b in got] == [True, False, False]
+        request = pb.RemoveDeviceRequest(device=address_to_pb(two))
+        md = sign_request_metadata(REMOVE_DEVICE_METHOD, one, phone.signing, request, clock)
+        await stub.RemoveDevice(request, metadata=md)
+        listed = await stub.ListDevices(pb.ListDevicesRequest(tenant="acme", user="alice"))
+        assert [address_from_pb(d.address) for d in listed.devices] == [one]
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.GetIdentityKey(pb.GetIdentityKeyRequest(device=address_to_pb(two)))
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert await wire_register(stub, DeviceKeys()) == Address("acme", "alice", 3)
