@@ -79,6 +79,8 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     out["git_commit"] = git_commit(Path(__file__).resolve().parent)
+    # A bench run from an exported tree (not a git checkout) says what it was exported from.
+    out["source"] = os.environ.get("LOADTEST_SOURCE") or None
     return out
 
 

@@ -81,8 +81,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 async def serve(config: Config, command: str) -> None:
     """Run the servers ``command`` names until SIGINT or SIGTERM."""
     from keyserver.app import KeyserverApp  # noqa: PLC0415 - only what is run is imported
+    from relay.server import gctune  # noqa: PLC0415
     from relay.server.app import RelayApp  # noqa: PLC0415
 
+    gc_settings = gctune.from_env()  # a bad RELAY_GC fails before anything starts
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -95,6 +97,7 @@ async def serve(config: Config, command: str) -> None:
             node = await stack.enter_async_context(RelayApp(config))
             log.info("relay node %s listening on %s", config.node.id, node.address)
         log.info("ready (storage: %s at %s)", config.storage.backend, config.storage.data_dir)
+        gctune.apply(gc_settings)  # after start-up: see relay/server/gctune.py
         await stop.wait()
         log.info("stopping: letting open calls finish for up to %.0f s", config.node.grace_seconds)
 
