@@ -29,11 +29,39 @@ async def bounded_close(stack: contextlib.AsyncExitStack, seconds: float) -> Non
     A stuck resource (a peer that stopped answering, a driver thread) must not hang the
     shutdown of a process.
     """
-    try:
-        async with asyncio.timeout(seconds):
-            await stack.aclose()
-    except TimeoutError:
-        log.error("shutdown did not finish within %.0f s; abandoning what is left", seconds)
+    closing = asyncio.ensure_future(stack.aclose())
+    done, _ = await asyncio.wait({closing}, timeout=seconds)
+    if done:
+        closing.result()
+        return
+    # Say where it is stuck before giving up: the stuck await and every other task.
+    others = [t for t in asyncio.all_tasks() if t is not closing and not t.done()]
+    log.error(
+        "shutdown did not finish within %.0f s; abandoning what is left. Stuck at:\n%s"
+        "%d other tasks: %s",
+        seconds,
+        "".join(_stack_lines(closing)),
+        len(others),
+        "; ".join(f"{t.get_name()} at {''.join(_stack_lines(t)).strip()}" for t in others[:20]),
+    )
+    closing.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await closing
+
+
+def _stack_lines(task: asyncio.Future[Any]) -> list[str]:
+    """File:line of each coroutine ``task`` is suspended in, outermost first."""
+    if not isinstance(task, asyncio.Task):
+        return []
+    lines: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None and len(lines) < 30:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            code = frame.f_code
+            lines.append(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}\n")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return lines
 
 
 class GrpcServer:
