@@ -48,8 +48,8 @@ unit: install  ## only the tests that need no external services
 test: install lint typecheck services  ## lint, typecheck, start Redis + Cassandra, the whole suite
 	RELAY_REQUIRE_SERVICES=1 $(BIN)/pytest -q
 
-bench: install  ## the benchmark of docs/benchmarks.md: writes bench/results/latest.json
-	$(BIN)/relay-loadtest bench
+bench: install  ## the benchmark of docs/benchmarks.md: writes bench/results/latest.json (ARGS: e.g. --only store)
+	$(BIN)/relay-loadtest bench $(ARGS)
 
 migrate: install  ## apply Cassandra schema migrations (relayd migrate; --config via ARGS)
 	$(BIN)/relayd migrate $(ARGS)

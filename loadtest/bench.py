@@ -337,14 +337,26 @@ class Bench:
         return {"p99_ms_at_70pct": statistics.median(p99s), "rate": rate, "p99_ms_runs": p99s}
 
     def profile_relay(
-        self, relay: tuple[ServerProcess, Endpoints], rate: float, batch: int, tag: str
+        self,
+        relay: tuple[ServerProcess, Endpoints],
+        rate: float,
+        batch: int,
+        tag: str,
+        cfg: LoadConfig | None = None,
     ) -> dict[str, Any]:
-        """py-spy on the relay while it runs at ``rate`` with batches of ``batch``."""
+        """py-spy on the relay while it runs at ``rate`` with batches of ``batch``.
+
+        ``cfg`` (default: the bench's base) is the run's configuration apart from its
+        batch and schedule.
+        """
         print(f"profile: relay at {round(rate)}/s, batch {batch}", flush=True)
         out = self.work / f"profile-{tag}.txt"
         seconds = self.plan.profile_seconds
-        cfg = self.base(
-            batch=batch, stop_on_saturation=False, schedule=f"step:{round(rate)}@{seconds + 2:g}"
+        cfg = dataclasses.replace(
+            cfg or self.base(),
+            batch=batch,
+            stop_on_saturation=False,
+            schedule=f"step:{round(rate)}@{seconds + 2:g}",
         )
         spy: list[Any] = []
         self.load(
@@ -414,12 +426,15 @@ class Bench:
             drain_timeout_s=180.0,
         )
         best: dict[str, Any] | None = None
+        profile: dict[str, Any] | None = None
         with self.relayd("store", config=toml) as (proc, ep):
             for rep in range(self.plan.reps):
                 result, _ = self.load(f"store-relay{rep}", cfg, ep, proc)
                 step = sweep.highest_within(report.steps(result), float("inf"))
                 if step and (best is None or step["acked_per_s"] > best["acked_per_s"]):
                     best = step
+            if self.profile and best:
+                profile = self.profile_relay((proc, ep), best["rate"], batch, "store", cfg)
         driver = []
         for rep in range(self.plan.reps):
             for shape in storebench.SHAPES:
@@ -440,6 +455,7 @@ class Bench:
         out.update(
             reason=None if out["store_vs_driver_ratio"] else "no sustained step on the relay",
             relay_best_step=best,
+            profile_relay=profile,
             driver_runs=driver,
             keyspace=cass.keyspace,
             method="relay: relayd run on Cassandra (own keyspace, LOCAL_QUORUM), "
