@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 
 #: Send attempts of one message while device lists keep changing.
 MAX_SEND_ATTEMPTS = 4
-_VERSION = 1
+_VERSION = 2
+#: Plaintexts are padded with zeros to a multiple of this many bytes.
+PAD_BLOCK = 128
 _TO_YOU = 0
 _SENT_BY_ME = 1
 
@@ -78,22 +80,34 @@ class SecureReceipt:
 
 
 def encode_plaintext(body: bytes, sent_to: str | None = None) -> bytes:
-    """The plaintext inside every ratchet message (see docs/protocol.md)."""
+    """The plaintext inside every ratchet message (see docs/protocol.md).
+
+    ``version || kind || [field(peer user)] || field(body) || zeros``, padded to a
+    multiple of PAD_BLOCK bytes so that envelope sizes say little about message lengths.
+    """
     if sent_to is None:
-        return bytes([_VERSION, _TO_YOU]) + body
-    return bytes([_VERSION, _SENT_BY_ME]) + field(sent_to.encode()) + body
+        head = bytes([_VERSION, _TO_YOU])
+    else:
+        head = bytes([_VERSION, _SENT_BY_ME]) + field(sent_to.encode())
+    framed = head + field(body)
+    return framed + bytes(-len(framed) % PAD_BLOCK)
 
 
 def decode_plaintext(plaintext: bytes) -> tuple[str | None, bytes]:
     """``(sent_to, body)``: ``sent_to`` is None for a message to this user."""
     if len(plaintext) < 2 or plaintext[0] != _VERSION:
         raise MalformedMessage("message plaintext: unknown version")
+    reader = Reader(plaintext[2:], "message plaintext")
     if plaintext[1] == _TO_YOU:
-        return None, plaintext[2:]
-    if plaintext[1] == _SENT_BY_ME:
-        user = Reader(plaintext[2:], "message plaintext").field()
-        return user.decode(), plaintext[2 + 4 + len(user) :]
-    raise MalformedMessage("message plaintext: unknown kind")
+        sent_to = None
+    elif plaintext[1] == _SENT_BY_ME:
+        sent_to = reader.field().decode("utf-8", errors="replace")
+    else:
+        raise MalformedMessage("message plaintext: unknown kind")
+    body = reader.field()
+    if any(reader.rest()):
+        raise MalformedMessage("message plaintext: padding is not zero")
+    return sent_to, body
 
 
 class SecureClient:

@@ -50,6 +50,12 @@ class Reader:
             raise MalformedMessage(f"{self._what}: field of {len(data)} bytes, want {length}")
         return data
 
+    def rest(self) -> bytes:
+        """Every byte not read yet (consumed)."""
+        chunk = self._data[self._pos :]
+        self._pos = len(self._data)
+        return chunk
+
     def end(self) -> None:
         """Raise unless every byte was consumed."""
         if self._pos != len(self._data):
