@@ -58,6 +58,11 @@ class KeyserverConfig:
     target: str = DEFAULT_KEYSERVER_LISTEN
     #: Seconds a relay node caches a device's identity key (and a miss, for a tenth of it).
     identity_cache_seconds: float = DEFAULT_IDENTITY_CACHE_SECONDS
+    #: Seconds a relay node caches a user's device list for Sesame checks. 0 (the
+    #: default): read it from the key directory at every checked send, so a new device
+    #: gets the next message and a removed one none. Raising it trades that for fewer
+    #: key-directory reads: within the window a new device can miss messages.
+    device_list_cache_seconds: float = 0.0
     #: A device whose one-time X25519 or PQ prekey pool holds at most this many keys is
     #: told to replenish (PrekeyStatus.replenish in PublishPrekeys and CountOneTimePrekeys).
     low_water_mark: int = DEFAULT_LOW_WATER_MARK

@@ -81,7 +81,10 @@ class RelayApp:
         channel = grpc.aio.insecure_channel(cfg.keyserver.target)
         self._stack.push_async_callback(channel.close)
         identities = GrpcIdentityKeys(
-            channel, self.clock, int(cfg.keyserver.identity_cache_seconds * 1000)
+            channel,
+            self.clock,
+            int(cfg.keyserver.identity_cache_seconds * 1000),
+            list_ttl_ms=int(cfg.keyserver.device_list_cache_seconds * 1000),
         )
         links: NodeLinks = NoLinks()
         if cfg.presence.backend == "redis":

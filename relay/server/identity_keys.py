@@ -24,10 +24,13 @@ MAX_CACHE = 200_000
 class GrpcIdentityKeys:
     """Looks up device identity keys in the key directory at ``channel``."""
 
-    def __init__(self, channel: grpc.aio.Channel, clock: Clock, ttl_ms: int) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, clock: Clock, ttl_ms: int, *, list_ttl_ms: int = 0
+    ) -> None:
         self._stub = keys_pb2_grpc.KeyDirectoryStub(channel)
         self._clock = clock
         self._ttl = ttl_ms
+        self._list_ttl = list_ttl_ms
         self._cache: dict[Address, tuple[bytes | None, int]] = {}
         self._inflight: dict[Address, asyncio.Future[bytes | None]] = {}
         self._lists: dict[tuple[str, str], tuple[Mapping[int, int], int]] = {}
@@ -58,7 +61,10 @@ class GrpcIdentityKeys:
         return key
 
     async def devices(self, tenant: str, user: str, *, fresh: bool = False) -> Mapping[int, int]:
-        """The user's registered devices (number -> registration id), cached for ``ttl_ms``."""
+        """The user's registered devices (number -> registration id).
+
+        Cached for ``list_ttl_ms`` (0: not cached, read at every call).
+        """
         now = self._clock.now_ms()
         hit = self._lists.get((tenant, user))
         if hit is not None and hit[1] > now and not fresh:
@@ -74,9 +80,10 @@ class GrpcIdentityKeys:
                 f"{exc.code().name} {exc.details()}"
             ) from exc
         devices = {d.address.device: registration_id(d.identity_key) for d in reply.devices}
-        if len(self._lists) >= MAX_CACHE:
-            self._lists.clear()
-        self._lists[(tenant, user)] = (devices, now + self._ttl)
+        if self._list_ttl > 0:
+            if len(self._lists) >= MAX_CACHE:
+                self._lists.clear()
+            self._lists[(tenant, user)] = (devices, now + self._list_ttl)
         return devices
 
     async def _fetch(self, device: Address) -> bytes | None:

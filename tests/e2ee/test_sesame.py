@@ -203,3 +203,20 @@ async def test_simultaneous_first_messages_converge(srv: Servers, tmp_path: Path
         assert [m.body for m in await take(b, 5)] == [b"a%d" % i for i in range(5)]
         assert [m.body for m in await take(a, 5)] == [b"b%d" % i for i in range(5)]
         assert a.relay.undecryptable == b.relay.undecryptable == 0
+
+
+async def test_new_device_gets_the_next_message_with_default_settings(
+    start_servers: StartServers, tmp_path: Path
+) -> None:
+    """Device lists are not cached by default: a relay that has just checked bob's list
+    still sees the device bob adds right after."""
+    srv = await start_servers()
+    alice = await provision(srv.keys_address, tmp_path / "a", "alice")
+    b1 = await provision(srv.keys_address, tmp_path / "b1", "bob")
+    async with SecureClient(alice, srv.relay_address, srv.keys_address) as sender:
+        assert set((await sender.send("bob", b"one")).devices) == {address(b1)}
+        b2 = await provision(srv.keys_address, tmp_path / "b2", "bob")
+        receipt = await sender.send("bob", b"two")
+        assert set(receipt.devices) == {address(b1), address(b2)}
+    async with SecureClient(b2, srv.relay_address, srv.keys_address) as reader:
+        assert [m.body for m in await take(reader, 1)] == [b"two"]
