@@ -105,14 +105,7 @@ class Relay:
         and Unavailable when the store is down (nothing acknowledged). Per-envelope
         problems are REJECTED outcomes carrying their error; the rest still go through.
         """
-        limit = self._limits.max_batch_envelopes
-        if len(envelopes) > limit:
-            raise LimitExceeded(
-                "max_batch_envelopes",
-                limit,
-                f"batch of {len(envelopes)} envelopes is over limits.max_batch_envelopes "
-                f"({limit}): split it",
-            )
+        self._check_batch(len(envelopes), "envelopes")
         with self._metrics.send_seconds.time():
             outcomes = await self._send(sender, envelopes, session)
         for out in outcomes:
@@ -143,14 +136,7 @@ class Relay:
             raise InvalidArgument(
                 f"{len(registration_ids)} registration ids for {len(envelopes)} envelopes"
             )
-        limit = self._limits.max_batch_envelopes
-        if len(complete_for) > limit:
-            raise LimitExceeded(
-                "max_batch_envelopes",
-                limit,
-                f"{len(complete_for)} complete_device_lists entries are over "
-                f"limits.max_batch_envelopes ({limit})",
-            )
+        self._check_batch(len(complete_for), "complete_device_lists entries")
         checks = await asyncio.gather(
             *(
                 self._check_devices(sender, tenant, user, envelopes, registration_ids)
@@ -180,6 +166,16 @@ class Relay:
             self._metrics.envelopes.labels("rejected").inc()
             self._metrics.rejections.labels(error.status.name, "").inc()
         return results, mismatches
+
+    def _check_batch(self, count: int, what: str) -> None:
+        """Raise LimitExceeded naming max_batch_envelopes if ``count`` is over it."""
+        limit = self._limits.max_batch_envelopes
+        if count > limit:
+            raise LimitExceeded(
+                "max_batch_envelopes",
+                limit,
+                f"batch of {count} {what} is over limits.max_batch_envelopes ({limit}): split it",
+            )
 
     async def _check_devices(
         self,

@@ -141,10 +141,6 @@ class E2eeCodec:
     def _save(self, peer: Address, sessions: list[_Session]) -> None:
         self._state.save_session_record(peer, _encode(sessions[:MAX_SESSIONS_PER_DEVICE]))
 
-    def has_session(self, peer: Address) -> bool:
-        """Whether this device can seal for ``peer`` now."""
-        return self._state.session_record(peer) is not None
-
     def peer_registration_id(self, peer: Address) -> int:
         """The registration id of ``peer`` as the active session knows it."""
         sessions = self._load(peer)

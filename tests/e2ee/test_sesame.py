@@ -22,7 +22,7 @@ from relay.sdk.session import Session
 from relaypb.common.v1 import address_pb2
 from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
 from tests.conftest import Servers, StartServers
-from tests.e2ee.helpers import address, provision, take
+from tests.e2ee.helpers import address, provision, record_seals, take
 from tests.sdk.helpers import RecordingBackoff
 
 
@@ -145,16 +145,8 @@ async def test_tampered_and_replayed_envelopes_are_dropped_not_delivered(
     recipient drops it (counted), and keeps receiving the good messages after it."""
     alice = await provision(srv.keys_address, tmp_path / "a", "alice")
     bob = await provision(srv.keys_address, tmp_path / "b", "bob")
-    sealed: list[bytes] = []
     async with SecureClient(alice, srv.relay_address, srv.keys_address) as sender:
-        real_seal = sender.codec.seal
-
-        def recording_seal(recipient: object, plaintext: bytes) -> bytes:
-            content = real_seal(recipient, plaintext)  # type: ignore[arg-type]
-            sealed.append(content)
-            return content
-
-        sender.codec.seal = recording_seal  # type: ignore[method-assign]
+        sealed = record_seals(sender)
         await sender.send("bob", b"first")
         # Replay the first envelope's content under a new message id, then flip a bit
         # of a fresh one, by writing raw frames on alice's own authenticated session.
