@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import AsyncExitStack
 from types import TracebackType
 
 from keyserver.client import SERVICE_NAME
-from keyserver.directory import DirectoryLimits, KeyDirectory
+from keyserver.directory import (
+    DirectoryLimits,
+    KeyDirectory,
+    Policies,
+    RegistrationPolicy,
+)
+from keyserver.linking import Linking
+from keyserver.model import Reader
+from keyserver.ports import DeviceEvents, KeyStores
 from keyserver.servicer import KeyDirectoryServicer
 from keyserver.sqlite_store import KEYS_DB, SCHEMA, sqlite_key_stores
 from relay.clock import Clock, SystemClock
-from relay.config import Config, ConfigError
-from relay.server.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
-from relay.stores.sqlite_worker import SqliteWorker
+from relay.common.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
+from relay.common.sqlite_worker import SqliteWorker
+from relay.config import Config, ConfigError, load_or_create_key, relay_key_path
 from relaypb.keys.v1 import keys_pb2_grpc
 
 #: Storage backends the key directory can run on today.
@@ -28,7 +37,9 @@ class KeyserverApp:
     ``config.node.grace_seconds``), then closes the store.
     """
 
-    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+    def __init__(
+        self, config: Config, clock: Clock | None = None, *, events: DeviceEvents | None = None
+    ) -> None:
         if config.storage.backend not in BACKENDS:
             raise ConfigError(
                 f"storage.backend: {config.storage.backend!r} is not supported by the key "
@@ -36,6 +47,7 @@ class KeyserverApp:
             )
         self._config = config
         self._clock = clock or SystemClock()
+        self._events = events
         self._stack: AsyncExitStack | None = None
         self._server: GrpcServer | None = None
 
@@ -56,16 +68,31 @@ class KeyserverApp:
 
     async def __aenter__(self) -> KeyserverApp:
         async with AsyncExitStack() as stack:
-            core = await self._open_core(stack)
+            stores = await self._open_stores(stack)
+            events = self._events
+            if events is None and self._config.presence.backend == "redis":
+                from relay.common.device_events import (  # noqa: PLC0415 - optional Redis
+                    RedisDeviceEvents,
+                )
+
+                redis_events = RedisDeviceEvents(
+                    self._config.presence.redis_url, self._config.presence.key_prefix
+                )
+                stack.push_async_callback(redis_events.close)
+                events = redis_events
+            limits = directory_limits(self._config)
+            core = KeyDirectory(
+                stores,
+                self._clock,
+                limits,
+                policies=policies(self._config),
+                bearer_keys=bearer_keys(self._config),
+                events=events,
+            )
+            servicer = KeyDirectoryServicer(core, Linking(stores, self._clock, limits))
             server = GrpcServer(
                 self._config.keyserver.listen,
-                [
-                    (
-                        keys_pb2_grpc.add_KeyDirectoryServicer_to_server,
-                        KeyDirectoryServicer(core),
-                        SERVICE_NAME,
-                    )
-                ],
+                [(keys_pb2_grpc.add_KeyDirectoryServicer_to_server, servicer, SERVICE_NAME)],
                 grace_seconds=self._config.node.grace_seconds,
             )
             await stack.enter_async_context(server)
@@ -73,20 +100,19 @@ class KeyserverApp:
             self._stack = stack.pop_all()
         return self
 
-    async def _open_core(self, stack: AsyncExitStack) -> KeyDirectory:
-        """The core on the configured backend (``storage.backend``)."""
-        limits = DirectoryLimits(low_water_mark=self._config.keyserver.low_water_mark)
+    async def _open_stores(self, stack: AsyncExitStack) -> KeyStores:
+        """The key stores on the configured backend (``storage.backend``)."""
         if self._config.storage.backend == "cassandra":
             from keyserver.cassandra_store import (  # noqa: PLC0415 - optional driver
                 cassandra_key_stores,
             )
-            from relay.stores.cassandra.session import CassandraSession  # noqa: PLC0415
+            from relay.common.cassandra.session import CassandraSession  # noqa: PLC0415
 
             session = await stack.enter_async_context(CassandraSession(self._config.cassandra))
-            return KeyDirectory(cassandra_key_stores(session), self._clock, limits)
+            return cassandra_key_stores(session)
         path = self._config.storage.path / KEYS_DB
         worker = await stack.enter_async_context(SqliteWorker(path, SCHEMA))
-        return KeyDirectory(sqlite_key_stores(worker), self._clock, limits)
+        return sqlite_key_stores(worker)
 
     async def __aexit__(
         self,
@@ -97,3 +123,38 @@ class KeyserverApp:
         stack, self._stack, self._server = self._stack, None, None
         if stack is not None:
             await bounded_close(stack, self._config.node.grace_seconds + SHUTDOWN_MARGIN_SECONDS)
+
+
+def directory_limits(config: Config) -> DirectoryLimits:
+    """The key directory limits of ``config``."""
+    ks = config.keyserver
+    return DirectoryLimits(
+        low_water_mark=ks.low_water_mark,
+        max_signed_requests_per_device=ks.max_signed_requests_per_device,
+        max_bundle_fetches_per_requester=ks.max_bundle_fetches_per_requester,
+        max_bundle_fetches_per_target=ks.max_bundle_fetches_per_target,
+        max_devices_per_user=config.limits.max_devices_per_user,
+        max_pending_links_per_user=ks.max_pending_links_per_user,
+        link_ttl_ms=int(ks.link_ttl_seconds * 1000),
+    )
+
+
+def policies(config: Config) -> Policies:
+    """The registration policy of every tenant of ``config`` (token keys read from files)."""
+    ks = config.keyserver
+    return Policies(
+        default=RegistrationPolicy(ks.default_registration),
+        tenants=tuple(
+            (t.name, RegistrationPolicy(t.registration, t.token_key())) for t in ks.tenants
+        ),
+    )
+
+
+def bearer_keys(config: Config) -> dict[bytes, Reader]:
+    """Who may read with a bearer key: the relay nodes (every tenant), tenant services."""
+    keys = {
+        k.key_digest(): Reader(f"service {k.tenant}/{k.name}", k.tenant) for k in config.api_keys
+    }
+    relay_key = load_or_create_key(relay_key_path(config))
+    keys[hashlib.sha256(relay_key.encode()).digest()] = Reader("relay nodes", None, relay_node=True)
+    return keys

@@ -22,8 +22,21 @@ SERVICE_NAME = "relaypb.keys.v1.KeyDirectory"
 PUBLISH_PREKEYS_METHOD = f"/{SERVICE_NAME}/PublishPrekeys"
 COUNT_ONE_TIME_PREKEYS_METHOD = f"/{SERVICE_NAME}/CountOneTimePrekeys"
 REMOVE_DEVICE_METHOD = f"/{SERVICE_NAME}/RemoveDevice"
+FETCH_PREKEY_BUNDLES_METHOD = f"/{SERVICE_NAME}/FetchPrekeyBundles"
+LIST_DEVICES_METHOD = f"/{SERVICE_NAME}/ListDevices"
+GET_IDENTITY_KEY_METHOD = f"/{SERVICE_NAME}/GetIdentityKey"
+GET_DEVICE_LIST_METHOD = f"/{SERVICE_NAME}/GetDeviceList"
+LIST_LINK_REQUESTS_METHOD = f"/{SERVICE_NAME}/ListLinkRequests"
+APPROVE_LINK_METHOD = f"/{SERVICE_NAME}/ApproveLink"
+#: Metadata key of a bearer key (tenant services, relay nodes): ``Bearer <key>``.
+AUTHORIZATION_HEADER = "authorization"
 
 Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+def bearer_metadata(key: str) -> Metadata:
+    """The metadata of a read made with a bearer key (a tenant API key or the relay key)."""
+    return ((AUTHORIZATION_HEADER, f"Bearer {key}"),)
 
 
 def request_body(request: Message) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from relay.accounts import DeviceList
 from relay.model import Address, registration_id
 
 
@@ -116,6 +117,10 @@ class Registration:
     proof: bytes
     last_resort_pq_prekey: PqPrekey | None = None
     one_time_pq_prekeys: tuple[PqPrekey, ...] = ()
+    account_key: bytes = b""
+    device_list: DeviceList | None = None
+    registration_token: str = ""
+    reset: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,3 +133,88 @@ class PrekeysAdded:
 
     held: int
     accepted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """What the key directory holds about a user's account.
+
+    ``account_key`` and ``device_list`` are None for a user without an account (never
+    registered, or registered before accounts existed). ``last_device`` is the highest
+    device number ever given out for the user (0 if none): numbers are never reused.
+    """
+
+    account_key: bytes | None
+    device_list: DeviceList | None
+    last_device: int
+
+    @property
+    def exists(self) -> bool:
+        """Whether the user has an account or any device, now or before."""
+        return self.account_key is not None or self.last_device > 0
+
+
+@dataclass(frozen=True, slots=True)
+class NewDevice:
+    """The identity of a device about to be added to its user's list."""
+
+    identity_key: bytes
+    identity_dh_key: bytes
+    identity_dh_signature: bytes
+    registered_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkApproval:
+    """How a link request was approved: the new device's number, sealed key and list."""
+
+    device: int
+    sealed_account: bytes
+    device_list: DeviceList
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLink:
+    """A new device's request to join an existing user, until approved or expired."""
+
+    request_id: bytes
+    tenant: str
+    user: str
+    identity_key: bytes
+    identity_dh_key: bytes
+    identity_dh_signature: bytes
+    signed_prekey: SignedPrekey
+    last_resort_pq_prekey: PqPrekey
+    link_key: bytes
+    created_at_ms: int
+    expires_at_ms: int
+    approval: LinkApproval | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRequestInput:
+    """A RequestLink call as the core sees it (not yet validated)."""
+
+    tenant: str
+    user: str
+    identity_key: bytes
+    identity_dh_key: bytes
+    identity_dh_signature: bytes
+    signed_prekey: SignedPrekey | None
+    last_resort_pq_prekey: PqPrekey | None
+    link_key: bytes
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reader:
+    """Who makes an authenticated read: a device, a tenant's service, or a relay node.
+
+    ``tenant`` None means every tenant (relay nodes); ``device`` is set for a device.
+    ``name`` identifies the caller in rate limits and logs.
+    """
+
+    name: str
+    tenant: str | None
+    device: Address | None = None
+    relay_node: bool = False

@@ -1,11 +1,14 @@
 """The storage protocols the key directory core depends on, one per concern.
 
-``DeviceDirectory`` (devices and their numbers), ``PrekeyStore`` (the X25519 signed prekey
-and one-time pool), ``PqPrekeyStore`` (the ML-KEM-1024 last-resort prekey and one-time
-pool) and ``PrekeyHandout`` (giving out one bundle's keys). All are written so that a
-backend without multi-row transactions (Cassandra, with lightweight transactions) can
-implement them; the conformance suite in ``tests/keyserver/conformance.py`` pins the
-behaviour every backend must have.
+``DeviceDirectory`` (devices and their numbers), ``AccountDirectory`` (account keys
+and signed device lists: every change of a user's devices goes through it),
+``LinkRequests`` (new devices waiting for approval), ``OnceOnly`` (registration
+tokens and signed requests, each accepted once, across processes), ``PrekeyStore``
+(the X25519 signed prekey and one-time pool), ``PqPrekeyStore`` (the ML-KEM-1024
+last-resort prekey and one-time pool) and ``PrekeyHandout`` (giving out one bundle's
+keys). All are written so that a backend without multi-row transactions (Cassandra,
+with lightweight transactions) can implement them; the conformance suite in
+``tests/keyserver/conformance.py`` pins the behaviour every backend must have.
 """
 
 from __future__ import annotations
@@ -15,18 +18,29 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from keyserver.model import (
+    AccountState,
     BundleKeys,
     DeviceRecord,
+    LinkApproval,
+    NewDevice,
     OneTimePrekey,
+    PendingLink,
     PqPrekey,
     PrekeysAdded,
     SignedPrekey,
 )
+from relay.accounts import DeviceList
 from relay.model import Address
 
 
 class DeviceDirectory(Protocol):
-    """Registered devices and their identity keys."""
+    """Registered devices and their identity keys.
+
+    The key directory core adds and removes devices only through ``AccountDirectory``
+    (so that the signed list and the devices change together); ``register`` and
+    ``remove`` are the primitives those steps are made of, kept here for the stores'
+    own conformance suite and for users registered before accounts existed.
+    """
 
     async def register(
         self,
@@ -63,6 +77,98 @@ class DeviceDirectory(Protocol):
         Returns False (and writes nothing) if there is no such device or it was removed
         before. After it, ``get`` and ``list`` no longer return the device, and its number
         and identity key stay taken.
+        """
+        ...
+
+    async def find_identity(
+        self, tenant: str, user: str, identity_key: bytes
+    ) -> DeviceRecord | None:
+        """The device of (tenant, user) ever registered with ``identity_key``, removed or not."""
+        ...
+
+
+class AccountDirectory(Protocol):
+    """Account keys and signed device lists; the only way devices are added or removed.
+
+    Each change is one atomic step on the user (a SQLite transaction; a conditional batch
+    on the user's Cassandra partition): it happens only if the list version the caller
+    read is still the current one, so of two concurrent changes one wins and the other
+    answers False (re-read and decide again). Device numbers are never reused: a new
+    device's number must be ``last_device + 1``.
+    """
+
+    async def account(self, tenant: str, user: str) -> AccountState:
+        """The user's account key, latest signed list and highest device number ever used."""
+        ...
+
+    async def create(
+        self, device_list: DeviceList, device: NewDevice, *, replaces: int | None = None
+    ) -> bool:
+        """Create the account of ``device_list``'s user with its one device ``device``.
+
+        ``device_list`` names exactly one device, numbered ``last_device + 1``. Without
+        ``replaces`` the user must have no account and no device; with it (a reset) the
+        current list must have version ``replaces``, and every device of the old account
+        is marked removed. False (nothing written) if that does not hold.
+        """
+        ...
+
+    async def add_device(
+        self, device_list: DeviceList, device: NewDevice, *, expected: int
+    ) -> bool:
+        """Store ``device_list`` and register its one new device ``device``.
+
+        Only if the current list still has version ``expected``; the new device is the
+        one number in ``device_list`` the current list lacks, ``last_device + 1``.
+        """
+        ...
+
+    async def remove_devices(
+        self, device_list: DeviceList, removed: Sequence[int], removed_at_ms: int, *, expected: int
+    ) -> bool:
+        """Store ``device_list`` and mark devices ``removed`` removed.
+
+        Only if the current list still has version ``expected``. Removed devices keep
+        their numbers and identity keys taken.
+        """
+        ...
+
+
+class LinkRequests(Protocol):
+    """New devices waiting for one of their user's devices to approve them.
+
+    Requests are shared by every key directory process (they live in the key store) and
+    vanish when they expire.
+    """
+
+    async def add(self, link: PendingLink, max_pending: int, now_ms: int) -> bool:
+        """Store ``link`` unless its user has ``max_pending`` requests waiting already.
+
+        Waiting: unexpired and unapproved. False (nothing stored) when that is reached.
+        """
+        ...
+
+    async def pending(self, tenant: str, user: str, now_ms: int) -> tuple[PendingLink, ...]:
+        """The user's unexpired, unapproved requests, oldest first."""
+        ...
+
+    async def get(self, request_id: bytes, now_ms: int) -> PendingLink | None:
+        """The request ``request_id`` (approved or not); None if unknown or expired."""
+        ...
+
+    async def approve(self, request_id: bytes, approval: LinkApproval, now_ms: int) -> bool:
+        """Record ``approval`` once; False if the request is gone or approved already."""
+        ...
+
+
+class OnceOnly(Protocol):
+    """Things accepted at most once until they expire, across key directory processes."""
+
+    async def first_use(self, kind: str, digest: bytes, expires_at_ms: int, now_ms: int) -> bool:
+        """Record ``digest`` of ``kind`` (``token``, ``request``) until ``expires_at_ms``.
+
+        True the first time; False if it was recorded before and has not expired.
+        Atomic across processes (a key is first-used once under any concurrency).
         """
         ...
 
@@ -162,6 +268,20 @@ class KeyStores:
     """Every store the key directory core needs, on one backend."""
 
     devices: DeviceDirectory
+    accounts: AccountDirectory
+    links: LinkRequests
+    once: OnceOnly
     prekeys: PrekeyStore
     pq_prekeys: PqPrekeyStore
     handout: PrekeyHandout
+
+
+class DeviceEvents(Protocol):
+    """Where the key directory announces changes that relay nodes must act on at once."""
+
+    async def device_removed(self, device: Address) -> None:
+        """Announce that ``device`` was removed. Best effort: never raises.
+
+        Relay nodes then end its sessions, purge its queue and forget its identity key.
+        """
+        ...

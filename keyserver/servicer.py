@@ -10,17 +10,30 @@ import grpc
 
 from keyserver import model
 from keyserver.client import (
+    APPROVE_LINK_METHOD,
+    AUTHORIZATION_HEADER,
     COUNT_ONE_TIME_PREKEYS_METHOD,
+    FETCH_PREKEY_BUNDLES_METHOD,
+    GET_DEVICE_LIST_METHOD,
+    GET_IDENTITY_KEY_METHOD,
+    LIST_DEVICES_METHOD,
+    LIST_LINK_REQUESTS_METHOD,
     PUBLISH_PREKEYS_METHOD,
     REMOVE_DEVICE_METHOD,
     request_body,
 )
 from keyserver.directory import KeyDirectory
+from keyserver.linking import Linking
 from relay import authproof
-from relay.errors import Unauthenticated
+from relay.common.convert import (
+    address_from_pb,
+    address_to_pb,
+    device_list_from_pb,
+    device_list_to_pb,
+)
+from relay.common.status import unary
+from relay.errors import InvalidArgument, Unauthenticated
 from relay.model import Address
-from relay.server.convert import address_from_pb, address_to_pb
-from relay.server.status import unary
 from relaypb.keys.v1 import keys_pb2 as pb
 from relaypb.keys.v1 import keys_pb2_grpc
 
@@ -85,6 +98,19 @@ def _bundle_pb(bundle: model.PrekeyBundle) -> pb.PrekeyBundle:
     return msg
 
 
+def _bearer(context: Context[Req, Resp]) -> str | None:
+    """The bearer key of the call, if it carries an ``authorization`` header."""
+    values = [v for k, v in context.invocation_metadata() or () if k == AUTHORIZATION_HEADER]
+    if not values:
+        return None
+    if len(values) > 1 or not isinstance(values[0], str):
+        raise Unauthenticated(f"header {AUTHORIZATION_HEADER} must be given once, as text")
+    scheme, _, key = values[0].partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthenticated(f"header {AUTHORIZATION_HEADER} must be 'Bearer <key>'")
+    return key.strip()
+
+
 def _headers(context: Context[Req, Resp]) -> dict[str, str | bytes]:
     headers: dict[str, str | bytes] = {}
     wanted = (
@@ -106,8 +132,17 @@ def _headers(context: Context[Req, Resp]) -> dict[str, str | bytes]:
 class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
     """Serves relaypb.keys.v1.KeyDirectory by calling a KeyDirectory core."""
 
-    def __init__(self, core: KeyDirectory) -> None:
+    def __init__(self, core: KeyDirectory, linking: Linking) -> None:
         self._core = core
+        self._linking = linking
+
+    async def _reader(self, method: str, body: bytes, context: Context[Req, Resp]) -> model.Reader:
+        """Who makes an authenticated read: a bearer key holder, or a signing device."""
+        key = _bearer(context)
+        if key is not None:
+            return self._core.authenticate_bearer(key)
+        device = await self._authenticate(method, body, context)
+        return await self._core.device_reader(device)
 
     async def _authenticate(self, method: str, body: bytes, context: Context[Req, Resp]) -> Address:
         headers = _headers(context)
@@ -151,6 +186,14 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
                 else None
             ),
             one_time_pq_prekeys=_pq_prekeys(request.one_time_pq_prekeys),
+            account_key=request.account_key,
+            device_list=(
+                device_list_from_pb(request.device_list)
+                if request.HasField("device_list")
+                else None
+            ),
+            registration_token=request.registration_token,
+            reset=request.reset,
         )
         record = await self._core.register(registration)
         return pb.RegisterDeviceResponse(
@@ -188,7 +231,10 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         context: Context[pb.FetchPrekeyBundlesRequest, pb.FetchPrekeyBundlesResponse],
     ) -> pb.FetchPrekeyBundlesResponse:
         """Prekey bundles of a user's devices, claiming one one-time prekey each."""
-        bundles = await self._core.fetch_bundles(request.tenant, request.user, request.devices)
+        reader = await self._reader(FETCH_PREKEY_BUNDLES_METHOD, request_body(request), context)
+        bundles = await self._core.fetch_bundles(
+            request.tenant, request.user, request.devices, by=reader
+        )
         return pb.FetchPrekeyBundlesResponse(bundles=[_bundle_pb(b) for b in bundles])
 
     @unary
@@ -198,7 +244,8 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         context: Context[pb.ListDevicesRequest, pb.ListDevicesResponse],
     ) -> pb.ListDevicesResponse:
         """The registered devices of a user."""
-        records = await self._core.list_devices(request.tenant, request.user)
+        reader = await self._reader(LIST_DEVICES_METHOD, request_body(request), context)
+        records = await self._core.list_devices(request.tenant, request.user, by=reader)
         return pb.ListDevicesResponse(
             devices=[
                 pb.DeviceInfo(
@@ -232,7 +279,8 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         context: Context[pb.GetIdentityKeyRequest, pb.GetIdentityKeyResponse],
     ) -> pb.GetIdentityKeyResponse:
         """The Ed25519 identity key of one device."""
-        key = await self._core.identity_key(address_from_pb(request.device))
+        reader = await self._reader(GET_IDENTITY_KEY_METHOD, request_body(request), context)
+        key = await self._core.identity_key(address_from_pb(request.device), by=reader)
         return pb.GetIdentityKeyResponse(identity_key=key)
 
     @unary
@@ -243,5 +291,114 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
     ) -> pb.RemoveDeviceResponse:
         """Remove a device of the signing device's own user (device-signed)."""
         caller = await self._authenticate(REMOVE_DEVICE_METHOD, request_body(request), context)
-        await self._core.remove_device(caller, address_from_pb(request.device))
+        device_list = (
+            device_list_from_pb(request.device_list) if request.HasField("device_list") else None
+        )
+        await self._core.remove_device(caller, address_from_pb(request.device), device_list)
         return pb.RemoveDeviceResponse()
+
+    @unary
+    async def GetDeviceList(
+        self,
+        request: pb.GetDeviceListRequest,
+        context: Context[pb.GetDeviceListRequest, pb.GetDeviceListResponse],
+    ) -> pb.GetDeviceListResponse:
+        """The user's latest signed device list (authenticated read)."""
+        reader = await self._reader(GET_DEVICE_LIST_METHOD, request_body(request), context)
+        device_list = await self._core.device_list(request.tenant, request.user, by=reader)
+        return pb.GetDeviceListResponse(device_list=device_list_to_pb(device_list))
+
+    @unary
+    async def RequestLink(
+        self,
+        request: pb.RequestLinkRequest,
+        context: Context[pb.RequestLinkRequest, pb.RequestLinkResponse],
+    ) -> pb.RequestLinkResponse:
+        """A new device asks to join an existing user."""
+        link = await self._linking.request(
+            model.LinkRequestInput(
+                tenant=request.tenant,
+                user=request.user,
+                identity_key=request.identity_key,
+                identity_dh_key=request.identity_dh_key,
+                identity_dh_signature=request.identity_dh_signature,
+                signed_prekey=(
+                    _signed_prekey(request.signed_prekey)
+                    if request.HasField("signed_prekey")
+                    else None
+                ),
+                last_resort_pq_prekey=(
+                    _pq_prekey(request.last_resort_pq_prekey)
+                    if request.HasField("last_resort_pq_prekey")
+                    else None
+                ),
+                link_key=request.link_key,
+                proof=request.proof,
+            )
+        )
+        return pb.RequestLinkResponse(request_id=link.request_id, expires_at_ms=link.expires_at_ms)
+
+    @unary
+    async def ListLinkRequests(
+        self,
+        request: pb.ListLinkRequestsRequest,
+        context: Context[pb.ListLinkRequestsRequest, pb.ListLinkRequestsResponse],
+    ) -> pb.ListLinkRequestsResponse:
+        """The waiting link requests of the signing device's user (device-signed)."""
+        body = request_body(request)
+        caller = await self._authenticate(LIST_LINK_REQUESTS_METHOD, body, context)
+        links, device_list, next_device = await self._linking.pending(caller)
+        return pb.ListLinkRequestsResponse(
+            requests=[
+                pb.LinkRequest(
+                    request_id=link.request_id,
+                    identity_key=link.identity_key,
+                    identity_dh_key=link.identity_dh_key,
+                    link_key=link.link_key,
+                    created_at_ms=link.created_at_ms,
+                    expires_at_ms=link.expires_at_ms,
+                )
+                for link in links
+            ],
+            device_list=device_list_to_pb(device_list),
+            next_device=next_device,
+        )
+
+    @unary
+    async def ApproveLink(
+        self,
+        request: pb.ApproveLinkRequest,
+        context: Context[pb.ApproveLinkRequest, pb.ApproveLinkResponse],
+    ) -> pb.ApproveLinkResponse:
+        """Approve a link request with the new list and the sealed account key."""
+        caller = await self._authenticate(APPROVE_LINK_METHOD, request_body(request), context)
+        if not request.HasField("device_list"):
+            raise InvalidArgument("device_list is required: the new list with the new device")
+        address = await self._linking.approve(
+            caller,
+            request.request_id,
+            device_list_from_pb(request.device_list),
+            request.sealed_account,
+        )
+        return pb.ApproveLinkResponse(address=address_to_pb(address))
+
+    @unary
+    async def CompleteLink(
+        self,
+        request: pb.CompleteLinkRequest,
+        context: Context[pb.CompleteLinkRequest, pb.CompleteLinkResponse],
+    ) -> pb.CompleteLinkResponse:
+        """The new device's side of a link: waiting, or approved with the sealed key."""
+        link = await self._linking.complete(request.request_id)
+        if link.approval is None:
+            return pb.CompleteLinkResponse(
+                state=pb.CompleteLinkResponse.PENDING, expires_at_ms=link.expires_at_ms
+            )
+        approval = link.approval
+        return pb.CompleteLinkResponse(
+            state=pb.CompleteLinkResponse.APPROVED,
+            address=address_to_pb(Address(link.tenant, link.user, approval.device)),
+            sealed_account=approval.sealed_account,
+            device_list=device_list_to_pb(approval.device_list),
+            expires_at_ms=link.expires_at_ms,
+        )

@@ -114,3 +114,18 @@ def check_one_time_prekeys(
         if prekey.key_id in seen:
             raise InvalidArgument(f"{field}[{i}].key_id {prekey.key_id} repeats an earlier key_id")
         seen.add(prekey.key_id)
+
+
+def check_new_identity(
+    identity_key: bytes, dh_key: bytes, dh_signature: bytes, proof: bytes
+) -> None:
+    """Check a new device's identity keys and the identity key's vouching for ``dh_key``.
+
+    ``proof`` is only checked for size here: what it signs depends on the request.
+    """
+    check_identity_key("identity_key", identity_key)
+    check_length("identity_dh_key", dh_key, KEY_BYTES)
+    check_length("identity_dh_signature", dh_signature, SIGNATURE_BYTES)
+    check_length("proof", proof, SIGNATURE_BYTES)
+    if not authproof.verify(identity_key, dh_signature, authproof.identity_dh_transcript(dh_key)):
+        raise InvalidArgument("identity_dh_signature does not verify with identity_key")

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from relay import authproof
+from relay.common.convert import address_to_pb
 from relay.model import Address
-from relay.server.convert import address_to_pb
 from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
 from relaypb.relay.v1 import relay_pb2
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from relay.server.grpcserver import GrpcServer
+from relay.common.grpcserver import GrpcServer
 from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
 from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
 

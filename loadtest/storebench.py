@@ -131,7 +131,7 @@ def keyspace(config: CassandraConfig) -> Iterator[CassandraConfig]:
 
 
 async def _drop(config: CassandraConfig) -> None:
-    from relay.stores.cassandra.session import CassandraSession  # noqa: PLC0415
+    from relay.common.cassandra.session import CassandraSession  # noqa: PLC0415
 
     async with CassandraSession(config, keyspace="") as admin:
         await admin.execute_ddl(f"DROP KEYSPACE IF EXISTS {config.keyspace}", op="drop")
@@ -264,8 +264,8 @@ def driver_loop(plan: DriverPlan) -> dict[str, Any]:
     Returns the timed rate (rows/s), the rows written (warm-up included) and counted, and
     the CPU share this process used while timed.
     """
+    from relay.common.cassandra.session import build_cluster  # noqa: PLC0415
     from relay.stores.cassandra.queue import INSERT_ROW  # noqa: PLC0415 - optional driver
-    from relay.stores.cassandra.session import build_cluster  # noqa: PLC0415
 
     if plan.shape not in SHAPES:
         raise ValueError(f"shape must be one of {SHAPES}")

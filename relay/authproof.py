@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -21,6 +22,8 @@ REQUEST_LABEL = b"e2ee-relay/request/v1"
 SIGNED_PREKEY_LABEL = b"e2ee-relay/signed-prekey/v1"
 IDENTITY_DH_LABEL = b"e2ee-relay/identity-dh/v1"
 PQ_PREKEY_LABEL = b"e2ee-relay/pq-prekey/v1"
+DEVICE_LIST_LABEL = b"e2ee-relay/device-list/v1"
+LINK_REQUEST_LABEL = b"e2ee-relay/link-request/v1"
 #: ``Encode_KEM`` type byte of an ML-KEM-1024 public key (PQXDH section 2.5; the value
 #: ``relay.sdk.crypto.primitives.KEM_TYPE_MLKEM1024``, pinned equal by a test).
 KEM_TYPE_MLKEM1024 = 0x0A
@@ -65,6 +68,46 @@ def registration_transcript(
         + _field(user.encode())
         + _field(identity_key)
         + _field(identity_dh_key)
+    )
+
+
+def device_list_transcript(
+    tenant: str,
+    user: str,
+    version: int,
+    timestamp_ms: int,
+    devices: Sequence[tuple[int, bytes, int]],
+    *,
+    account_key: bytes,
+) -> bytes:
+    """Bytes the account key signs for a user's device list.
+
+    ``devices`` are ``(number, identity_key, registration_id)`` in the order listed.
+    """
+    out = (
+        _field(DEVICE_LIST_LABEL)
+        + _field(tenant.encode())
+        + _field(user.encode())
+        + struct.pack(">Qq", version, timestamp_ms)
+        + _field(account_key)
+        + struct.pack(">I", len(devices))
+    )
+    for number, identity_key, reg_id in devices:
+        out += struct.pack(">I", number) + _field(identity_key) + struct.pack(">I", reg_id)
+    return out
+
+
+def link_request_transcript(
+    tenant: str, user: str, identity_key: bytes, identity_dh_key: bytes, link_key: bytes
+) -> bytes:
+    """Bytes a new device signs to ask to join ``user`` (proves it holds the identity key)."""
+    return (
+        _field(LINK_REQUEST_LABEL)
+        + _field(tenant.encode())
+        + _field(user.encode())
+        + _field(identity_key)
+        + _field(identity_dh_key)
+        + _field(link_key)
     )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import secrets
 import tomllib
 import types
 import typing
@@ -50,6 +52,55 @@ class NodeConfig:
     grace_seconds: float = DEFAULT_GRACE_SECONDS
 
 
+REGISTRATION_POLICIES = ("open", "token", "closed")
+#: File name of the relay nodes' key to the key directory, in ``storage.data_dir``,
+#: when ``keyserver.relay_key_file`` is not set.
+DEFAULT_RELAY_KEY_NAME = "relay-node.key"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantConfig:
+    """A tenant's registration policy (``[[keyserver.tenants]]``).
+
+    ``registration``: ``open`` (first come), ``token`` (a registration token signed by
+    the tenant signing key whose public half, 64 hex digits, is in
+    ``token_public_key_file``; see ``relayd gen-tenant-key``) or ``closed``.
+    """
+
+    name: str
+    registration: str = "open"
+    token_public_key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.registration not in REGISTRATION_POLICIES:
+            raise ConfigError(
+                f"keyserver.tenants[{self.name}].registration: {self.registration!r} is "
+                f"unknown (known: {', '.join(REGISTRATION_POLICIES)})"
+            )
+        if self.registration == "token" and not self.token_public_key_file:
+            raise ConfigError(
+                f"keyserver.tenants[{self.name}].token_public_key_file: a token policy needs "
+                "the tenant signing key's public half"
+            )
+
+    def token_key(self) -> bytes | None:
+        """The tenant signing key's public half (32 bytes), for a token policy."""
+        if self.registration != "token":
+            return None
+        path = f"keyserver.tenants[{self.name}].token_public_key_file"
+        try:
+            text = Path(self.token_public_key_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        try:
+            key = bytes.fromhex(text)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: not 64 hex digits") from exc
+        if len(key) != 32:
+            raise ConfigError(f"{path}: not 64 hex digits (an Ed25519 public key)")
+        return key
+
+
 @dataclass(frozen=True, slots=True)
 class KeyserverConfig:
     """Where the key directory listens, where relay nodes reach it, and its prekey signal."""
@@ -66,6 +117,60 @@ class KeyserverConfig:
     #: A device whose one-time X25519 or PQ prekey pool holds at most this many keys is
     #: told to replenish (PrekeyStatus.replenish in PublishPrekeys and CountOneTimePrekeys).
     low_water_mark: int = DEFAULT_LOW_WATER_MARK
+    #: Registration policy of tenants not listed in ``tenants`` (open, token, closed).
+    #: ``open`` suits the quick start; a production deployment sets ``token``/``closed``.
+    default_registration: str = "open"
+    tenants: tuple[TenantConfig, ...] = ()
+    #: File with the key relay nodes present to the key directory for their reads (both
+    #: sides read it). Empty: ``<storage.data_dir>/relay-node.key``, made on first start.
+    relay_key_file: str = ""
+    #: How long a link request waits for approval, and how many may wait per user.
+    link_ttl_seconds: float = 600.0
+    max_pending_links_per_user: int = 3
+    #: Signed requests one device may make per minute.
+    max_signed_requests_per_device: int = 600
+    #: Prekey bundles one requester may fetch per minute, and of one device per hour.
+    max_bundle_fetches_per_requester: int = 120
+    max_bundle_fetches_per_target: int = 10
+
+    def __post_init__(self) -> None:
+        if self.default_registration not in ("open", "closed"):
+            raise ConfigError(
+                f"keyserver.default_registration: {self.default_registration!r} is not open "
+                "or closed (a token policy needs a tenant signing key: list the tenant under "
+                "[[keyserver.tenants]])"
+            )
+
+
+def relay_key_path(config: Config) -> Path:
+    """Where the relay nodes' key to the key directory is kept."""
+    if config.keyserver.relay_key_file:
+        return Path(config.keyserver.relay_key_file)
+    return config.storage.path / DEFAULT_RELAY_KEY_NAME
+
+
+def load_or_create_key(path: Path) -> str:
+    """The secret in ``path``; if there is no such file, a new random one written there (0600).
+
+    Both services call it with the same path; whichever starts first makes the key.
+    """
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return load_or_create_key(path)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        return key
+    except OSError as exc:
+        raise ConfigError(f"keyserver.relay_key_file: {path}: {exc}") from exc
+    if len(text) < 32:
+        raise ConfigError(f"keyserver.relay_key_file: {path} holds fewer than 32 characters")
+    return text
 
 
 STORAGE_BACKENDS = ("embedded", "cassandra")
@@ -163,6 +268,8 @@ class LimitsConfig:
     #: A receiving session re-reads its queue this often as a safety net for wake-ups
     #: lost between nodes (a lost wake-up delays a stored envelope, never loses it).
     session_repoll_seconds: float = DEFAULT_SESSION_REPOLL_SECONDS
+    #: Devices a user may have at once (the key directory refuses a link past it).
+    max_devices_per_user: int = 32
 
 
 @dataclass(frozen=True, slots=True)

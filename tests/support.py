@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,9 +15,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from keyserver.client import sign_request_metadata
 from relay import authproof
+from relay.accounts import ListedDevice, build_list
+from relay.clock import SystemClock
+from relay.common.convert import address_from_pb, address_to_pb, device_list_to_pb
 from relay.model import Address
-from relay.server.convert import address_from_pb, address_to_pb
 from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
 from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
 
@@ -32,32 +37,124 @@ class Device:
     signing_key: Ed25519PrivateKey
 
 
+@dataclass
+class _Account:
+    """What the tests remember of a user they created: to link its next devices."""
+
+    private: Ed25519PrivateKey
+    list: keys_pb2.SignedDeviceList
+    first: Device
+
+
+#: Accounts made by ``register``, by (key directory, tenant, user).
+_ACCOUNTS: dict[tuple[str, str, str], _Account] = {}
+
+
+def _sign_list(
+    private: Ed25519PrivateKey,
+    tenant: str,
+    user: str,
+    version: int,
+    devices: list[tuple[int, bytes]],
+) -> keys_pb2.SignedDeviceList:
+    listed = [ListedDevice.of(n, k) for n, k in sorted(devices)]
+    unsigned = build_list(
+        tenant, user, version, int(time.time() * 1000), listed, account_key=pub(private)
+    )
+    signed = dataclasses.replace(unsigned, signature=private.sign(unsigned.transcript()))
+    return device_list_to_pb(signed)
+
+
+def signed_metadata(
+    method: str, device: Device, request: Any
+) -> tuple[tuple[str, str | bytes], ...]:
+    """Metadata signing ``request`` as ``device`` (real time)."""
+    return sign_request_metadata(
+        f"/relaypb.keys.v1.KeyDirectory/{method}",
+        device.address,
+        device.signing_key,
+        request,
+        SystemClock(),
+    )
+
+
 async def register(keys_target: str, user: str, tenant: str = "default") -> Device:
-    """Register a new device of ``user`` with real keys and proofs."""
+    """A new device of ``user`` with real keys and proofs.
+
+    The first device of a user creates its account (a new account key, the first signed
+    list); a further one is linked the way devices link: a link request, approved with
+    the next signed list by the first device (signed requests in real time).
+    """
     sk = Ed25519PrivateKey.generate()
     dh = X25519PrivateKey.generate()
     spk = X25519PrivateKey.generate()
     ik, dhk = pub(sk), pub(dh)
     pq = mlkem.MLKEM1024PrivateKey.generate().public_key().public_bytes_raw()
-    request = keys_pb2.RegisterDeviceRequest(
-        tenant=tenant,
-        user=user,
-        identity_key=ik,
-        identity_dh_key=dhk,
-        identity_dh_signature=sk.sign(authproof.identity_dh_transcript(dhk)),
-        signed_prekey=keys_pb2.SignedPrekey(
-            key_id=1,
-            public_key=pub(spk),
-            signature=sk.sign(authproof.signed_prekey_transcript(pub(spk))),
-        ),
-        proof=sk.sign(authproof.registration_transcript(tenant, user, ik, dhk)),
-        last_resort_pq_prekey=keys_pb2.PqPrekey(
-            key_id=2, public_key=pq, signature=sk.sign(authproof.pq_prekey_transcript(pq))
-        ),
+    signed_prekey = keys_pb2.SignedPrekey(
+        key_id=1,
+        public_key=pub(spk),
+        signature=sk.sign(authproof.signed_prekey_transcript(pub(spk))),
     )
+    last_resort = keys_pb2.PqPrekey(
+        key_id=2, public_key=pq, signature=sk.sign(authproof.pq_prekey_transcript(pq))
+    )
+    account = _ACCOUNTS.get((keys_target, tenant, user))
     async with grpc.aio.insecure_channel(keys_target) as channel:
-        reply = await keys_pb2_grpc.KeyDirectoryStub(channel).RegisterDevice(request)
-    return Device(address_from_pb(reply.address), sk)
+        stub = keys_pb2_grpc.KeyDirectoryStub(channel)
+        if account is None:
+            private = Ed25519PrivateKey.generate()
+            first_list = _sign_list(private, tenant, user, 1, [(1, ik)])
+            request = keys_pb2.RegisterDeviceRequest(
+                tenant=tenant,
+                user=user,
+                identity_key=ik,
+                identity_dh_key=dhk,
+                identity_dh_signature=sk.sign(authproof.identity_dh_transcript(dhk)),
+                signed_prekey=signed_prekey,
+                proof=sk.sign(authproof.registration_transcript(tenant, user, ik, dhk)),
+                last_resort_pq_prekey=last_resort,
+                account_key=pub(private),
+                device_list=first_list,
+            )
+            reply = await stub.RegisterDevice(request)
+            device = Device(address_from_pb(reply.address), sk)
+            _ACCOUNTS[(keys_target, tenant, user)] = _Account(private, first_list, device)
+            return device
+        link_key = pub(X25519PrivateKey.generate())
+        asked = await stub.RequestLink(
+            keys_pb2.RequestLinkRequest(
+                tenant=tenant,
+                user=user,
+                identity_key=ik,
+                identity_dh_key=dhk,
+                identity_dh_signature=sk.sign(authproof.identity_dh_transcript(dhk)),
+                signed_prekey=signed_prekey,
+                last_resort_pq_prekey=last_resort,
+                link_key=link_key,
+                proof=sk.sign(authproof.link_request_transcript(tenant, user, ik, dhk, link_key)),
+            )
+        )
+        listing = keys_pb2.ListLinkRequestsRequest()
+        waiting = await stub.ListLinkRequests(
+            listing, metadata=signed_metadata("ListLinkRequests", account.first, listing)
+        )
+        current = waiting.device_list
+        devices = [(d.device, d.identity_key) for d in current.devices]
+        new_list = _sign_list(
+            account.private,
+            tenant,
+            user,
+            current.version + 1,
+            [*devices, (waiting.next_device, ik)],
+        )
+        approve = keys_pb2.ApproveLinkRequest(
+            request_id=asked.request_id, device_list=new_list, sealed_account=os.urandom(96)
+        )
+        reply = await stub.ApproveLink(
+            approve, metadata=signed_metadata("ApproveLink", account.first, approve)
+        )
+        account.list = new_list
+        return Device(address_from_pb(reply.address), sk)
 
 
 def envelope(recipient: Address, content: bytes, **kw: Any) -> relay_pb2.Envelope:

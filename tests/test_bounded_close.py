@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from relay.server.grpcserver import bounded_close
+from relay.common.grpcserver import bounded_close
 
 
 async def test_stuck_exit_is_abandoned_and_located(caplog: pytest.LogCaptureFixture) -> None:
@@ -24,7 +24,7 @@ async def test_stuck_exit_is_abandoned_and_located(caplog: pytest.LogCaptureFixt
     stack = contextlib.AsyncExitStack()
     stack.push_async_callback(stuck_forever_in_close)
     stack.push_async_callback(quick_close)
-    with caplog.at_level(logging.ERROR, logger="relay.server.grpcserver"):
+    with caplog.at_level(logging.ERROR, logger="relay.common.grpcserver"):
         await bounded_close(stack, 0.2)
     assert closed == ["quick"]  # the exits before the stuck one ran
     [record] = caplog.records

@@ -12,11 +12,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.common.convert import address_to_pb
+from relay.common.status import error_info
 from relay.config import ApiKeyConfig
 from relay.model import Address
 from relay.server.app import RelayApp
-from relay.server.convert import address_to_pb
-from relay.server.status import error_info
 from relaypb.common.v1 import address_pb2
 from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
 from tests.conftest import Servers, StartServers

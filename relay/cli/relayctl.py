@@ -1,4 +1,7 @@
-"""relayctl: a device on the command line (init, send, listen, chat, whoami, devices).
+"""relayctl: a device on the command line.
+
+init / link / approve make and join accounts; send, listen and chat carry messages;
+trust, safety-number and devices show and accept who is who; remove-device ends one.
 
 Every message is end-to-end encrypted (PQXDH + Double Ratchet, see docs/protocol.md):
 the relay and the key directory only ever see ciphertext.
@@ -20,10 +23,13 @@ from pathlib import Path
 
 import grpc
 
-from relay.errors import RelayError, Unavailable
+from relay.errors import AlreadyExists, RelayError, Unavailable
 from relay.model import Address
 from relay.sdk import DeviceState, ExponentialBackoff, KeyDirectoryClient, register_device
+from relay.sdk.accounts import Accounts, account_public, safety_number
+from relay.sdk.device import remove_device
 from relay.sdk.keys import DEFAULT_ONE_TIME_PREKEYS
+from relay.sdk.linking import approve_link, request_link, wait_for_approval
 from relay.sdk.secure import SecureClient, SecureMessage
 from relay.sdk.state import DB_NAME
 
@@ -40,6 +46,9 @@ EXAMPLES = """examples:
   relayctl --home /tmp/bob listen --count 1 &
   relayctl --home /tmp/alice send bob "hello"
   relayctl --home /tmp/alice chat bob        (and `chat alice` in another terminal)
+  relayctl --home /tmp/bob2 link bob         (shows a code; then on bob's first device:)
+  relayctl --home /tmp/bob approve CODE
+  relayctl --home /tmp/alice safety-number bob
 """
 
 
@@ -75,8 +84,12 @@ def _tenant(args: argparse.Namespace, own: Address | None = None) -> str:
     return str(args.tenant or (own.tenant if own else DEFAULT_TENANT))
 
 
-async def cmd_init(args: argparse.Namespace) -> None:
-    """Create keys in the home and register them as a new device of USER."""
+def _new_device(device: Address) -> None:
+    print(f"relayctl: {device.user} has a new device: {device}", file=sys.stderr, flush=True)
+
+
+def _fresh_home(args: argparse.Namespace) -> None:
+    """Refuse a home that holds a registered device (unless --force: then empty it)."""
     home: Path = args.home
     if DeviceState.exists(home):
         with DeviceState.open(home) as old:
@@ -86,14 +99,106 @@ async def cmd_init(args: argparse.Namespace) -> None:
         if args.force:
             for suffix in ("", "-wal", "-shm"):
                 (home / (DB_NAME + suffix)).unlink(missing_ok=True)
+
+
+async def cmd_init(args: argparse.Namespace) -> None:
+    """Create the account of a new USER with this device as its first device.
+
+    A user that exists already is refused: add a device to it with `link` instead.
+    """
+    home: Path = args.home
+    _fresh_home(args)
     tenant = _tenant(args)
     with DeviceState.open(home) as state:
         async with grpc.aio.insecure_channel(args.keys) as channel:
             directory = KeyDirectoryClient(channel, target=args.keys)
-            address = await register_device(
+            try:
+                address = await register_device(
+                    state,
+                    directory,
+                    tenant,
+                    args.user,
+                    one_time_prekeys=args.prekeys,
+                    registration_token=args.token or "",
+                    reset=args.reset,
+                )
+            except AlreadyExists:
+                raise CliError(
+                    f"user {args.user!r} exists already in tenant {tenant!r}: to add this "
+                    f"device to it, run `relayctl --home {home} link {args.user}` and approve "
+                    "the code it shows on a device the user has"
+                ) from None
+    print(f"registered {address} (home {home})")
+
+
+async def cmd_link(args: argparse.Namespace) -> None:
+    """Ask to add this new device to an existing USER; wait for the approval.
+
+    Shows a code: on a device USER has already, run `relayctl approve CODE`. The account
+    key comes over an end-to-end-encrypted channel; the servers only see ciphertext.
+    """
+    home: Path = args.home
+    _fresh_home(args)
+    tenant = _tenant(args)
+    with DeviceState.open(home) as state:
+        async with grpc.aio.insecure_channel(args.keys) as channel:
+            directory = KeyDirectoryClient(channel, target=args.keys)
+            ticket = await request_link(
                 state, directory, tenant, args.user, one_time_prekeys=args.prekeys
             )
-    print(f"registered {address} (home {home})")
+            print(f"link code: {ticket.code}", flush=True)
+            print(
+                f"on a device of {args.user}, run: relayctl approve {ticket.code}   "
+                "(waiting; the code expires in 10 minutes)",
+                file=sys.stderr,
+                flush=True,
+            )
+            address = await wait_for_approval(state, directory)
+    print(f"linked {address} (home {home})")
+
+
+async def cmd_approve(args: argparse.Namespace) -> None:
+    """Approve the new device that shows CODE (from `relayctl link`) as one of this user's."""
+    state, _ = _open_registered(args)
+    with state:
+        async with grpc.aio.insecure_channel(args.keys) as channel:
+            directory = KeyDirectoryClient(channel, target=args.keys)
+            address = await approve_link(state, directory, args.code)
+    print(f"approved {address}")
+
+
+async def cmd_trust(args: argparse.Namespace) -> None:
+    """Accept USER's current account key (after they reset their account).
+
+    Compare `relayctl safety-number USER` with them first, out of band.
+    """
+    state, own = _open_registered(args)
+    with state:
+        async with SecureClient(state, args.relay, args.keys, receive=False) as client:
+            device_list = await client.trust(args.user)
+    print(
+        f"trusting the account key of {own.tenant}/{args.user} ({len(device_list.devices)} devices)"
+    )
+
+
+async def cmd_safety_number(args: argparse.Namespace) -> None:
+    """Print the number you and USER both see if you have each other's true account keys."""
+    state, own = _open_registered(args)
+    with state:
+        accounts = Accounts(state)
+        private = accounts.own_private()
+        peer = accounts.pinned_key(own.tenant, args.user)
+        if peer is None:
+            async with grpc.aio.insecure_channel(args.keys) as channel:
+                directory = KeyDirectoryClient(channel, target=args.keys)
+                identity = state.identity()
+                assert identity is not None
+                directory.sign_as(identity, own)
+                peer = accounts.check(
+                    await directory.device_list(own.tenant, args.user)
+                ).account_key
+    mine = (f"{own.tenant}/{own.user}", account_public(private))
+    print(safety_number(mine, (f"{own.tenant}/{args.user}", peer)))
 
 
 async def cmd_send(args: argparse.Namespace) -> None:
@@ -108,7 +213,12 @@ async def cmd_send(args: argparse.Namespace) -> None:
         try:
             async with asyncio.timeout(args.timeout):
                 async with SecureClient(
-                    state, args.relay, args.keys, receive=False, backoff=backoff
+                    state,
+                    args.relay,
+                    args.keys,
+                    receive=False,
+                    backoff=backoff,
+                    on_new_device=_new_device,
                 ) as client:
                     receipt = await client.send(args.user, args.text.encode())
         except TimeoutError:
@@ -137,7 +247,9 @@ async def cmd_listen(args: argparse.Namespace) -> None:
         backoff = _FirstConnectBackoff()
         try:
             async with asyncio.timeout(args.timeout):
-                async with SecureClient(state, args.relay, args.keys, backoff=backoff) as client:
+                async with SecureClient(
+                    state, args.relay, args.keys, backoff=backoff, on_new_device=_new_device
+                ) as client:
                     backoff.connected = True
                     print(f"listening as {own} on {args.relay}", file=sys.stderr, flush=True)
                     async for message in client.messages():
@@ -181,7 +293,9 @@ async def cmd_chat(args: argparse.Namespace) -> None:
     state, own = _open_registered(args)
     with state:
         backoff = _FirstConnectBackoff()
-        async with SecureClient(state, args.relay, args.keys, backoff=backoff) as client:
+        async with SecureClient(
+            state, args.relay, args.keys, backoff=backoff, on_new_device=_new_device
+        ) as client:
             backoff.connected = True
             print(
                 f"chatting with {args.user} as {own} (end-to-end encrypted); Ctrl-D ends",
@@ -218,32 +332,44 @@ async def cmd_whoami(args: argparse.Namespace) -> None:
 
 
 async def cmd_devices(args: argparse.Namespace) -> None:
-    """List the registered devices of USER."""
-    own = None
-    if DeviceState.exists(args.home):
-        with DeviceState.open(args.home) as state:
-            own = state.address()
-    tenant = _tenant(args, own)
-    async with grpc.aio.insecure_channel(args.keys) as channel:
-        devices = await KeyDirectoryClient(channel, target=args.keys).list_devices(
-            tenant, args.user
-        )
-    if not devices:
-        raise CliError(f"unknown user {args.user!r} in tenant {tenant!r} (no devices)")
-    for d in devices:
-        when = datetime.fromtimestamp(d.registered_at_ms / 1000, UTC).isoformat(timespec="seconds")
-        print(f"{d.address}  registered {when}  identity key {d.identity_key.hex()}")
-
-
-async def cmd_remove_device(args: argparse.Namespace) -> None:
-    """Remove device N of this device's user (this device itself, or a lost one)."""
+    """List the devices of USER from its signed device list (verified, trust on first use)."""
     state, own = _open_registered(args)
     with state:
         identity = state.identity()
-    assert identity is not None
-    target = Address(own.tenant, own.user, args.device)
-    async with grpc.aio.insecure_channel(args.keys) as channel:
-        await KeyDirectoryClient(channel, target=args.keys).remove_device(identity, own, target)
+        assert identity is not None
+        async with grpc.aio.insecure_channel(args.keys) as channel:
+            directory = KeyDirectoryClient(channel, target=args.keys)
+            directory.sign_as(identity, own)
+            device_list = Accounts(state, on_new_device=_new_device).check(
+                await directory.device_list(own.tenant, args.user)
+            )
+            registered = {
+                d.address.device: d for d in await directory.list_devices(own.tenant, args.user)
+            }
+    print(f"device list version {device_list.version}, account key {device_list.account_key.hex()}")
+    for entry in device_list.devices:
+        info = registered.get(entry.device)
+        when = "?"
+        if info is not None:
+            when = datetime.fromtimestamp(info.registered_at_ms / 1000, UTC).isoformat(
+                timespec="seconds"
+            )
+        address = Address(own.tenant, args.user, entry.device)
+        print(f"{address}  registered {when}  identity key {entry.identity_key.hex()}")
+
+
+async def cmd_remove_device(args: argparse.Namespace) -> None:
+    """Remove device N of this device's user (this device itself, or a lost one).
+
+    Signs the user's next device list without it with the account key; relay nodes end
+    the device's sessions at once and drop what waits for it.
+    """
+    state, _ = _open_registered(args)
+    with state:
+        async with grpc.aio.insecure_channel(args.keys) as channel:
+            target = await remove_device(
+                state, KeyDirectoryClient(channel, target=args.keys), args.device
+            )
     print(f"removed {target}")
 
 
@@ -289,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    p = add("init", cmd_init, "create keys and register a new device of USER")
-    p.add_argument("user", metavar="USER", help="the user this device belongs to")
+    p = add("init", cmd_init, "create a new USER with this device as its first device")
+    p.add_argument("user", metavar="USER", help="the new user")
     p.add_argument("--force", action="store_true", help="replace the device already in --home")
     p.add_argument(
         "--prekeys",
@@ -299,6 +425,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ONE_TIME_PREKEYS,
         help=f"one-time prekeys to upload (default {DEFAULT_ONE_TIME_PREKEYS})",
     )
+    p.add_argument(
+        "--token", metavar="T", help="registration token from the app's backend (token tenants)"
+    )
+    p.add_argument(
+        "--reset",
+        action="store_true",
+        help="replace USER's account (all its devices go; needs a reset token)",
+    )
+    p = add("link", cmd_link, "add this new device to an existing USER (shows a code)")
+    p.add_argument("user", metavar="USER", help="the existing user to join")
+    p.add_argument("--force", action="store_true", help="replace the device already in --home")
+    p.add_argument(
+        "--prekeys",
+        metavar="N",
+        type=int,
+        default=DEFAULT_ONE_TIME_PREKEYS,
+        help=f"one-time prekeys to upload (default {DEFAULT_ONE_TIME_PREKEYS})",
+    )
+    p = add("approve", cmd_approve, "approve the new device that shows CODE")
+    p.add_argument("code", metavar="CODE", help="the code `relayctl link` shows")
+    p = add("trust", cmd_trust, "accept USER's new account key (after a reset)")
+    p.add_argument("user", metavar="USER", help="the user whose key to accept")
+    p = add("safety-number", cmd_safety_number, "the number to compare with USER out of band")
+    p.add_argument("user", metavar="USER", help="the other user")
     p = add("send", cmd_send, "send TEXT (encrypted) to every device of USER")
     p.add_argument("user", metavar="USER", help="recipient user")
     p.add_argument("text", metavar="TEXT", help="message text")

@@ -13,8 +13,11 @@ import logging
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from relay.accounts import ListedDevice, build_list
+from relay.clock import SystemClock
 from relay.errors import FailedPrecondition, RelayError
 from relay.model import Address
+from relay.sdk.accounts import Accounts, account_public, generate_account_key, next_list, sign_list
 from relay.sdk.crypto import primitives
 from relay.sdk.crypto.bundle import OneTimePrekey, PqPrekey, SignedPrekey
 from relay.sdk.crypto.prekeys import DevicePrekeys
@@ -40,8 +43,16 @@ async def register_device(
     *,
     one_time_prekeys: int = DEFAULT_ONE_TIME_PREKEYS,
     one_time_pq_prekeys: int = DEFAULT_ONE_TIME_PQ_PREKEYS,
+    registration_token: str = "",
+    reset: bool = False,
 ) -> Address:
-    """Give the device in ``state`` keys, register it as a new device of ``user``.
+    """Give the device in ``state`` keys and create the account of ``user`` with it.
+
+    The device makes the user's account key (kept in ``state``) and signs the first
+    device list, naming itself. ``registration_token`` is for a tenant whose policy is
+    ``token``; ``reset`` replaces an existing account (removing its devices; needs a
+    reset token). A user that exists already raises AlreadyExists: link the device
+    with :func:`relay.sdk.linking.request_link` instead.
 
     Generates the identity and a full :class:`DevicePrekeys` (signed prekey, last-resort
     PQ prekey, ``one_time_prekeys`` X25519 and ``one_time_pq_prekeys`` ML-KEM-1024
@@ -58,16 +69,48 @@ async def register_device(
         raise FileExistsError(f"{state.path} is already registered as {state.address()}")
     keys = await asyncio.to_thread(_prepare, state, one_time_prekeys, one_time_pq_prekeys)
     identity = keys.identity
-    address = await directory.register(
-        identity,
-        tenant,
-        user,
-        signed_prekey=keys.signed_prekey,
-        one_time=keys.one_time,
-        last_resort_pq=keys.last_resort_pq,
-        one_time_pq=keys.one_time_pq,
-    )
+    account = state.account_key()
+    if account is None:
+        account = generate_account_key()
+        state.save_account_key(account)
+    number, version = 1, 1
+    for _ in range(3):  # a reset learns the next device number and version from the refusal
+        unsigned = build_list(
+            tenant,
+            user,
+            version,
+            SystemClock().now_ms(),
+            [ListedDevice.of(number, identity.public_key)],
+            account_key=account_public(account),
+        )
+        device_list = sign_list(account, unsigned)
+        try:
+            address = await directory.register(
+                identity,
+                tenant,
+                user,
+                signed_prekey=keys.signed_prekey,
+                one_time=keys.one_time,
+                last_resort_pq=keys.last_resort_pq,
+                one_time_pq=keys.one_time_pq,
+                device_list=device_list,
+                registration_token=registration_token,
+                reset=reset,
+            )
+            break
+        except FailedPrecondition as exc:
+            hints = exc.metadata
+            if not {"next_device", "min_version"} & hints.keys():
+                raise
+            number = int(hints.get("next_device", number))
+            version = int(hints.get("min_version", version))
+    else:
+        raise FailedPrecondition(f"could not register {tenant}/{user}: the account kept changing")
     state.save_address(address)
+    state.pin_account(
+        tenant, user, device_list.account_key, device_list.version, device_list.devices
+    )
+    directory.sign_as(identity, address)
     sent = [k.key_id for k in keys.one_time] + [k.key_id for k in keys.one_time_pq]
     state.mark_prekeys_published(sent)
     if state.unpublished_prekey_ids():
@@ -145,6 +188,7 @@ async def replenish_prekeys(
     address, identity = state.address(), state.identity()
     if address is None or identity is None:
         raise FailedPrecondition(f"{state.path} holds no registered device")
+    directory.sign_as(identity, address)
     if state.unpublished_prekey_ids():
         status = await _upload_unpublished(state, directory, identity, address)
     if status is None:
@@ -245,3 +289,25 @@ def _all_ids(prekeys: DevicePrekeys) -> set[int]:
         *prekeys.one_time_ec,
         *prekeys.one_time_pq,
     }
+
+
+async def remove_device(state: DeviceState, directory: KeyDirectoryClient, number: int) -> Address:
+    """Remove device ``number`` of this device's user (itself, or a lost one).
+
+    Signs the user's next device list without it with the account key this device
+    holds, after checking the current list. Returns the removed address.
+    """
+    address, identity = state.address(), state.identity()
+    if address is None or identity is None:
+        raise FailedPrecondition(f"{state.path} holds no registered device")
+    directory.sign_as(identity, address)
+    accounts = Accounts(state)
+    private = accounts.own_private()
+    current = accounts.check(await directory.device_list(address.tenant, address.user))
+    target = Address(address.tenant, address.user, number)
+    if current.find(number) is None:
+        raise FailedPrecondition(f"device {target} is not in the user's device list")
+    new = next_list(private, current, SystemClock().now_ms(), remove=[number])
+    await directory.remove_device(identity, address, target, new)
+    accounts.check(new)
+    return target

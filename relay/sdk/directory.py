@@ -12,14 +12,25 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from keyserver.client import (
+    APPROVE_LINK_METHOD,
     COUNT_ONE_TIME_PREKEYS_METHOD,
+    FETCH_PREKEY_BUNDLES_METHOD,
+    GET_DEVICE_LIST_METHOD,
+    GET_IDENTITY_KEY_METHOD,
+    LIST_DEVICES_METHOD,
+    LIST_LINK_REQUESTS_METHOD,
     PUBLISH_PREKEYS_METHOD,
     REMOVE_DEVICE_METHOD,
+    Metadata,
+    bearer_metadata,
     sign_request_metadata,
 )
+from relay.accounts import DeviceList
 from relay.clock import Clock, SystemClock
+from relay.common.convert import device_list_from_pb, device_list_to_pb
 from relay.errors import FailedPrecondition, Unauthenticated
 from relay.model import Address, registration_id
 from relay.sdk.crypto.bundle import (
@@ -61,6 +72,38 @@ class DeviceBundle:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkRequestInfo:
+    """A link request waiting for approval, as a device of the user sees it."""
+
+    request_id: bytes
+    identity_key: bytes
+    identity_dh_key: bytes
+    link_key: bytes
+    created_at_ms: int
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRequests:
+    """The waiting link requests of a user, its current list and next device number."""
+
+    requests: tuple[LinkRequestInfo, ...]
+    device_list: DeviceList
+    next_device: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkState:
+    """The new device's side of a link request: approved (with what it needs) or not."""
+
+    approved: bool
+    expires_at_ms: int
+    address: Address | None = None
+    sealed_account: bytes = b""
+    device_list: DeviceList | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PrekeyStatus:
     """How full a device's one-time pools are on the key directory.
 
@@ -90,7 +133,10 @@ class KeyDirectoryClient:
 
     The caller owns ``channel``. Failures raise relay.errors exceptions (``Unavailable``
     when the directory cannot be reached, ``NotFound``, ``Unauthenticated``, ...).
-    Device-signed calls (publish, status, remove) are signed with the identity passed in.
+    Device-signed calls (publish, status, remove, links) are signed with the identity
+    passed in. Reads (bundles, devices, lists, identity keys) need credentials too: the
+    device set with :meth:`sign_as` (registering does it), or a tenant API key
+    (``bearer_key``) for a service.
     """
 
     def __init__(
@@ -100,11 +146,28 @@ class KeyDirectoryClient:
         target: str = "",
         clock: Clock | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        bearer_key: str = "",
     ) -> None:
         self._stub = keys_pb2_grpc.KeyDirectoryStub(channel)
         self._target = target or "key directory"
         self._clock = clock or SystemClock()
         self._timeout = timeout
+        self._bearer = bearer_key
+        self._signer: tuple[Identity, Address] | None = None
+
+    def sign_as(self, identity: Identity, address: Address) -> None:
+        """Sign reads from now on as device ``address`` holding ``identity``."""
+        self._signer = (identity, address)
+
+    def _read_metadata(self, method: str, request: Message) -> Metadata:
+        if self._signer is not None:
+            identity, address = self._signer
+            return sign_request_metadata(
+                method, address, identity.signing_key, request, self._clock
+            )
+        if self._bearer:
+            return bearer_metadata(self._bearer)
+        return ()
 
     async def _call(self, call: Awaitable[T]) -> T:
         try:
@@ -122,11 +185,16 @@ class KeyDirectoryClient:
         one_time: Sequence[OneTimePrekey],
         last_resort_pq: PqPrekey,
         one_time_pq: Sequence[PqPrekey] = (),
+        device_list: DeviceList,
+        registration_token: str = "",
+        reset: bool = False,
     ) -> Address:
-        """Register a new device of ``user`` with these public keys; return its address.
+        """Create the account of ``user`` with this first device; return its address.
 
-        At most ``max_one_time_prekeys_per_request`` (100 by default) keys of each pool
-        fit in one registration; publish more with :meth:`publish_prekeys`.
+        ``device_list`` is the account's first list, signed by the new account key. At
+        most ``max_one_time_prekeys_per_request`` (100 by default) keys of each pool fit
+        in one registration; publish more with :meth:`publish_prekeys`. Raises
+        AlreadyExists for a user that exists (link the device instead).
         """
         request = keys_pb2.RegisterDeviceRequest(
             tenant=tenant,
@@ -139,9 +207,108 @@ class KeyDirectoryClient:
             proof=identity.registration_proof(tenant, user),
             last_resort_pq_prekey=_pq_pb(last_resort_pq),
             one_time_pq_prekeys=[_pq_pb(p) for p in one_time_pq],
+            account_key=device_list.account_key,
+            device_list=device_list_to_pb(device_list),
+            registration_token=registration_token,
+            reset=reset,
         )
         response = await self._call(self._stub.RegisterDevice(request, timeout=self._timeout))
         return from_pb(response.address)
+
+    async def request_link(
+        self,
+        identity: Identity,
+        tenant: str,
+        user: str,
+        *,
+        signed_prekey: SignedPrekey,
+        last_resort_pq: PqPrekey,
+        link_key: bytes,
+    ) -> tuple[bytes, int]:
+        """Ask to join ``user`` as a new device; return (request id, expiry in ms)."""
+        request = keys_pb2.RequestLinkRequest(
+            tenant=tenant,
+            user=user,
+            identity_key=identity.public_key,
+            identity_dh_key=identity.dh_public_key,
+            identity_dh_signature=identity.dh_signature(),
+            signed_prekey=_signed_pb(signed_prekey),
+            last_resort_pq_prekey=_pq_pb(last_resort_pq),
+            link_key=link_key,
+            proof=identity.link_proof(tenant, user, link_key),
+        )
+        response = await self._call(self._stub.RequestLink(request, timeout=self._timeout))
+        return response.request_id, response.expires_at_ms
+
+    async def list_link_requests(self, identity: Identity, device: Address) -> LinkRequests:
+        """The link requests waiting on ``device``'s user (signed by ``device``)."""
+        request = keys_pb2.ListLinkRequestsRequest()
+        metadata = sign_request_metadata(
+            LIST_LINK_REQUESTS_METHOD, device, identity.signing_key, request, self._clock
+        )
+        response = await self._call(
+            self._stub.ListLinkRequests(request, metadata=metadata, timeout=self._timeout)
+        )
+        return LinkRequests(
+            tuple(
+                LinkRequestInfo(
+                    r.request_id,
+                    r.identity_key,
+                    r.identity_dh_key,
+                    r.link_key,
+                    r.created_at_ms,
+                    r.expires_at_ms,
+                )
+                for r in response.requests
+            ),
+            device_list_from_pb(response.device_list),
+            response.next_device,
+        )
+
+    async def approve_link(
+        self,
+        identity: Identity,
+        device: Address,
+        request_id: bytes,
+        device_list: DeviceList,
+        sealed_account: bytes,
+    ) -> Address:
+        """Approve a link request (signed by ``device``); return the new device's address."""
+        request = keys_pb2.ApproveLinkRequest(
+            request_id=request_id,
+            device_list=device_list_to_pb(device_list),
+            sealed_account=sealed_account,
+        )
+        metadata = sign_request_metadata(
+            APPROVE_LINK_METHOD, device, identity.signing_key, request, self._clock
+        )
+        response = await self._call(
+            self._stub.ApproveLink(request, metadata=metadata, timeout=self._timeout)
+        )
+        return from_pb(response.address)
+
+    async def complete_link(self, request_id: bytes) -> LinkState:
+        """Whether link request ``request_id`` was approved (NotFound once it expired)."""
+        request = keys_pb2.CompleteLinkRequest(request_id=request_id)
+        response = await self._call(self._stub.CompleteLink(request, timeout=self._timeout))
+        if response.state != keys_pb2.CompleteLinkResponse.APPROVED:
+            return LinkState(False, response.expires_at_ms)
+        return LinkState(
+            True,
+            response.expires_at_ms,
+            from_pb(response.address),
+            response.sealed_account,
+            device_list_from_pb(response.device_list),
+        )
+
+    async def device_list(self, tenant: str, user: str) -> DeviceList:
+        """The latest signed device list of ``user`` (not verified here: see relay.sdk.accounts)."""
+        request = keys_pb2.GetDeviceListRequest(tenant=tenant, user=user)
+        metadata = self._read_metadata(GET_DEVICE_LIST_METHOD, request)
+        response = await self._call(
+            self._stub.GetDeviceList(request, metadata=metadata, timeout=self._timeout)
+        )
+        return device_list_from_pb(response.device_list)
 
     async def publish_prekeys(
         self,
@@ -186,13 +353,18 @@ class KeyDirectoryClient:
         """How many one-time X25519 prekeys of ``device`` are still unclaimed."""
         return (await self.prekey_status(identity, device)).one_time_prekeys
 
-    async def remove_device(self, identity: Identity, caller: Address, device: Address) -> None:
+    async def remove_device(
+        self, identity: Identity, caller: Address, device: Address, device_list: DeviceList
+    ) -> None:
         """Remove ``device`` (``caller`` itself or another device of its user).
 
-        Signed by ``caller`` with ``identity``. Raises PermissionDenied for a device of
-        another user, NotFound for an unknown or already removed one.
+        Signed by ``caller`` with ``identity``; ``device_list`` is the user's new list
+        without ``device``, signed by the account key. Raises PermissionDenied for a
+        device of another user, NotFound for an unknown or already removed one.
         """
-        request = keys_pb2.RemoveDeviceRequest(device=to_pb(device))
+        request = keys_pb2.RemoveDeviceRequest(
+            device=to_pb(device), device_list=device_list_to_pb(device_list)
+        )
         metadata = sign_request_metadata(
             REMOVE_DEVICE_METHOD, caller, identity.signing_key, request, self._clock
         )
@@ -209,13 +381,19 @@ class KeyDirectoryClient:
         device that has published no signed or no PQ prekey (an SDK older than PQXDH).
         """
         request = keys_pb2.FetchPrekeyBundlesRequest(tenant=tenant, user=user, devices=devices)
-        response = await self._call(self._stub.FetchPrekeyBundles(request, timeout=self._timeout))
+        metadata = self._read_metadata(FETCH_PREKEY_BUNDLES_METHOD, request)
+        response = await self._call(
+            self._stub.FetchPrekeyBundles(request, metadata=metadata, timeout=self._timeout)
+        )
         return [_verified_bundle(b) for b in response.bundles]
 
     async def list_devices(self, tenant: str, user: str) -> list[DeviceInfo]:
         """The registered devices of ``user`` (empty if the user has none)."""
         request = keys_pb2.ListDevicesRequest(tenant=tenant, user=user)
-        response = await self._call(self._stub.ListDevices(request, timeout=self._timeout))
+        metadata = self._read_metadata(LIST_DEVICES_METHOD, request)
+        response = await self._call(
+            self._stub.ListDevices(request, metadata=metadata, timeout=self._timeout)
+        )
         return [
             DeviceInfo(from_pb(d.address), d.identity_key, d.registered_at_ms, d.registration_id)
             for d in response.devices
@@ -224,7 +402,10 @@ class KeyDirectoryClient:
     async def identity_key(self, device: Address) -> bytes:
         """The Ed25519 identity key of ``device``."""
         request = keys_pb2.GetIdentityKeyRequest(device=to_pb(device))
-        response = await self._call(self._stub.GetIdentityKey(request, timeout=self._timeout))
+        metadata = self._read_metadata(GET_IDENTITY_KEY_METHOD, request)
+        response = await self._call(
+            self._stub.GetIdentityKey(request, metadata=metadata, timeout=self._timeout)
+        )
         return response.identity_key
 
 

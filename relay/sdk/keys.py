@@ -77,6 +77,14 @@ class Identity:
             authproof.registration_transcript(tenant, user, self.public_key, self.dh_public_key)
         )
 
+    def link_proof(self, tenant: str, user: str, link_key: bytes) -> bytes:
+        """Signature over a link request: proves possession of the key asking to join."""
+        return self.sign(
+            authproof.link_request_transcript(
+                tenant, user, self.public_key, self.dh_public_key, link_key
+            )
+        )
+
     def connect_signature(
         self, nonce: bytes, node_id: str, server_time_ms: int, address: Address
     ) -> bytes:

@@ -26,8 +26,10 @@ from types import TracebackType
 
 import grpc
 
+from relay.accounts import DeviceList
 from relay.errors import FailedPrecondition, NotFound, RelayError
 from relay.model import Address, DeviceListMismatch, Outcome
+from relay.sdk.accounts import Accounts, NewDeviceCallback
 from relay.sdk.backoff import Backoff
 from relay.sdk.client import RelayClient
 from relay.sdk.crypto.errors import CryptoError, MalformedMessage
@@ -127,10 +129,13 @@ class SecureClient:
         *,
         receive: bool = True,
         backoff: Backoff | None = None,
+        on_new_device: NewDeviceCallback | None = None,
     ) -> None:
         identity, address = state.identity(), state.address()
         if identity is None or address is None:
             raise RuntimeError(f"{state.path} holds no registered device")
+        #: Signed device lists, checked against pinned account keys (trust on first use).
+        self.accounts = Accounts(state, on_new_device=on_new_device)
         self.address = address
         self._identity = identity
         self._state = state
@@ -141,6 +146,7 @@ class SecureClient:
             else keys
         )
         self.directory = KeyDirectoryClient(self._keys_channel)
+        self.directory.sign_as(identity, address)
         self._replenish = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.codec = E2eeCodec(
@@ -193,10 +199,27 @@ class SecureClient:
                 log.warning("could not replenish prekeys: %s", exc.message)
 
     async def _identity_key(self, device: Address) -> bytes | None:
+        """The identity key of ``device`` as its user's verified, signed list names it."""
         try:
-            return await self.directory.identity_key(device)
+            device_list = await self.verified_list(device.tenant, device.user)
         except NotFound:
             return None
+        entry = device_list.find(device.device)
+        return None if entry is None else entry.identity_key
+
+    async def verified_list(self, tenant: str, user: str) -> DeviceList:
+        """The signed device list of ``user``, verified and checked against the pinned key.
+
+        Raises AccountKeyChanged if the user's account key is not the pinned one, and
+        Unauthenticated if the list is not validly signed (see relay.sdk.accounts).
+        """
+        return self.accounts.check(await self.directory.device_list(tenant, user))
+
+    async def trust(self, user: str) -> DeviceList:
+        """Accept ``user``'s current account key (after they reset their account)."""
+        device_list = await self.directory.device_list(self.address.tenant, user)
+        self.accounts.trust(device_list)
+        return device_list
 
     # -- sending ------------------------------------------------------------------------
 
@@ -266,9 +289,27 @@ class SecureClient:
         await self._start_sessions(tenant, user, ())
 
     async def _start_sessions(self, tenant: str, user: str, devices: Sequence[int]) -> None:
-        bundles = await self.directory.fetch_bundles(tenant, user, devices)
+        """Start sessions with devices of ``user`` that its signed list names (all if empty).
+
+        Only a device in the user's verified list, with the identity key the list gives
+        it, gets a session: a device the key directory added on its own gets nothing.
+        """
+        device_list = await self.verified_list(tenant, user)
+        listed = {d.device: d.identity_key for d in device_list.devices}
+        wanted = [d for d in devices if d in listed] if devices else []
+        if devices and not wanted:
+            return
+        bundles = await self.directory.fetch_bundles(tenant, user, wanted)
         for bundle in bundles:
             if bundle.address == self.address:
+                continue
+            if listed.get(bundle.address.device) != bundle.bundle.identity.signing_key:
+                log.warning(
+                    "no session with %s: it is not in the signed device list of %s/%s",
+                    bundle.address,
+                    tenant,
+                    user,
+                )
                 continue
             try:
                 await asyncio.to_thread(self.codec.start_session, bundle)

@@ -1,9 +1,12 @@
 """The device's local state: one SQLite file ``<home>/device.db``, mode 0600.
 
-It holds the identity keys, the device address once registered, the private parts of
-the prekeys, the ids of received messages (for exactly-once delivery to the
-application, kept 31 days: longer than any envelope lives on the relay) and the local
-inbox of messages the application has not acknowledged yet.
+It holds the identity keys, the device address once registered, the user's account key
+(the private half: every linked device holds it), the account keys and device lists of
+peer users as first seen or last trusted (trust on first use), a link request waiting
+for approval, the private parts of the prekeys, the ids of received messages (for
+exactly-once delivery to the application, kept 31 days: longer than any envelope
+lives on the relay) and the local inbox of messages the application has not
+acknowledged yet.
 
 Methods are synchronous and quick; every write commits (fsync'd) before it returns.
 :class:`~relay.sdk.client.RelayClient` runs them off the event loop. The object may be
@@ -17,10 +20,11 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from relay.accounts import ListedDevice, decode_devices, encode_devices
 from relay.authproof import parse_address
 from relay.clock import Clock, SystemClock
 from relay.model import Address
@@ -71,6 +75,27 @@ CREATE TABLE IF NOT EXISTS sessions (
     updated_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (tenant, user);
+CREATE TABLE IF NOT EXISTS account (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    account_private BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS peer_accounts (
+    tenant TEXT NOT NULL,
+    user TEXT NOT NULL,
+    account_key BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    devices BLOB NOT NULL,
+    pinned_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, user)
+);
+CREATE TABLE IF NOT EXISTS pending_link (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    tenant TEXT NOT NULL,
+    user TEXT NOT NULL,
+    request_id BLOB NOT NULL,
+    link_private BLOB NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS inbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     sender TEXT NOT NULL,
@@ -90,6 +115,27 @@ class ReceivedMessage:
     message_id: bytes
     content: bytes
     server_timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedAccount:
+    """A peer user's account key and device list, as this device last accepted them."""
+
+    account_key: bytes
+    version: int
+    devices: tuple[ListedDevice, ...]
+    pinned_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLinkState:
+    """A link request this device made and waits on (the private link key with it)."""
+
+    tenant: str
+    user: str
+    request_id: bytes
+    link_private: bytes = field(repr=False)
+    expires_at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +273,84 @@ class DeviceState:
             return None
         tenant, user, device = rows[0]
         return Address(str(tenant), str(user), int(str(device)))
+
+    # -- accounts -------------------------------------------------------------------------
+
+    def save_account_key(self, private: bytes) -> None:
+        """Store (or replace) the private account key of this device's user."""
+        with self._txn() as conn:
+            conn.execute(
+                "INSERT INTO account (id, account_private) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET account_private = excluded.account_private",
+                (private,),
+            )
+
+    def account_key(self) -> bytes | None:
+        """The private account key (32 raw bytes), or None before one is made or linked."""
+        rows = self._query("SELECT account_private FROM account")
+        if not rows:
+            return None
+        value = rows[0][0]
+        assert isinstance(value, bytes)
+        return value
+
+    def pinned_account(self, tenant: str, user: str) -> PinnedAccount | None:
+        """The account key and device list of ``user`` as this device last accepted them."""
+        rows = self._query(
+            "SELECT account_key, version, devices, pinned_ms FROM peer_accounts"
+            " WHERE tenant = ? AND user = ?",
+            (tenant, user),
+        )
+        if not rows:
+            return None
+        key, version, devices, pinned = rows[0]
+        assert isinstance(key, bytes) and isinstance(devices, bytes)
+        return PinnedAccount(key, int(str(version)), decode_devices(devices), int(str(pinned)))
+
+    def pin_account(
+        self,
+        tenant: str,
+        user: str,
+        account_key: bytes,
+        version: int,
+        devices: Sequence[ListedDevice],
+    ) -> None:
+        """Record ``account_key`` and list ``version`` of ``user`` as accepted."""
+        with self._txn() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO peer_accounts"
+                " (tenant, user, account_key, version, devices, pinned_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (tenant, user, account_key, version, encode_devices(devices), self._clock.now_ms()),
+            )
+
+    def save_pending_link(
+        self, tenant: str, user: str, request_id: bytes, link_private: bytes, expires_at_ms: int
+    ) -> None:
+        """Remember the link request this device waits on (one at a time)."""
+        with self._txn() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO pending_link"
+                " (id, tenant, user, request_id, link_private, expires_at_ms)"
+                " VALUES (1, ?, ?, ?, ?, ?)",
+                (tenant, user, request_id, link_private, expires_at_ms),
+            )
+
+    def pending_link(self) -> PendingLinkState | None:
+        """The link request this device waits on, if any."""
+        rows = self._query(
+            "SELECT tenant, user, request_id, link_private, expires_at_ms FROM pending_link"
+        )
+        if not rows:
+            return None
+        tenant, user, request_id, private, expires = rows[0]
+        assert isinstance(request_id, bytes) and isinstance(private, bytes)
+        return PendingLinkState(str(tenant), str(user), request_id, private, int(str(expires)))
+
+    def clear_pending_link(self) -> None:
+        """Forget the link request (approved, or given up)."""
+        with self._txn() as conn:
+            conn.execute("DELETE FROM pending_link")
 
     # -- prekeys ------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from relay.common.status import error_info
 from relay.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -17,7 +18,6 @@ from relay.errors import (
     Unauthenticated,
     Unavailable,
 )
-from relay.server.status import error_info
 
 _BY_STATUS: dict[Status, type[RelayError]] = {
     Status.INVALID_ARGUMENT: InvalidArgument,

@@ -13,14 +13,14 @@ import grpc
 from prometheus_client import start_http_server
 
 from relay.clock import Clock, SystemClock
-from relay.config import Config
+from relay.common.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
+from relay.config import Config, load_or_create_key, relay_key_path
 from relay.core.auth import ApiKeys, DeviceAuthenticator, ServiceSender
 from relay.core.delivery import Relay
 from relay.core.ports import MessageQueue, NodeLinks, Presence
 from relay.core.presence_local import LocalPresence, NoLinks
 from relay.errors import RelayError
 from relay.metrics import RelayMetrics
-from relay.server.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
 from relay.server.identity_keys import GrpcIdentityKeys
 from relay.server.links import GrpcNodeLinks, NodeLinkServicer
 from relay.server.servicer import RelayServicer
@@ -85,6 +85,7 @@ class RelayApp:
             self.clock,
             int(cfg.keyserver.identity_cache_seconds * 1000),
             list_ttl_ms=int(cfg.keyserver.device_list_cache_seconds * 1000),
+            relay_key=load_or_create_key(relay_key_path(cfg)),
         )
         links: NodeLinks = NoLinks()
         if cfg.presence.backend == "redis":
@@ -153,8 +154,8 @@ class RelayApp:
         cfg = self.config
         if cfg.storage.backend == "embedded":
             return await self._stack.enter_async_context(SqliteQueue(cfg.storage.path / "queue.db"))
+        from relay.common.cassandra.session import CassandraSession  # noqa: PLC0415
         from relay.stores.cassandra.queue import CassandraQueue  # noqa: PLC0415
-        from relay.stores.cassandra.session import CassandraSession  # noqa: PLC0415
 
         session = await self._stack.enter_async_context(CassandraSession(cfg.cassandra))
         return CassandraQueue(session, self.clock, max_ttl_seconds=cfg.limits.max_ttl_seconds)

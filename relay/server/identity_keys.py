@@ -11,10 +11,11 @@ from collections.abc import Mapping
 
 import grpc
 
+from keyserver.client import bearer_metadata
 from relay.clock import Clock
+from relay.common.convert import address_to_pb
 from relay.errors import Unavailable
 from relay.model import Address, registration_id
-from relay.server.convert import address_to_pb
 from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
 
 #: Most cached entries; the cache is cleared when it grows past this.
@@ -25,9 +26,17 @@ class GrpcIdentityKeys:
     """Looks up device identity keys in the key directory at ``channel``."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, clock: Clock, ttl_ms: int, *, list_ttl_ms: int = 0
+        self,
+        channel: grpc.aio.Channel,
+        clock: Clock,
+        ttl_ms: int,
+        *,
+        list_ttl_ms: int = 0,
+        relay_key: str = "",
     ) -> None:
         self._stub = keys_pb2_grpc.KeyDirectoryStub(channel)
+        #: The relay nodes' bearer key: every read of the key directory is authenticated.
+        self._metadata = bearer_metadata(relay_key) if relay_key else ()
         self._clock = clock
         self._ttl = ttl_ms
         self._list_ttl = list_ttl_ms
@@ -60,6 +69,11 @@ class GrpcIdentityKeys:
         self._cache[device] = (key, now + (self._ttl if key else self._ttl // 10))
         return key
 
+    def forget(self, device: Address) -> None:
+        """Drop what is cached of ``device`` and its user's list (it was removed)."""
+        self._cache.pop(device, None)
+        self._lists.pop((device.tenant, device.user), None)
+
     async def devices(self, tenant: str, user: str, *, fresh: bool = False) -> Mapping[int, int]:
         """The user's registered devices (number -> registration id).
 
@@ -71,7 +85,7 @@ class GrpcIdentityKeys:
             return hit[0]
         request = keys_pb2.ListDevicesRequest(tenant=tenant, user=user)
         try:
-            reply = await self._stub.ListDevices(request, timeout=5.0)
+            reply = await self._stub.ListDevices(request, timeout=5.0, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 return {}
@@ -89,7 +103,7 @@ class GrpcIdentityKeys:
     async def _fetch(self, device: Address) -> bytes | None:
         request = keys_pb2.GetIdentityKeyRequest(device=address_to_pb(device))
         try:
-            reply = await self._stub.GetIdentityKey(request, timeout=5.0)
+            reply = await self._stub.GetIdentityKey(request, timeout=5.0, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 return None

@@ -19,12 +19,12 @@ from typing import Any
 
 import grpc
 
+from relay.common.convert import address_from_pb, address_to_pb, envelope_from_wire, envelope_to_pb
 from relay.core.ports import Presence
 from relay.core.routing import Router
 from relay.errors import RelayError
 from relay.metrics import RelayMetrics
 from relay.model import Address, Pushed
-from relay.server.convert import address_from_pb, address_to_pb, envelope_from_wire, envelope_to_pb
 from relaypb.node.v1 import node_pb2, node_pb2_grpc
 
 log = logging.getLogger(__name__)

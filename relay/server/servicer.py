@@ -10,20 +10,20 @@ from typing import Any
 
 import grpc
 
-from relay.core.auth import ApiKeys, DeviceAuthenticator
-from relay.core.delivery import Relay, SendOutcome
-from relay.core.sessions import Deliver, QueueEmpty, Session
-from relay.errors import InvalidArgument, RelayError, Status, Unauthenticated
-from relay.metrics import RelayMetrics
-from relay.model import Address, DeviceListMismatch
-from relay.server.convert import (
+from relay.common.convert import (
     OUTCOME_TO_PB,
     address_from_pb,
     address_to_pb,
     envelope_from_pb,
     envelope_to_pb,
 )
-from relay.server.status import abort, unary
+from relay.common.status import abort, unary
+from relay.core.auth import ApiKeys, DeviceAuthenticator
+from relay.core.delivery import Relay, SendOutcome
+from relay.core.sessions import Deliver, QueueEmpty, Session
+from relay.errors import InvalidArgument, RelayError, Status, Unauthenticated
+from relay.metrics import RelayMetrics
+from relay.model import Address, DeviceListMismatch
 from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
 
 log = logging.getLogger(__name__)

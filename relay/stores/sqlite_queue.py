@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from relay.common.sqlite_worker import SqliteWorker
 from relay.model import (
     Address,
     Appended,
@@ -31,7 +32,6 @@ from relay.model import (
     QueuePage,
 )
 from relay.resource import AsyncResource
-from relay.stores.sqlite_worker import SqliteWorker
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from relay.common.cassandra.session import CassandraSession
 from relay.config import CassandraConfig
 from relay.errors import Unavailable
 from relay.stores.cassandra.migrate import migrate
-from relay.stores.cassandra.session import CassandraSession
 
 HOST = "127.0.0.1"
 

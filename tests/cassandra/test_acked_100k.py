@@ -18,11 +18,11 @@ import time
 import pytest
 
 from relay.clock import FakeClock, SystemClock
+from relay.common.cassandra.session import CassandraSession
 from relay.errors import Unavailable
 from relay.model import Address, Envelope, Outcome
 from relay.stores.cassandra.layout import DEFAULT_BUCKET_MS, bucket_of, seq_at
 from relay.stores.cassandra.queue import DEFAULT_FLOOR_LAG_MS, CassandraQueue
-from relay.stores.cassandra.session import CassandraSession
 from tests.conformance.queue import ALICE, BIG
 
 pytestmark = pytest.mark.services

@@ -16,16 +16,19 @@ from keyserver.cassandra_store import cassandra_key_stores
 from keyserver.client import REMOVE_DEVICE_METHOD, sign_request_metadata
 from keyserver.model import OneTimePrekey
 from relay.clock import FakeClock
+from relay.common.cassandra.session import CassandraSession
+from relay.common.convert import address_from_pb, address_to_pb
 from relay.config import CassandraConfig
 from relay.model import Address
-from relay.server.convert import address_from_pb, address_to_pb
-from relay.stores.cassandra.session import CassandraSession
 from relaypb.keys.v1 import keys_pb2 as pb
 from relaypb.keys.v1 import keys_pb2_grpc
 from tests.keyserver.conformance import (
     BIG,
     DEV,
+    AccountDirectoryConformance,
     DeviceDirectoryConformance,
+    LinkRequestsConformance,
+    OnceOnlyConformance,
     OpenStores,
     PqPrekeyStoreConformance,
     PrekeyHandoutConformance,
@@ -51,6 +54,9 @@ async def open_cassandra_stores(config: CassandraConfig) -> AsyncIterator[Stores
 
 class TestCassandraKeyStores(
     DeviceDirectoryConformance,
+    AccountDirectoryConformance,
+    LinkRequestsConformance,
+    OnceOnlyConformance,
     PrekeyStoreConformance,
     PqPrekeyStoreConformance,
     PrekeyHandoutConformance,

@@ -7,6 +7,7 @@ import secrets
 
 import pytest
 
+from relay.common.cassandra.session import CassandraSession
 from relay.config import CassandraConfig, ConfigError
 from relay.stores.cassandra.migrate import (
     format_status,
@@ -15,7 +16,6 @@ from relay.stores.cassandra.migrate import (
     split_statements,
     status,
 )
-from relay.stores.cassandra.session import CassandraSession
 
 pytestmark = pytest.mark.services
 

@@ -9,11 +9,11 @@ import pytest
 
 from keyserver.cassandra_store import CassandraDeviceDirectory, CassandraPrekeyStore
 from relay.clock import FakeClock
+from relay.common.cassandra.session import CassandraSession
 from relay.config import CassandraConfig
 from relay.errors import Unavailable
 from relay.stores.cassandra.migrate import migrate
 from relay.stores.cassandra.queue import CassandraQueue
-from relay.stores.cassandra.session import CassandraSession
 from tests.conformance.queue import BIG, BOB, NOW, env
 
 pytestmark = pytest.mark.services

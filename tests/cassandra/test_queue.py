@@ -7,11 +7,11 @@ import asyncio
 import pytest
 
 from relay.clock import FakeClock
+from relay.common.cassandra.session import CassandraSession
 from relay.model import Address, Outcome, QueueLimits
 from relay.stores.cassandra.accepted import AcceptedIds
 from relay.stores.cassandra.layout import SeqSource, seq_at
 from relay.stores.cassandra.queue import DEFAULT_FLOOR_LAG_MS, CassandraQueue
-from relay.stores.cassandra.session import CassandraSession
 from tests.conformance.queue import BIG, BOB, NOW, QueueConformance, env, read_all
 
 pytestmark = pytest.mark.services

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from keyserver.app import KeyserverApp
+from relay.common.cassandra.session import CassandraSession
 from relay.config import CassandraConfig, Config
 from relay.errors import Unavailable
 from relay.server.app import RelayApp
 from relay.stores.cassandra.migrate import migrate
-from relay.stores.cassandra.session import CassandraSession
 from tests.conftest import test_config
 from tests.process import Relayd
 from tests.services import CASSANDRA_PORT, REDIS_PORT, REDIS_URL, require

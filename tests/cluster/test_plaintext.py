@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from relay.common.cassandra.session import CassandraSession
 from relay.config import CassandraConfig
 from relay.sdk.secure import SecureClient
-from relay.stores.cassandra.session import CassandraSession
 from tests.cluster.conftest import Cluster
 from tests.e2ee.helpers import (
     MARKER,

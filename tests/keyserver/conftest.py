@@ -13,7 +13,7 @@ from keyserver.app import KeyserverApp
 from keyserver.directory import DirectoryLimits, KeyDirectory
 from keyserver.sqlite_store import KEYS_DB, SCHEMA, sqlite_key_stores
 from relay.clock import FakeClock
-from relay.stores.sqlite_worker import SqliteWorker
+from relay.common.sqlite_worker import SqliteWorker
 from relaypb.keys.v1 import keys_pb2_grpc
 from tests.keyserver.wire import config
 

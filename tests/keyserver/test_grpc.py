@@ -16,10 +16,10 @@ from keyserver.app import KeyserverApp
 from keyserver.client import SERVICE_NAME
 from relay import authproof
 from relay.clock import FakeClock
+from relay.common.convert import address_from_pb, address_to_pb
+from relay.common.status import error_info
 from relay.config import ConfigError
 from relay.model import Address
-from relay.server.convert import address_from_pb, address_to_pb
-from relay.server.status import error_info
 from relaypb.keys.v1 import keys_pb2 as pb
 from relaypb.keys.v1 import keys_pb2_grpc
 from tests.keyserver.keys import DeviceKeys, one_time_pb, one_time_prekeys, registration_pb

@@ -17,8 +17,8 @@ from keyserver.client import (
     sign_request_metadata,
 )
 from relay.clock import FakeClock
+from relay.common.convert import address_from_pb, address_to_pb
 from relay.model import Address, registration_id
-from relay.server.convert import address_from_pb, address_to_pb
 from relaypb.keys.v1 import keys_pb2 as pb
 from relaypb.keys.v1 import keys_pb2_grpc
 from tests.keyserver.keys import DeviceKeys, one_time_pb, one_time_prekeys, pq_pb, registration_pb

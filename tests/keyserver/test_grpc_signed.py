@@ -14,7 +14,7 @@ from keyserver.client import (
 )
 from relay import authproof
 from relay.clock import FakeClock
-from relay.server.convert import address_to_pb
+from relay.common.convert import address_to_pb
 from relaypb.keys.v1 import keys_pb2 as pb
 from tests.keyserver.keys import DeviceKeys, one_time_pb, one_time_prekeys
 from tests.keyserver.wire import count, publish, register

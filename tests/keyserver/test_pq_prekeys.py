@@ -14,10 +14,10 @@ from keyserver.model import PqPrekey, PrekeyStatus
 from keyserver.sqlite_store import SCHEMA, sqlite_key_stores
 from relay import authproof
 from relay.clock import FakeClock
+from relay.common.sqlite_worker import SqliteWorker
 from relay.errors import FailedPrecondition, InvalidArgument, LimitExceeded
 from relay.model import Address, registration_id
 from relay.sdk.crypto import primitives
-from relay.stores.sqlite_worker import SqliteWorker
 from tests.keyserver.conftest import MakeCore
 from tests.keyserver.keys import DeviceKeys, mlkem1024, one_time_prekeys
 

@@ -10,9 +10,9 @@ import pytest
 from keyserver.client import REMOVE_DEVICE_METHOD, sign_request_metadata
 from keyserver.directory import KeyDirectory
 from relay.clock import FakeClock
+from relay.common.convert import address_from_pb, address_to_pb
 from relay.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from relay.model import Address
-from relay.server.convert import address_from_pb, address_to_pb
 from relaypb.keys.v1 import keys_pb2 as pb
 from tests.keyserver.keys import DeviceKeys
 from tests.keyserver.wire import count, register

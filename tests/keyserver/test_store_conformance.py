@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 
 from keyserver.sqlite_store import KEYS_DB, SCHEMA, sqlite_key_stores
-from relay.stores.sqlite_worker import SqliteWorker
+from relay.common.sqlite_worker import SqliteWorker
 from tests.keyserver.conformance import (
+    AccountDirectoryConformance,
     DeviceDirectoryConformance,
+    LinkRequestsConformance,
+    OnceOnlyConformance,
     OpenStores,
     PqPrekeyStoreConformance,
     PrekeyHandoutConformance,
@@ -22,6 +25,9 @@ from tests.keyserver.conformance import (
 
 class TestSqliteKeyStores(
     DeviceDirectoryConformance,
+    AccountDirectoryConformance,
+    LinkRequestsConformance,
+    OnceOnlyConformance,
     PrekeyStoreConformance,
     PqPrekeyStoreConformance,
     PrekeyHandoutConformance,

@@ -11,9 +11,9 @@ from keyserver.client import (
     sign_request_metadata,
 )
 from relay.clock import FakeClock
+from relay.common.convert import address_from_pb, address_to_pb
 from relay.config import Config, load
 from relay.model import Address
-from relay.server.convert import address_from_pb, address_to_pb
 from relaypb.keys.v1 import keys_pb2 as pb
 from tests.keyserver.keys import DeviceKeys, registration_pb
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import grpc
 
+from relay.common.status import to_rpc_status
 from relay.errors import (
     LimitExceeded,
     NotFound,
@@ -17,7 +18,6 @@ from relay.errors import (
 )
 from relay.sdk.backoff import ExponentialBackoff
 from relay.sdk.status import error_for, is_retryable
-from relay.server.status import to_rpc_status
 
 
 async def test_backoff_is_exponential_with_full_jitter_and_a_cap() -> None:

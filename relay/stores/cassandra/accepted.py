@@ -15,9 +15,9 @@ from collections import defaultdict
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
+from relay.common.cassandra.session import CassandraSession, Statement, partition_batches
 from relay.model import Address, Envelope
 from relay.stores.cassandra.layout import key, ttl_until
-from relay.stores.cassandra.session import CassandraSession, Statement, partition_batches
 
 #: Partitions per device for its accepted ids.
 ACCEPTED_SHARDS = 16

@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+from relay.common.cassandra.session import CassandraSession, Statement, partition_batches
 from relay.model import Address, Envelope
 from relay.stores.cassandra.layout import (
     EXPIRY_SHARDS,
@@ -29,7 +30,6 @@ from relay.stores.cassandra.layout import (
     key,
     ttl_until,
 )
-from relay.stores.cassandra.session import CassandraSession, Statement, partition_batches
 
 _REGISTER_HOUR = "INSERT INTO {ks}.queue_expiry_hours (ring, hour) VALUES (0, ?) USING TTL ?"
 _ENTRY = (

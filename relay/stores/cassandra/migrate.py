@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 
+from relay.common.cassandra.session import CassandraSession
 from relay.config import CassandraConfig, ConfigError
-from relay.stores.cassandra.session import CassandraSession
 
 _NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.cql$")
 _KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")

@@ -40,6 +40,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from relay.clock import Clock
+from relay.common.cassandra.session import (
+    CassandraSession,
+    Statement,
+    gather_all,
+    partition_batches,
+)
+from relay.common.cassandra.turns import Turns
 from relay.config import DEFAULT_TTL_SECONDS
 from relay.model import (
     Address,
@@ -54,13 +61,6 @@ from relay.stores.cassandra import layout
 from relay.stores.cassandra.accepted import Accepted, AcceptedIds, Ident
 from relay.stores.cassandra.expiry import ADD_DEPTH, DELETE_MESSAGE, ExpiryIndex
 from relay.stores.cassandra.layout import bucket_of, key, seq_at, ttl_until
-from relay.stores.cassandra.session import (
-    CassandraSession,
-    Statement,
-    gather_all,
-    partition_batches,
-)
-from relay.stores.cassandra.turns import Turns
 
 #: How far behind the clock the ack floor stays, so that writes still in flight (or
 #: from a node whose clock lags by less than this) never land below it.

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from relaypb.common.v1 import address_pb2 as _address_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,82 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class ListedDevice(_message.Message):
+    """One device as its user's signed device list names it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    IDENTITY_KEY_FIELD_NUMBER: _builtins.int
+    REGISTRATION_ID_FIELD_NUMBER: _builtins.int
+    device: _builtins.int
+    identity_key: _builtins.bytes
+    """Ed25519 identity key, 32 bytes."""
+    registration_id: _builtins.int
+    """relay.model.registration_id(identity_key)."""
+    def __init__(
+        self,
+        *,
+        device: _builtins.int = ...,
+        identity_key: _builtins.bytes = ...,
+        registration_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "identity_key", b"identity_key", "registration_id", b"registration_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListedDevice: _TypeAlias = ListedDevice  # noqa: Y015
+
+@_typing.final
+class SignedDeviceList(_message.Message):
+    """A user's devices, signed by the user's account key (Ed25519). The signature is over
+    relay/authproof.py device_list_transcript of every field but `signature`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    ACCOUNT_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    user: _builtins.str
+    version: _builtins.int
+    """Strictly increasing with every new list of the user."""
+    timestamp_ms: _builtins.int
+    account_key: _builtins.bytes
+    """The account key (32 bytes) the list is signed with."""
+    signature: _builtins.bytes
+    """Ed25519, 64 bytes."""
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___ListedDevice]:
+        """Ascending by device number, each number once."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        user: _builtins.str = ...,
+        version: _builtins.int = ...,
+        timestamp_ms: _builtins.int = ...,
+        devices: _abc.Iterable[Global___ListedDevice] | None = ...,
+        account_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_key", b"account_key", "devices", b"devices", "signature", b"signature", "tenant", b"tenant", "timestamp_ms", b"timestamp_ms", "user", b"user", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedDeviceList: _TypeAlias = SignedDeviceList  # noqa: Y015
 
 @_typing.final
 class SignedPrekey(_message.Message):
@@ -150,6 +227,10 @@ class RegisterDeviceRequest(_message.Message):
     PROOF_FIELD_NUMBER: _builtins.int
     LAST_RESORT_PQ_PREKEY_FIELD_NUMBER: _builtins.int
     ONE_TIME_PQ_PREKEYS_FIELD_NUMBER: _builtins.int
+    ACCOUNT_KEY_FIELD_NUMBER: _builtins.int
+    DEVICE_LIST_FIELD_NUMBER: _builtins.int
+    REGISTRATION_TOKEN_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     user: _builtins.str
     identity_key: _builtins.bytes
@@ -162,6 +243,16 @@ class RegisterDeviceRequest(_message.Message):
     """Ed25519 signature by identity_key over the registration transcript
     (relay/authproof.py registration_transcript): proves possession of the key.
     """
+    account_key: _builtins.bytes
+    """The new account's key (Ed25519 public, 32 bytes) ..."""
+    registration_token: _builtins.str
+    """For a tenant whose registration policy is `token`: a registration token minted by
+    the tenant's backend for (tenant, user) (keyserver/tokens.py).
+    """
+    reset: _builtins.bool
+    """Replace the account of an existing user (all its devices are removed). Needs a
+    registration token minted for a reset.
+    """
     @_builtins.property
     def signed_prekey(self) -> Global___SignedPrekey: ...
     @_builtins.property
@@ -172,6 +263,12 @@ class RegisterDeviceRequest(_message.Message):
 
     @_builtins.property
     def one_time_pq_prekeys(self) -> _containers.RepeatedCompositeFieldContainer[Global___PqPrekey]: ...
+    @_builtins.property
+    def device_list(self) -> Global___SignedDeviceList:
+        """... and its first device list: this one device, as device 1 (or, after a reset,
+        the number FAILED_PRECONDITION names in ErrorInfo metadata `next_device`).
+        """
+
     def __init__(
         self,
         *,
@@ -185,10 +282,14 @@ class RegisterDeviceRequest(_message.Message):
         proof: _builtins.bytes = ...,
         last_resort_pq_prekey: Global___PqPrekey | None = ...,
         one_time_pq_prekeys: _abc.Iterable[Global___PqPrekey] | None = ...,
+        account_key: _builtins.bytes = ...,
+        device_list: Global___SignedDeviceList | None = ...,
+        registration_token: _builtins.str = ...,
+        reset: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_resort_pq_prekey", b"last_resort_pq_prekey", "signed_prekey", b"signed_prekey"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device_list", b"device_list", "last_resort_pq_prekey", b"last_resort_pq_prekey", "signed_prekey", b"signed_prekey"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity_dh_key", b"identity_dh_key", "identity_dh_signature", b"identity_dh_signature", "identity_key", b"identity_key", "last_resort_pq_prekey", b"last_resort_pq_prekey", "one_time_pq_prekeys", b"one_time_pq_prekeys", "one_time_prekeys", b"one_time_prekeys", "proof", b"proof", "signed_prekey", b"signed_prekey", "tenant", b"tenant", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_key", b"account_key", "device_list", b"device_list", "identity_dh_key", b"identity_dh_key", "identity_dh_signature", b"identity_dh_signature", "identity_key", b"identity_key", "last_resort_pq_prekey", b"last_resort_pq_prekey", "one_time_pq_prekeys", b"one_time_pq_prekeys", "one_time_prekeys", b"one_time_prekeys", "proof", b"proof", "registration_token", b"registration_token", "reset", b"reset", "signed_prekey", b"signed_prekey", "tenant", b"tenant", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,20 +640,339 @@ class RemoveDeviceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICE_FIELD_NUMBER: _builtins.int
+    DEVICE_LIST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def device(self) -> _address_pb2.Address: ...
+    @_builtins.property
+    def device_list(self) -> Global___SignedDeviceList:
+        """The user's device list without `device`, version above the current one, signed by
+        the account key.
+        """
+
     def __init__(
         self,
         *,
         device: _address_pb2.Address | None = ...,
+        device_list: Global___SignedDeviceList | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "device_list", b"device_list"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "device_list", b"device_list"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveDeviceRequest: _TypeAlias = RemoveDeviceRequest  # noqa: Y015
+
+@_typing.final
+class RequestLinkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    IDENTITY_KEY_FIELD_NUMBER: _builtins.int
+    IDENTITY_DH_KEY_FIELD_NUMBER: _builtins.int
+    IDENTITY_DH_SIGNATURE_FIELD_NUMBER: _builtins.int
+    SIGNED_PREKEY_FIELD_NUMBER: _builtins.int
+    LAST_RESORT_PQ_PREKEY_FIELD_NUMBER: _builtins.int
+    LINK_KEY_FIELD_NUMBER: _builtins.int
+    PROOF_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    user: _builtins.str
+    identity_key: _builtins.bytes
+    identity_dh_key: _builtins.bytes
+    identity_dh_signature: _builtins.bytes
+    link_key: _builtins.bytes
+    """X25519 public key (32 bytes) the approving device seals the account key to."""
+    proof: _builtins.bytes
+    """Ed25519 signature by identity_key over relay/authproof.py link_request_transcript."""
+    @_builtins.property
+    def signed_prekey(self) -> Global___SignedPrekey: ...
+    @_builtins.property
+    def last_resort_pq_prekey(self) -> Global___PqPrekey: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        user: _builtins.str = ...,
+        identity_key: _builtins.bytes = ...,
+        identity_dh_key: _builtins.bytes = ...,
+        identity_dh_signature: _builtins.bytes = ...,
+        signed_prekey: Global___SignedPrekey | None = ...,
+        last_resort_pq_prekey: Global___PqPrekey | None = ...,
+        link_key: _builtins.bytes = ...,
+        proof: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_resort_pq_prekey", b"last_resort_pq_prekey", "signed_prekey", b"signed_prekey"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity_dh_key", b"identity_dh_key", "identity_dh_signature", b"identity_dh_signature", "identity_key", b"identity_key", "last_resort_pq_prekey", b"last_resort_pq_prekey", "link_key", b"link_key", "proof", b"proof", "signed_prekey", b"signed_prekey", "tenant", b"tenant", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestLinkRequest: _TypeAlias = RequestLinkRequest  # noqa: Y015
+
+@_typing.final
+class RequestLinkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.bytes
+    """16 random bytes naming the request (CompleteLink takes it)."""
+    expires_at_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.bytes = ...,
+        expires_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_ms", b"expires_at_ms", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestLinkResponse: _TypeAlias = RequestLinkResponse  # noqa: Y015
+
+@_typing.final
+class LinkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IDENTITY_KEY_FIELD_NUMBER: _builtins.int
+    IDENTITY_DH_KEY_FIELD_NUMBER: _builtins.int
+    LINK_KEY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_MS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.bytes
+    identity_key: _builtins.bytes
+    identity_dh_key: _builtins.bytes
+    link_key: _builtins.bytes
+    created_at_ms: _builtins.int
+    expires_at_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.bytes = ...,
+        identity_key: _builtins.bytes = ...,
+        identity_dh_key: _builtins.bytes = ...,
+        link_key: _builtins.bytes = ...,
+        created_at_ms: _builtins.int = ...,
+        expires_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_ms", b"created_at_ms", "expires_at_ms", b"expires_at_ms", "identity_dh_key", b"identity_dh_key", "identity_key", b"identity_key", "link_key", b"link_key", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LinkRequest: _TypeAlias = LinkRequest  # noqa: Y015
+
+@_typing.final
+class ListLinkRequestsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLinkRequestsRequest: _TypeAlias = ListLinkRequestsRequest  # noqa: Y015
+
+@_typing.final
+class ListLinkRequestsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    DEVICE_LIST_FIELD_NUMBER: _builtins.int
+    NEXT_DEVICE_FIELD_NUMBER: _builtins.int
+    next_device: _builtins.int
+    """The number the next linked device must get in the new list."""
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___LinkRequest]: ...
+    @_builtins.property
+    def device_list(self) -> Global___SignedDeviceList:
+        """The user's current signed device list."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___LinkRequest] | None = ...,
+        device_list: Global___SignedDeviceList | None = ...,
+        next_device: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device_list", b"device_list"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_list", b"device_list", "next_device", b"next_device", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLinkRequestsResponse: _TypeAlias = ListLinkRequestsResponse  # noqa: Y015
+
+@_typing.final
+class ApproveLinkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_LIST_FIELD_NUMBER: _builtins.int
+    SEALED_ACCOUNT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.bytes
+    sealed_account: _builtins.bytes
+    """The account key sealed to the request's link_key (relay/sdk/linking.py)."""
+    @_builtins.property
+    def device_list(self) -> Global___SignedDeviceList:
+        """The current list plus the new device (number next_device), version above the
+        current one, signed by the account key.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.bytes = ...,
+        device_list: Global___SignedDeviceList | None = ...,
+        sealed_account: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device_list", b"device_list"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_list", b"device_list", "request_id", b"request_id", "sealed_account", b"sealed_account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveLinkRequest: _TypeAlias = ApproveLinkRequest  # noqa: Y015
+
+@_typing.final
+class ApproveLinkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def address(self) -> _address_pb2.Address: ...
+    def __init__(
+        self,
+        *,
+        address: _address_pb2.Address | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveLinkResponse: _TypeAlias = ApproveLinkResponse  # noqa: Y015
+
+@_typing.final
+class CompleteLinkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteLinkRequest: _TypeAlias = CompleteLinkRequest  # noqa: Y015
+
+@_typing.final
+class CompleteLinkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[CompleteLinkResponse._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: CompleteLinkResponse._State.ValueType  # 0
+        PENDING: CompleteLinkResponse._State.ValueType  # 1
+        APPROVED: CompleteLinkResponse._State.ValueType  # 2
+
+    class State(_State, metaclass=_StateEnumTypeWrapper): ...
+    STATE_UNSPECIFIED: CompleteLinkResponse.State.ValueType  # 0
+    PENDING: CompleteLinkResponse.State.ValueType  # 1
+    APPROVED: CompleteLinkResponse.State.ValueType  # 2
+
+    STATE_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    SEALED_ACCOUNT_FIELD_NUMBER: _builtins.int
+    DEVICE_LIST_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    state: Global___CompleteLinkResponse.State.ValueType
+    sealed_account: _builtins.bytes
+    expires_at_ms: _builtins.int
+    @_builtins.property
+    def address(self) -> _address_pb2.Address:
+        """When approved: the new device's address, the sealed account key, the new list."""
+
+    @_builtins.property
+    def device_list(self) -> Global___SignedDeviceList: ...
+    def __init__(
+        self,
+        *,
+        state: Global___CompleteLinkResponse.State.ValueType = ...,
+        address: _address_pb2.Address | None = ...,
+        sealed_account: _builtins.bytes = ...,
+        device_list: Global___SignedDeviceList | None = ...,
+        expires_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "device_list", b"device_list"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "device_list", b"device_list", "expires_at_ms", b"expires_at_ms", "sealed_account", b"sealed_account", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteLinkResponse: _TypeAlias = CompleteLinkResponse  # noqa: Y015
+
+@_typing.final
+class GetDeviceListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    user: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        user: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeviceListRequest: _TypeAlias = GetDeviceListRequest  # noqa: Y015
+
+@_typing.final
+class GetDeviceListResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_LIST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def device_list(self) -> Global___SignedDeviceList: ...
+    def __init__(
+        self,
+        *,
+        device_list: Global___SignedDeviceList | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device_list", b"device_list"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_list", b"device_list"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeviceListResponse: _TypeAlias = GetDeviceListResponse  # noqa: Y015
 
 @_typing.final
 class RemoveDeviceResponse(_message.Message):

@@ -26,7 +26,14 @@ if _version_not_supported:
 
 
 class KeyDirectoryStub:
-    """Missing associated documentation comment in .proto file."""
+    """Who may call what (docs/security.md):
+    - RegisterDevice and RequestLink are open to anyone (they create nothing under an
+    existing user without the approval of one of its devices); CompleteLink answers
+    only to the holder of a request id.
+    - Every other method needs credentials: a device-signed request (metadata
+    x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+    for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -38,6 +45,31 @@ class KeyDirectoryStub:
                 '/relaypb.keys.v1.KeyDirectory/RegisterDevice',
                 request_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RegisterDeviceRequest.SerializeToString,
                 response_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RegisterDeviceResponse.FromString,
+                _registered_method=True)
+        self.RequestLink = channel.unary_unary(
+                '/relaypb.keys.v1.KeyDirectory/RequestLink',
+                request_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RequestLinkRequest.SerializeToString,
+                response_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RequestLinkResponse.FromString,
+                _registered_method=True)
+        self.ListLinkRequests = channel.unary_unary(
+                '/relaypb.keys.v1.KeyDirectory/ListLinkRequests',
+                request_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.ListLinkRequestsRequest.SerializeToString,
+                response_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.ListLinkRequestsResponse.FromString,
+                _registered_method=True)
+        self.ApproveLink = channel.unary_unary(
+                '/relaypb.keys.v1.KeyDirectory/ApproveLink',
+                request_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.ApproveLinkRequest.SerializeToString,
+                response_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.ApproveLinkResponse.FromString,
+                _registered_method=True)
+        self.CompleteLink = channel.unary_unary(
+                '/relaypb.keys.v1.KeyDirectory/CompleteLink',
+                request_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.CompleteLinkRequest.SerializeToString,
+                response_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.CompleteLinkResponse.FromString,
+                _registered_method=True)
+        self.GetDeviceList = channel.unary_unary(
+                '/relaypb.keys.v1.KeyDirectory/GetDeviceList',
+                request_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.GetDeviceListRequest.SerializeToString,
+                response_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.GetDeviceListResponse.FromString,
                 _registered_method=True)
         self.PublishPrekeys = channel.unary_unary(
                 '/relaypb.keys.v1.KeyDirectory/PublishPrekeys',
@@ -72,10 +104,55 @@ class KeyDirectoryStub:
 
 
 class KeyDirectoryServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Who may call what (docs/security.md):
+    - RegisterDevice and RequestLink are open to anyone (they create nothing under an
+    existing user without the approval of one of its devices); CompleteLink answers
+    only to the holder of a request id.
+    - Every other method needs credentials: a device-signed request (metadata
+    x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+    for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
+    """
 
     def RegisterDevice(self, request, context):
-        """Register a new device of a user; returns its device number.
+        """Create a user's account with its first device (the account key and a signed
+        device list of that one device). Refused with ALREADY_EXISTS for a user that
+        exists: a new device of an existing user joins with RequestLink instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RequestLink(self, request, context):
+        """A new device asks to join an existing user; one of the user's devices approves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLinkRequests(self, request, context):
+        """The pending link requests of the signing device's user. Device-signed request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveLink(self, request, context):
+        """Approve a link request with the new signed device list and the account key
+        sealed to the new device. Device-signed request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteLink(self, request, context):
+        """The new device's side: pending, or approved with the sealed account key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeviceList(self, request, context):
+        """The latest device list of a user, signed by its account key. Authenticated read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,13 +167,14 @@ class KeyDirectoryServicer:
 
     def FetchPrekeyBundles(self, request, context):
         """Prekey bundles of a user's devices; claims one one-time prekey per device, atomically.
+        Authenticated read, rate limited per requester and per (requester, device).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDevices(self, request, context):
-        """The registered devices of a user.
+        """The registered devices of a user. Authenticated read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,14 +189,16 @@ class KeyDirectoryServicer:
 
     def GetIdentityKey(self, request, context):
         """The Ed25519 identity key of one device (used by relay nodes to check sessions).
+        Authenticated read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RemoveDevice(self, request, context):
-        """Remove a device of the caller's own user (the device itself or a sibling).
-        Device-signed request. The device number is never given out again.
+        """Remove a device of the caller's own user (the device itself or a sibling), with
+        the user's new device list signed by the account key. Device-signed request. The
+        device number is never given out again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +211,31 @@ def add_KeyDirectoryServicer_to_server(servicer, server):
                     servicer.RegisterDevice,
                     request_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RegisterDeviceRequest.FromString,
                     response_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RegisterDeviceResponse.SerializeToString,
+            ),
+            'RequestLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestLink,
+                    request_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RequestLinkRequest.FromString,
+                    response_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.RequestLinkResponse.SerializeToString,
+            ),
+            'ListLinkRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLinkRequests,
+                    request_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.ListLinkRequestsRequest.FromString,
+                    response_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.ListLinkRequestsResponse.SerializeToString,
+            ),
+            'ApproveLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveLink,
+                    request_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.ApproveLinkRequest.FromString,
+                    response_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.ApproveLinkResponse.SerializeToString,
+            ),
+            'CompleteLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteLink,
+                    request_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.CompleteLinkRequest.FromString,
+                    response_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.CompleteLinkResponse.SerializeToString,
+            ),
+            'GetDeviceList': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeviceList,
+                    request_deserializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.GetDeviceListRequest.FromString,
+                    response_serializer=relaypb_dot_keys_dot_v1_dot_keys__pb2.GetDeviceListResponse.SerializeToString,
             ),
             'PublishPrekeys': grpc.unary_unary_rpc_method_handler(
                     servicer.PublishPrekeys,
@@ -171,7 +276,14 @@ def add_KeyDirectoryServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KeyDirectory:
-    """Missing associated documentation comment in .proto file."""
+    """Who may call what (docs/security.md):
+    - RegisterDevice and RequestLink are open to anyone (they create nothing under an
+    existing user without the approval of one of its devices); CompleteLink answers
+    only to the holder of a request id.
+    - Every other method needs credentials: a device-signed request (metadata
+    x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+    for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
+    """
 
     @staticmethod
     def RegisterDevice(request,
@@ -190,6 +302,141 @@ class KeyDirectory:
             '/relaypb.keys.v1.KeyDirectory/RegisterDevice',
             relaypb_dot_keys_dot_v1_dot_keys__pb2.RegisterDeviceRequest.SerializeToString,
             relaypb_dot_keys_dot_v1_dot_keys__pb2.RegisterDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaypb.keys.v1.KeyDirectory/RequestLink',
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.RequestLinkRequest.SerializeToString,
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.RequestLinkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLinkRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaypb.keys.v1.KeyDirectory/ListLinkRequests',
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.ListLinkRequestsRequest.SerializeToString,
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.ListLinkRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaypb.keys.v1.KeyDirectory/ApproveLink',
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.ApproveLinkRequest.SerializeToString,
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.ApproveLinkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaypb.keys.v1.KeyDirectory/CompleteLink',
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.CompleteLinkRequest.SerializeToString,
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.CompleteLinkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeviceList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relaypb.keys.v1.KeyDirectory/GetDeviceList',
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.GetDeviceListRequest.SerializeToString,
+            relaypb_dot_keys_dot_v1_dot_keys__pb2.GetDeviceListResponse.FromString,
             options,
             channel_credentials,
             insecure,

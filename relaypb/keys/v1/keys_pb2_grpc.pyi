@@ -27,55 +27,167 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class KeyDirectoryStub:
+    """Who may call what (docs/security.md):
+    - RegisterDevice and RequestLink are open to anyone (they create nothing under an
+      existing user without the approval of one of its devices); CompleteLink answers
+      only to the holder of a request id.
+    - Every other method needs credentials: a device-signed request (metadata
+      x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+      for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KeyDirectoryAsyncStub: ...
     RegisterDevice: _grpc.UnaryUnaryMultiCallable[_keys_pb2.RegisterDeviceRequest, _keys_pb2.RegisterDeviceResponse]
-    """Register a new device of a user; returns its device number."""
+    """Create a user's account with its first device (the account key and a signed
+    device list of that one device). Refused with ALREADY_EXISTS for a user that
+    exists: a new device of an existing user joins with RequestLink instead.
+    """
+    RequestLink: _grpc.UnaryUnaryMultiCallable[_keys_pb2.RequestLinkRequest, _keys_pb2.RequestLinkResponse]
+    """A new device asks to join an existing user; one of the user's devices approves."""
+    ListLinkRequests: _grpc.UnaryUnaryMultiCallable[_keys_pb2.ListLinkRequestsRequest, _keys_pb2.ListLinkRequestsResponse]
+    """The pending link requests of the signing device's user. Device-signed request."""
+    ApproveLink: _grpc.UnaryUnaryMultiCallable[_keys_pb2.ApproveLinkRequest, _keys_pb2.ApproveLinkResponse]
+    """Approve a link request with the new signed device list and the account key
+    sealed to the new device. Device-signed request.
+    """
+    CompleteLink: _grpc.UnaryUnaryMultiCallable[_keys_pb2.CompleteLinkRequest, _keys_pb2.CompleteLinkResponse]
+    """The new device's side: pending, or approved with the sealed account key."""
+    GetDeviceList: _grpc.UnaryUnaryMultiCallable[_keys_pb2.GetDeviceListRequest, _keys_pb2.GetDeviceListResponse]
+    """The latest device list of a user, signed by its account key. Authenticated read."""
     PublishPrekeys: _grpc.UnaryUnaryMultiCallable[_keys_pb2.PublishPrekeysRequest, _keys_pb2.PublishPrekeysResponse]
     """Add one-time prekeys and/or rotate the signed prekey. Device-signed request."""
     FetchPrekeyBundles: _grpc.UnaryUnaryMultiCallable[_keys_pb2.FetchPrekeyBundlesRequest, _keys_pb2.FetchPrekeyBundlesResponse]
-    """Prekey bundles of a user's devices; claims one one-time prekey per device, atomically."""
+    """Prekey bundles of a user's devices; claims one one-time prekey per device, atomically.
+    Authenticated read, rate limited per requester and per (requester, device).
+    """
     ListDevices: _grpc.UnaryUnaryMultiCallable[_keys_pb2.ListDevicesRequest, _keys_pb2.ListDevicesResponse]
-    """The registered devices of a user."""
+    """The registered devices of a user. Authenticated read."""
     CountOneTimePrekeys: _grpc.UnaryUnaryMultiCallable[_keys_pb2.CountOneTimePrekeysRequest, _keys_pb2.CountOneTimePrekeysResponse]
     """How many unclaimed one-time prekeys a device has left. Device-signed request."""
     GetIdentityKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.GetIdentityKeyRequest, _keys_pb2.GetIdentityKeyResponse]
-    """The Ed25519 identity key of one device (used by relay nodes to check sessions)."""
+    """The Ed25519 identity key of one device (used by relay nodes to check sessions).
+    Authenticated read.
+    """
     RemoveDevice: _grpc.UnaryUnaryMultiCallable[_keys_pb2.RemoveDeviceRequest, _keys_pb2.RemoveDeviceResponse]
-    """Remove a device of the caller's own user (the device itself or a sibling).
-    Device-signed request. The device number is never given out again.
+    """Remove a device of the caller's own user (the device itself or a sibling), with
+    the user's new device list signed by the account key. Device-signed request. The
+    device number is never given out again.
     """
 
 @_typing.type_check_only
 class KeyDirectoryAsyncStub(KeyDirectoryStub):
+    """Who may call what (docs/security.md):
+    - RegisterDevice and RequestLink are open to anyone (they create nothing under an
+      existing user without the approval of one of its devices); CompleteLink answers
+      only to the holder of a request id.
+    - Every other method needs credentials: a device-signed request (metadata
+      x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+      for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterDevice: _aio.UnaryUnaryMultiCallable[_keys_pb2.RegisterDeviceRequest, _keys_pb2.RegisterDeviceResponse]  # type: ignore[assignment]
-    """Register a new device of a user; returns its device number."""
+    """Create a user's account with its first device (the account key and a signed
+    device list of that one device). Refused with ALREADY_EXISTS for a user that
+    exists: a new device of an existing user joins with RequestLink instead.
+    """
+    RequestLink: _aio.UnaryUnaryMultiCallable[_keys_pb2.RequestLinkRequest, _keys_pb2.RequestLinkResponse]  # type: ignore[assignment]
+    """A new device asks to join an existing user; one of the user's devices approves."""
+    ListLinkRequests: _aio.UnaryUnaryMultiCallable[_keys_pb2.ListLinkRequestsRequest, _keys_pb2.ListLinkRequestsResponse]  # type: ignore[assignment]
+    """The pending link requests of the signing device's user. Device-signed request."""
+    ApproveLink: _aio.UnaryUnaryMultiCallable[_keys_pb2.ApproveLinkRequest, _keys_pb2.ApproveLinkResponse]  # type: ignore[assignment]
+    """Approve a link request with the new signed device list and the account key
+    sealed to the new device. Device-signed request.
+    """
+    CompleteLink: _aio.UnaryUnaryMultiCallable[_keys_pb2.CompleteLinkRequest, _keys_pb2.CompleteLinkResponse]  # type: ignore[assignment]
+    """The new device's side: pending, or approved with the sealed account key."""
+    GetDeviceList: _aio.UnaryUnaryMultiCallable[_keys_pb2.GetDeviceListRequest, _keys_pb2.GetDeviceListResponse]  # type: ignore[assignment]
+    """The latest device list of a user, signed by its account key. Authenticated read."""
     PublishPrekeys: _aio.UnaryUnaryMultiCallable[_keys_pb2.PublishPrekeysRequest, _keys_pb2.PublishPrekeysResponse]  # type: ignore[assignment]
     """Add one-time prekeys and/or rotate the signed prekey. Device-signed request."""
     FetchPrekeyBundles: _aio.UnaryUnaryMultiCallable[_keys_pb2.FetchPrekeyBundlesRequest, _keys_pb2.FetchPrekeyBundlesResponse]  # type: ignore[assignment]
-    """Prekey bundles of a user's devices; claims one one-time prekey per device, atomically."""
+    """Prekey bundles of a user's devices; claims one one-time prekey per device, atomically.
+    Authenticated read, rate limited per requester and per (requester, device).
+    """
     ListDevices: _aio.UnaryUnaryMultiCallable[_keys_pb2.ListDevicesRequest, _keys_pb2.ListDevicesResponse]  # type: ignore[assignment]
-    """The registered devices of a user."""
+    """The registered devices of a user. Authenticated read."""
     CountOneTimePrekeys: _aio.UnaryUnaryMultiCallable[_keys_pb2.CountOneTimePrekeysRequest, _keys_pb2.CountOneTimePrekeysResponse]  # type: ignore[assignment]
     """How many unclaimed one-time prekeys a device has left. Device-signed request."""
     GetIdentityKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.GetIdentityKeyRequest, _keys_pb2.GetIdentityKeyResponse]  # type: ignore[assignment]
-    """The Ed25519 identity key of one device (used by relay nodes to check sessions)."""
+    """The Ed25519 identity key of one device (used by relay nodes to check sessions).
+    Authenticated read.
+    """
     RemoveDevice: _aio.UnaryUnaryMultiCallable[_keys_pb2.RemoveDeviceRequest, _keys_pb2.RemoveDeviceResponse]  # type: ignore[assignment]
-    """Remove a device of the caller's own user (the device itself or a sibling).
-    Device-signed request. The device number is never given out again.
+    """Remove a device of the caller's own user (the device itself or a sibling), with
+    the user's new device list signed by the account key. Device-signed request. The
+    device number is never given out again.
     """
 
 class KeyDirectoryServicer(metaclass=_abc_1.ABCMeta):
+    """Who may call what (docs/security.md):
+    - RegisterDevice and RequestLink are open to anyone (they create nothing under an
+      existing user without the approval of one of its devices); CompleteLink answers
+      only to the holder of a request id.
+    - Every other method needs credentials: a device-signed request (metadata
+      x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+      for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
+    """
+
     @_abc_1.abstractmethod
     def RegisterDevice(
         self,
         request: _keys_pb2.RegisterDeviceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.RegisterDeviceResponse, _abc.Awaitable[_keys_pb2.RegisterDeviceResponse]]:
-        """Register a new device of a user; returns its device number."""
+        """Create a user's account with its first device (the account key and a signed
+        device list of that one device). Refused with ALREADY_EXISTS for a user that
+        exists: a new device of an existing user joins with RequestLink instead.
+        """
+
+    @_abc_1.abstractmethod
+    def RequestLink(
+        self,
+        request: _keys_pb2.RequestLinkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.RequestLinkResponse, _abc.Awaitable[_keys_pb2.RequestLinkResponse]]:
+        """A new device asks to join an existing user; one of the user's devices approves."""
+
+    @_abc_1.abstractmethod
+    def ListLinkRequests(
+        self,
+        request: _keys_pb2.ListLinkRequestsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.ListLinkRequestsResponse, _abc.Awaitable[_keys_pb2.ListLinkRequestsResponse]]:
+        """The pending link requests of the signing device's user. Device-signed request."""
+
+    @_abc_1.abstractmethod
+    def ApproveLink(
+        self,
+        request: _keys_pb2.ApproveLinkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.ApproveLinkResponse, _abc.Awaitable[_keys_pb2.ApproveLinkResponse]]:
+        """Approve a link request with the new signed device list and the account key
+        sealed to the new device. Device-signed request.
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteLink(
+        self,
+        request: _keys_pb2.CompleteLinkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.CompleteLinkResponse, _abc.Awaitable[_keys_pb2.CompleteLinkResponse]]:
+        """The new device's side: pending, or approved with the sealed account key."""
+
+    @_abc_1.abstractmethod
+    def GetDeviceList(
+        self,
+        request: _keys_pb2.GetDeviceListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.GetDeviceListResponse, _abc.Awaitable[_keys_pb2.GetDeviceListResponse]]:
+        """The latest device list of a user, signed by its account key. Authenticated read."""
 
     @_abc_1.abstractmethod
     def PublishPrekeys(
@@ -91,7 +203,9 @@ class KeyDirectoryServicer(metaclass=_abc_1.ABCMeta):
         request: _keys_pb2.FetchPrekeyBundlesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.FetchPrekeyBundlesResponse, _abc.Awaitable[_keys_pb2.FetchPrekeyBundlesResponse]]:
-        """Prekey bundles of a user's devices; claims one one-time prekey per device, atomically."""
+        """Prekey bundles of a user's devices; claims one one-time prekey per device, atomically.
+        Authenticated read, rate limited per requester and per (requester, device).
+        """
 
     @_abc_1.abstractmethod
     def ListDevices(
@@ -99,7 +213,7 @@ class KeyDirectoryServicer(metaclass=_abc_1.ABCMeta):
         request: _keys_pb2.ListDevicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.ListDevicesResponse, _abc.Awaitable[_keys_pb2.ListDevicesResponse]]:
-        """The registered devices of a user."""
+        """The registered devices of a user. Authenticated read."""
 
     @_abc_1.abstractmethod
     def CountOneTimePrekeys(
@@ -115,7 +229,9 @@ class KeyDirectoryServicer(metaclass=_abc_1.ABCMeta):
         request: _keys_pb2.GetIdentityKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.GetIdentityKeyResponse, _abc.Awaitable[_keys_pb2.GetIdentityKeyResponse]]:
-        """The Ed25519 identity key of one device (used by relay nodes to check sessions)."""
+        """The Ed25519 identity key of one device (used by relay nodes to check sessions).
+        Authenticated read.
+        """
 
     @_abc_1.abstractmethod
     def RemoveDevice(
@@ -123,8 +239,9 @@ class KeyDirectoryServicer(metaclass=_abc_1.ABCMeta):
         request: _keys_pb2.RemoveDeviceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.RemoveDeviceResponse, _abc.Awaitable[_keys_pb2.RemoveDeviceResponse]]:
-        """Remove a device of the caller's own user (the device itself or a sibling).
-        Device-signed request. The device number is never given out again.
+        """Remove a device of the caller's own user (the device itself or a sibling), with
+        the user's new device list signed by the account key. Device-signed request. The
+        device number is never given out again.
         """
 
 def add_KeyDirectoryServicer_to_server(servicer: KeyDirectoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,9 +1,11 @@
-"""Protobuf <-> domain translation for the relay API (servicers and the SDK share it)."""
+"""Protobuf <-> domain translation of shared types (both services and the SDK use it)."""
 
 from __future__ import annotations
 
+from relay.accounts import DeviceList, ListedDevice
 from relay.model import Address, Envelope, Outcome
 from relaypb.common.v1 import address_pb2
+from relaypb.keys.v1 import keys_pb2
 from relaypb.relay.v1 import relay_pb2
 
 
@@ -59,4 +61,37 @@ def envelope_from_wire(pb: relay_pb2.Envelope) -> Envelope:
         content=pb.content,
         ephemeral=pb.ephemeral,
         server_timestamp_ms=pb.server_timestamp_ms,
+    )
+
+
+def device_list_from_pb(pb: keys_pb2.SignedDeviceList) -> DeviceList:
+    """Domain DeviceList from its protobuf form (neither checked nor verified)."""
+    return DeviceList(
+        tenant=pb.tenant,
+        user=pb.user,
+        version=pb.version,
+        timestamp_ms=pb.timestamp_ms,
+        devices=tuple(
+            ListedDevice(d.device, d.identity_key, d.registration_id) for d in pb.devices
+        ),
+        account_key=pb.account_key,
+        signature=pb.signature,
+    )
+
+
+def device_list_to_pb(device_list: DeviceList) -> keys_pb2.SignedDeviceList:
+    """Protobuf SignedDeviceList from the domain form."""
+    return keys_pb2.SignedDeviceList(
+        tenant=device_list.tenant,
+        user=device_list.user,
+        version=device_list.version,
+        timestamp_ms=device_list.timestamp_ms,
+        devices=[
+            keys_pb2.ListedDevice(
+                device=d.device, identity_key=d.identity_key, registration_id=d.registration_id
+            )
+            for d in device_list.devices
+        ],
+        account_key=device_list.account_key,
+        signature=device_list.signature,
     )

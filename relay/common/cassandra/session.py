@@ -40,9 +40,9 @@ from cassandra.query import (
     tuple_factory,
 )
 
+from relay.common.cassandra.errors import OUTAGES, translate
 from relay.config import CassandraConfig, ConfigError
 from relay.errors import RelayError, Unavailable
-from relay.stores.cassandra.errors import OUTAGES, translate
 
 #: Longest wait for a schema statement (migrations), agreement included.
 DDL_TIMEOUT_SECONDS = 120.0

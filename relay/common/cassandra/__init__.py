@@ -1,0 +1,1 @@
+"""The Cassandra driver session and its error translation, shared by both services."""

@@ -1,0 +1,124 @@
+"""Device events from the key directory to relay nodes (today: a device was removed).
+
+Two carriers, one shape (``keyserver.ports.DeviceEvents`` to publish, ``subscribe`` to
+listen):
+
+- :class:`LocalDeviceEvents`: in one process (``relayd run``: relay and key directory
+  together on the embedded default).
+- :class:`RedisDeviceEvents`: Redis pub/sub on ``{presence.key_prefix}device-removed``,
+  for a cluster (every relay node listens; every key directory process publishes).
+
+Pub/sub is fire and forget: a relay node that is cut off from Redis at that moment
+misses the event. What it then still holds expires on its own: the identity-key cache
+after ``keyserver.identity_cache_seconds``, and the device's signed requests and reads
+are refused by the key directory at once. Events carry addresses only, no keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from relay.authproof import parse_address
+from relay.model import Address
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[Address], Awaitable[None]]
+#: The pub/sub channel, after ``presence.key_prefix``.
+REMOVED_CHANNEL = "device-removed"
+
+
+class LocalDeviceEvents:
+    """Device events within one process: publishers call listeners directly."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    async def device_removed(self, device: Address) -> None:
+        """Tell every listener that ``device`` was removed (a failing listener is logged)."""
+        for listener in list(self._listeners):
+            try:
+                await listener(device)
+            except Exception:
+                log.exception("device-removed listener failed for %s", device)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, listener: Listener) -> AsyncIterator[None]:
+        """Call ``listener`` for every removal while the context is open."""
+        self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            self._listeners.remove(listener)
+
+
+class RedisDeviceEvents:
+    """Device events over Redis pub/sub (see the module docstring)."""
+
+    def __init__(self, redis_url: str, key_prefix: str) -> None:
+        self._redis = aioredis.Redis.from_url(redis_url)
+        self._channel = f"{key_prefix}{REMOVED_CHANNEL}"
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
+
+    async def device_removed(self, device: Address) -> None:
+        """Publish the removal of ``device``; a Redis failure is logged, not raised."""
+        try:
+            await self._redis.publish(self._channel, str(device))
+        except RedisError as exc:
+            log.warning("could not announce the removal of %s: %s", device, exc)
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, listener: Listener) -> AsyncIterator[None]:
+        """Call ``listener`` for every removal announced while the context is open.
+
+        Subscribed before the context body runs; reconnects with a pause after a Redis
+        failure (removals announced meanwhile are missed, see the module docstring).
+        """
+        ready = asyncio.Event()
+        task = asyncio.create_task(self._listen(listener, ready), name="device events")
+        try:
+            await asyncio.wait_for(ready.wait(), timeout=10)
+        except TimeoutError:
+            log.warning("device events: not subscribed yet; going on without waiting")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _listen(self, listener: Listener, ready: asyncio.Event) -> None:
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._channel)
+                    ready.set()
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        await self._deliver(listener, message.get("data"))
+            except RedisError as exc:
+                log.warning("device events: Redis failed (%s); resubscribing", exc)
+                await asyncio.sleep(1.0)  # a pause before reconnecting, not synchronisation
+
+    @staticmethod
+    async def _deliver(listener: Listener, data: object) -> None:
+        try:
+            text = data.decode() if isinstance(data, bytes) else str(data)
+            device = parse_address(text)
+        except (ValueError, UnicodeDecodeError):
+            log.warning("device events: ignored a malformed message")
+            return
+        try:
+            await listener(device)
+        except Exception:
+            log.exception("device-removed listener failed for %s", device)
