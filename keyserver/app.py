@@ -13,7 +13,6 @@ from keyserver.directory import (
     Policies,
     RegistrationPolicy,
 )
-from keyserver.linking import Linking
 from keyserver.model import Reader
 from keyserver.ports import DeviceEvents, KeyStores
 from keyserver.servicer import KeyDirectoryServicer
@@ -89,7 +88,7 @@ class KeyserverApp:
                 bearer_keys=bearer_keys(self._config),
                 events=events,
             )
-            servicer = KeyDirectoryServicer(core, Linking(stores, self._clock, limits))
+            servicer = KeyDirectoryServicer(core)
             server = GrpcServer(
                 self._config.keyserver.listen,
                 [(keys_pb2_grpc.add_KeyDirectoryServicer_to_server, servicer, SERVICE_NAME)],

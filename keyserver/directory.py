@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from keyserver import lists, tokens, validation
+from keyserver.linking import Linking
 from keyserver.model import (
     AccountState,
     DeviceRecord,
@@ -150,6 +151,8 @@ class KeyDirectory:
         #: SHA-256 of a bearer key -> who holds it (tenant services, relay nodes).
         self._bearer = dict(bearer_keys or {})
         self._events = events
+        #: The link-request steps (new devices joining a user), on the same stores.
+        self.linking = Linking(stores, clock, limits)
         self._signed_rate = RateLimiter(
             Rate("max_signed_requests_per_device", limits.max_signed_requests_per_device, 60_000)
         )
@@ -392,9 +395,11 @@ class KeyDirectory:
         # shared replay store for the others.
         self._signed_rate.hit(str(address), now, what="signed requests")
         # Keyed by the transcript, not the signature bytes, so a re-encoded signature
-        # of the same request is still a replay.
+        # of the same request is still a replay. Kept until just past the last moment
+        # the time check accepts it (time_ms + window inclusive; OnceOnly entries expire
+        # at expires_at_ms).
         digest = hashlib.sha256(transcript).digest()
-        if not await self._once.first_use("request", digest, time_ms + window, now):
+        if not await self._once.first_use("request", digest, time_ms + window + 1, now):
             raise Unauthenticated("replayed request: this signed request was accepted before")
         return address
 
@@ -534,7 +539,7 @@ class KeyDirectory:
         self._check_reader(by, tenant, "read the device list of")
         state = await self._accounts.account(tenant, user)
         if state.device_list is None:
-            raise NotFound(f"user {tenant}/{user} has no account")
+            raise NotFound(f"unknown user {tenant}/{user}: no account, no registered devices")
         return state.device_list
 
     async def count_one_time_prekeys(self, caller: Address, device: Address) -> int:

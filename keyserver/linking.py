@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import TYPE_CHECKING
 
 from keyserver import lists, validation
-from keyserver.directory import DirectoryLimits
 from keyserver.model import (
     LinkApproval,
     LinkRequestInput,
@@ -39,6 +39,9 @@ from relay.errors import (
     NotFound,
 )
 from relay.model import Address
+
+if TYPE_CHECKING:
+    from keyserver.directory import DirectoryLimits
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from keyserver.client import (
     request_body,
 )
 from keyserver.directory import KeyDirectory
-from keyserver.linking import Linking
 from relay import authproof
 from relay.common.convert import (
     address_from_pb,
@@ -132,9 +131,9 @@ def _headers(context: Context[Req, Resp]) -> dict[str, str | bytes]:
 class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
     """Serves relaypb.keys.v1.KeyDirectory by calling a KeyDirectory core."""
 
-    def __init__(self, core: KeyDirectory, linking: Linking) -> None:
+    def __init__(self, core: KeyDirectory) -> None:
         self._core = core
-        self._linking = linking
+        self._linking = core.linking
 
     async def _reader(self, method: str, body: bytes, context: Context[Req, Resp]) -> model.Reader:
         """Who makes an authenticated read: a bearer key holder, or a signing device."""

@@ -7,6 +7,7 @@
     │   ├── InvalidArgument         INVALID_ARGUMENT
     │   ├── Unauthenticated         UNAUTHENTICATED
     │   ├── PermissionDenied        PERMISSION_DENIED
+    │   │   └── DeviceRemoved       the device left its user's device list: do not reconnect
     │   ├── NotFound                NOT_FOUND
     │   ├── AlreadyExists           ALREADY_EXISTS
     │   ├── FailedPrecondition      FAILED_PRECONDITION
@@ -80,6 +81,16 @@ class PermissionDenied(ClientError):
 
     status = Status.PERMISSION_DENIED
     reason = "PERMISSION_DENIED"
+
+
+class DeviceRemoved(PermissionDenied):
+    """The device was removed from its user's device list; its sessions end. Do not reconnect.
+
+    Final: the device's address is never registered again (the key directory never
+    gives its number out twice), so retrying cannot succeed.
+    """
+
+    reason = "DEVICE_REMOVED"
 
 
 class NotFound(ClientError):

@@ -5,14 +5,21 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from relay.errors import InvalidArgument
 
 MESSAGE_ID_BYTES = 16
-_TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+#: Matched whole (``fullmatch``: ``$`` would let a trailing newline through).
+_TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _MAX_USER_CHARS = 128
 MAX_DEVICE = 2**31 - 1
+#: User ids with this prefix are service senders (device 0), never device users.
+SERVICE_PREFIX = "service:"
+#: Unicode categories refused anywhere in a user id: control, format (zero-width,
+#: bidirectional overrides), line and paragraph separators.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
 _REGISTRATION_ID_LABEL = b"e2ee-relay/registration-id/v1"
 
@@ -40,8 +47,14 @@ class Address:
         return f"{self.tenant}/{self.user}/{self.device}"
 
     def validate(self, *, field: str = "address", allow_service: bool = False) -> Address:
-        """Return self if well-formed, else raise InvalidArgument naming ``field``."""
-        if not _TENANT_RE.match(self.tenant):
+        """Return self if well-formed, else raise InvalidArgument naming ``field`` and the rule.
+
+        The tenant is 1-64 of ``[a-z0-9_-]`` starting with a letter or digit; the user
+        passes :func:`validate_user`; the device is 1..MAX_DEVICE, or 0 too with
+        ``allow_service`` (a service sender). A device user (device >= 1) may not use
+        the reserved prefix ``service:``.
+        """
+        if not _TENANT_RE.fullmatch(self.tenant):
             raise InvalidArgument(
                 f"{field}.tenant {self.tenant!r} is invalid: use 1-64 of [a-z0-9_-], "
                 "starting with a letter or digit"
@@ -52,14 +65,49 @@ class Address:
             raise InvalidArgument(
                 f"{field}.device {self.device} is out of range {low}..{MAX_DEVICE}"
             )
+        if self.device >= 1 and self.user.startswith(SERVICE_PREFIX):
+            raise InvalidArgument(
+                f"{field}.user {self.user!r} is invalid for a device: the prefix "
+                f"{SERVICE_PREFIX!r} is reserved for service senders"
+            )
         return self
 
 
 def validate_user(user: str, *, field: str = "user") -> str:
-    """Return ``user`` if it is 1-128 printable characters without '/', else raise."""
-    if not user or len(user) > _MAX_USER_CHARS or "/" in user or not user.isprintable():
+    """Return ``user`` if it is a well-formed user id, else raise InvalidArgument.
+
+    Rules, each named in its error: 1-128 characters; no '/'; no leading or trailing
+    whitespace; no control, format or line/paragraph separator characters (Unicode
+    Cc, Cf, Zl, Zp) and nothing else that is not printable; in Unicode normal form
+    NFC (so one name has one spelling).
+    """
+    if not user or len(user) > _MAX_USER_CHARS:
+        shown = repr(user) if len(user) <= _MAX_USER_CHARS else f"{user[:32]!r}..."
         raise InvalidArgument(
-            f"{field} {user!r} is invalid: use 1-{_MAX_USER_CHARS} printable characters without '/'"
+            f"{field} {shown} is invalid: it has {len(user)} characters; use 1-{_MAX_USER_CHARS}"
+        )
+    if "/" in user:
+        raise InvalidArgument(f"{field} {user!r} is invalid: it may not contain '/'")
+    if user != user.strip():
+        raise InvalidArgument(
+            f"{field} {user!r} is invalid: it may not start or end with whitespace"
+        )
+    for ch in user:
+        category = unicodedata.category(ch)
+        if category in _REFUSED_CATEGORIES:
+            raise InvalidArgument(
+                f"{field} {user!r} is invalid: it contains U+{ord(ch):04X}, a control or "
+                f"format character (Unicode category {category})"
+            )
+    if not user.isprintable():
+        raise InvalidArgument(
+            f"{field} {user!r} is invalid: use printable characters only (no separators "
+            "but the space, no unassigned, private-use or surrogate code points)"
+        )
+    if not unicodedata.is_normalized("NFC", user):
+        raise InvalidArgument(
+            f"{field} {user!r} is invalid: it is not in Unicode normal form NFC; send "
+            "unicodedata.normalize('NFC', user)"
         )
     return user
 

@@ -268,3 +268,26 @@ async def connect(channel: grpc.aio.Channel, device: Device, *, receive: bool = 
     session = RawSession(call, second.ready)
     session.start()
     return session
+
+
+async def remove(keys_target: str, device: Address) -> None:
+    """Remove ``device`` (made by ``register``) with a signed RemoveDevice request.
+
+    The user's first device signs the request; the new list (the current one without
+    ``device``, next version) is signed by the account key.
+    """
+    account = _ACCOUNTS[(keys_target, device.tenant, device.user)]
+    current = account.list
+    new_list = _sign_list(
+        account.private,
+        device.tenant,
+        device.user,
+        current.version + 1,
+        [(d.device, d.identity_key) for d in current.devices if d.device != device.device],
+    )
+    request = keys_pb2.RemoveDeviceRequest(device=address_to_pb(device), device_list=new_list)
+    async with grpc.aio.insecure_channel(keys_target) as channel:
+        await keys_pb2_grpc.KeyDirectoryStub(channel).RemoveDevice(
+            request, metadata=signed_metadata("RemoveDevice", account.first, request)
+        )
+    account.list = new_list

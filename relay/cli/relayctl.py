@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -88,17 +88,42 @@ def _new_device(device: Address) -> None:
     print(f"relayctl: {device.user} has a new device: {device}", file=sys.stderr, flush=True)
 
 
-def _fresh_home(args: argparse.Namespace) -> None:
-    """Refuse a home that holds a registered device (unless --force: then empty it)."""
+@contextlib.contextmanager
+def _fresh_home(args: argparse.Namespace) -> Iterator[None]:
+    """Refuse a home that holds a registered device, unless --force.
+
+    With --force the old state is moved aside for the command and put back if it fails,
+    so a refused registration never costs the device it would have replaced; once the
+    command succeeds the old state is kept as ``device.db.replaced-<time>``.
+    """
     home: Path = args.home
-    if DeviceState.exists(home):
-        with DeviceState.open(home) as old:
-            registered = old.address()
-        if registered is not None and not args.force:
-            raise CliError(f"{home} already holds device {registered}; use --force to replace it")
-        if args.force:
-            for suffix in ("", "-wal", "-shm"):
-                (home / (DB_NAME + suffix)).unlink(missing_ok=True)
+    if not DeviceState.exists(home):
+        yield
+        return
+    with DeviceState.open(home) as old:
+        registered = old.address()
+    if registered is None:
+        yield
+        return
+    if not args.force:
+        raise CliError(f"{home} already holds device {registered}; use --force to replace it")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    moved = [(home / (DB_NAME + s), home / f"{DB_NAME}{s}.replaced-{stamp}") for s in _DB_FILES]
+    for src, dst in moved:
+        if src.exists():
+            src.rename(dst)
+    try:
+        yield
+    except BaseException:
+        for src, dst in moved:
+            src.unlink(missing_ok=True)
+            if dst.exists():
+                dst.rename(src)
+        raise
+    print(f"the replaced device's state is kept as {moved[0][1]}", file=sys.stderr)
+
+
+_DB_FILES = ("", "-wal", "-shm")
 
 
 async def cmd_init(args: argparse.Namespace) -> None:
@@ -107,9 +132,8 @@ async def cmd_init(args: argparse.Namespace) -> None:
     A user that exists already is refused: add a device to it with `link` instead.
     """
     home: Path = args.home
-    _fresh_home(args)
     tenant = _tenant(args)
-    with DeviceState.open(home) as state:
+    with _fresh_home(args), DeviceState.open(home) as state:
         async with grpc.aio.insecure_channel(args.keys) as channel:
             directory = KeyDirectoryClient(channel, target=args.keys)
             try:
@@ -138,9 +162,8 @@ async def cmd_link(args: argparse.Namespace) -> None:
     key comes over an end-to-end-encrypted channel; the servers only see ciphertext.
     """
     home: Path = args.home
-    _fresh_home(args)
     tenant = _tenant(args)
-    with DeviceState.open(home) as state:
+    with _fresh_home(args), DeviceState.open(home) as state:
         async with grpc.aio.insecure_channel(args.keys) as channel:
             directory = KeyDirectoryClient(channel, target=args.keys)
             ticket = await request_link(
@@ -346,7 +369,11 @@ async def cmd_devices(args: argparse.Namespace) -> None:
             registered = {
                 d.address.device: d for d in await directory.list_devices(own.tenant, args.user)
             }
-    print(f"device list version {device_list.version}, account key {device_list.account_key.hex()}")
+    print(
+        f"signed device list version {device_list.version}, account key "
+        f"{device_list.account_key.hex()}",
+        file=sys.stderr,
+    )
     for entry in device_list.devices:
         info = registered.get(entry.device)
         when = "?"

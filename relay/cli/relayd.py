@@ -81,6 +81,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 async def serve(config: Config, command: str) -> None:
     """Run the servers ``command`` names until SIGINT or SIGTERM."""
     from keyserver.app import KeyserverApp  # noqa: PLC0415 - only what is run is imported
+    from relay.common.device_events import LocalDeviceEvents  # noqa: PLC0415
     from relay.server import gctune  # noqa: PLC0415
     from relay.server.app import RelayApp  # noqa: PLC0415
 
@@ -89,12 +90,16 @@ async def serve(config: Config, command: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Both in one process (``run``): removals reach the relay node in-process, unless
+    # presence is in Redis, where both use Redis pub/sub (other relay nodes hear it too).
+    local = command == "run" and config.presence.backend != "redis"
+    events = LocalDeviceEvents() if local else None
     async with contextlib.AsyncExitStack() as stack:
         if command in ("run", "keyserver"):
-            keys = await stack.enter_async_context(KeyserverApp(config))
+            keys = await stack.enter_async_context(KeyserverApp(config, events=events))
             log.info("key directory listening on %s", keys.address)
         if command in ("run", "relay"):
-            node = await stack.enter_async_context(RelayApp(config))
+            node = await stack.enter_async_context(RelayApp(config, events=events))
             log.info("relay node %s listening on %s", config.node.id, node.address)
         log.info("ready (storage: %s at %s)", config.storage.backend, config.storage.data_dir)
         gctune.apply(gc_settings)  # after start-up: see relay/server/gctune.py

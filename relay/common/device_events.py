@@ -1,7 +1,7 @@
 """Device events from the key directory to relay nodes (today: a device was removed).
 
-Two carriers, one shape (``keyserver.ports.DeviceEvents`` to publish, ``subscribe`` to
-listen):
+Two carriers, one shape (``keyserver.ports.DeviceEvents`` to publish,
+:class:`DeviceEventSource` to listen):
 
 - :class:`LocalDeviceEvents`: in one process (``relayd run``: relay and key directory
   together on the embedded default).
@@ -20,9 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from typing import Protocol
 
 from relay.authproof import parse_address
 from relay.model import Address
@@ -32,6 +30,14 @@ log = logging.getLogger(__name__)
 Listener = Callable[[Address], Awaitable[None]]
 #: The pub/sub channel, after ``presence.key_prefix``.
 REMOVED_CHANNEL = "device-removed"
+
+
+class DeviceEventSource(Protocol):
+    """What a relay node listens to (both carriers below are one)."""
+
+    def subscribe(self, listener: Listener) -> contextlib.AbstractAsyncContextManager[None]:
+        """Call ``listener`` for every removal while the returned context is open."""
+        ...
 
 
 class LocalDeviceEvents:
@@ -62,6 +68,8 @@ class RedisDeviceEvents:
     """Device events over Redis pub/sub (see the module docstring)."""
 
     def __init__(self, redis_url: str, key_prefix: str) -> None:
+        import redis.asyncio as aioredis  # noqa: PLC0415 - Redis is optional (cluster extra)
+
         self._redis = aioredis.Redis.from_url(redis_url)
         self._channel = f"{key_prefix}{REMOVED_CHANNEL}"
 
@@ -71,6 +79,8 @@ class RedisDeviceEvents:
 
     async def device_removed(self, device: Address) -> None:
         """Publish the removal of ``device``; a Redis failure is logged, not raised."""
+        from redis.exceptions import RedisError  # noqa: PLC0415
+
         try:
             await self._redis.publish(self._channel, str(device))
         except RedisError as exc:
@@ -97,6 +107,8 @@ class RedisDeviceEvents:
                 await task
 
     async def _listen(self, listener: Listener, ready: asyncio.Event) -> None:
+        from redis.exceptions import RedisError  # noqa: PLC0415
+
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:

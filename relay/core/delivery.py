@@ -4,6 +4,9 @@ Contract (DESIGN.md section 3): a send is answered only once every stored copy i
 durable; an envelope with a message id seen before for the same recipient is a
 duplicate; ephemeral envelopes reach only an online session and are never stored;
 limits reject with their configuration name.
+
+A device removed from its user's device list (``Relay.device_removed``, told to every
+node) loses its sessions on every node, its cached keys and its queue at once.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from relay.clock import Clock
@@ -22,6 +26,7 @@ from relay.core.routing import Router
 from relay.core.sessions import Session, SessionRegistry
 from relay.errors import (
     ClientError,
+    DeviceRemoved,
     FailedPrecondition,
     InvalidArgument,
     LimitExceeded,
@@ -38,9 +43,13 @@ from relay.model import (
     Outcome,
     Pushed,
     QueueLimits,
+    validate_user,
 )
 
 log = logging.getLogger(__name__)
+
+#: Removed devices a node remembers (to refuse a session or send racing the removal).
+MAX_REMEMBERED_REMOVALS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +96,8 @@ class Relay:
         )
         self.router = Router(node_id, self._registry, self._presence, self._links)
         self._queue_limits = QueueLimits(limits.max_queue_depth, limits.max_queue_bytes)
+        #: Devices removed while this node ran, oldest first (bounded).
+        self._removed: OrderedDict[Address, None] = OrderedDict()
 
     @property
     def sessions(self) -> SessionRegistry:
@@ -121,7 +132,7 @@ class Relay:
         sender: Address,
         envelopes: Sequence[Envelope],
         registration_ids: Sequence[int],
-        complete_for: Collection[tuple[str, str]],
+        complete_for: Sequence[tuple[str, str]],
         session: Session | None = None,
     ) -> tuple[list[SendOutcome], list[DeviceListMismatch]]:
         """:meth:`send` with Sesame device-list checks for the (tenant, user)s in ``complete_for``.
@@ -131,12 +142,27 @@ class Relay:
         (``registration_ids[i]`` for ``envelopes[i]``). Where they do not, none of the
         envelopes to that user is accepted (each is REJECTED with FailedPrecondition) and
         a DeviceListMismatch says why; the other envelopes go through as in :meth:`send`.
+
+        The whole request is refused, before any device list is looked up, with
+        LimitExceeded if the envelopes or the ``complete_for`` entries are more than
+        ``max_batch_envelopes``, PermissionDenied if an entry names another tenant than
+        the sender's (a device's or a service's: both send within their tenant only), and
+        InvalidArgument if an entry is malformed or the registration ids do not match.
         """
+        self._check_batch(len(envelopes), "envelopes")
+        self._check_batch(len(complete_for), "complete_device_lists entries")
+        for i, (tenant, user) in enumerate(complete_for):
+            field = f"complete_device_lists[{i}]"
+            if tenant != sender.tenant:
+                raise PermissionDenied(
+                    f"{field}.tenant is {tenant!r}; {sender} may only send within tenant "
+                    f"{sender.tenant!r}"
+                )
+            validate_user(user, field=f"{field}.user")
         if len(registration_ids) != len(envelopes):
             raise InvalidArgument(
                 f"{len(registration_ids)} registration ids for {len(envelopes)} envelopes"
             )
-        self._check_batch(len(complete_for), "complete_device_lists entries")
         checks = await asyncio.gather(
             *(
                 self._check_devices(sender, tenant, user, envelopes, registration_ids)
@@ -235,6 +261,7 @@ class Relay:
                     if session is not None:
                         last_sent[env.recipient] = result.seq
                 results[i] = SendOutcome(env.message_id, env.recipient, result.outcome, error)
+            await self._purge_removed({env.recipient for _, env, _ in stored})
         if ephemeral:
             live.extend(Pushed(env) for _, env in ephemeral)
         online = await self.router.route(live) if live else set()
@@ -244,7 +271,7 @@ class Relay:
         return [r for r in results if r is not None]
 
     async def _registered(self, recipients: set[Address]) -> set[Address]:
-        valid = [r for r in recipients if _is_valid(r)]
+        valid = [r for r in recipients if _is_valid(r) and r not in self._removed]
         keys = await asyncio.gather(*(self._identities.identity_key(r) for r in valid))
         return {r for r, key in zip(valid, keys, strict=True) if key is not None}
 
@@ -306,6 +333,13 @@ class Relay:
         epoch, previous = 0, None
         if receive:
             epoch, previous = await self._presence.claim(address, self._node_id, now)
+        if address in self._removed:
+            # Authenticated just before the removal reached this node: no await between
+            # this check and attaching, so device_removed either sees the session or
+            # is seen here.
+            if receive:
+                await self._release(address, epoch)
+            raise _removed_error(address)
         session = Session(
             address,
             epoch,
@@ -321,19 +355,60 @@ class Relay:
                 self._metrics.displaced.inc()
             if previous is not None and previous.node_id != self._node_id:
                 self._links.displace(previous.node_id, address, epoch)
+        else:
+            self._registry.add_sender(session)
         self._metrics.sessions.labels("receive" if receive else "send").inc()
         return session
 
     async def close_session(self, session: Session) -> None:
         """Forget a session that ended, for whatever reason (never raises)."""
         self._metrics.sessions.labels("receive" if session.receive else "send").dec()
-        if not session.receive or self._registry.get(session.address) is not session:
+        if not session.receive:
+            self._registry.remove_sender(session)
+            return
+        if self._registry.get(session.address) is not session:
             return
         self._registry.detach(session)
+        await self._release(session.address, session.epoch)
+
+    async def _release(self, address: Address, epoch: int) -> None:
         try:
-            await self._presence.release(session.address, self._node_id, session.epoch)
+            await self._presence.release(address, self._node_id, epoch)
         except RelayError as exc:
-            log.info("presence release of %s failed (its entry expires): %s", session.address, exc)
+            log.info("presence release of %s failed (its entry expires): %s", address, exc)
+
+    async def device_removed(self, device: Address) -> int:
+        """``device`` left its user's device list: act on it here; return envelopes purged.
+
+        Every node is told of every removal and does all of this itself, so it holds
+        wherever the device's sessions are and whichever node it tries next:
+
+        1. remember the address as removed (the key directory never registers it again),
+           so that a session or send that raced the removal is refused;
+        2. forget its cached identity key and its user's cached device list, so a new
+           Connect asks the key directory (and is refused: UNAUTHENTICATED);
+        3. end each of its sessions on this node, receiving and send-only, with
+           DeviceRemoved (their streams close with PERMISSION_DENIED / DEVICE_REMOVED;
+           each is forgotten by ``close_session`` as its stream ends);
+        4. purge its queue (idempotent: other nodes purge it at the same time).
+
+        Steps 1-3 happen before the first await. Raises Unavailable if the store is
+        down (then the envelopes expire by their TTL, unless another node purged them).
+        """
+        self._removed[device] = None
+        self._removed.move_to_end(device)
+        while len(self._removed) > MAX_REMEMBERED_REMOVALS:
+            self._removed.popitem(last=False)
+        self._identities.forget(device)
+        error = _removed_error(device)
+        for session in self._registry.of_device(device):
+            session.end(error)
+        return await self._queue.purge(device)
+
+    async def _purge_removed(self, recipients: set[Address]) -> None:
+        """Purge again the queues of recipients removed while a send was appending."""
+        for device in recipients & self._removed.keys():
+            await self._queue.purge(device)
 
     async def ack(self, session: Session, message_ids: Sequence[bytes]) -> int:
         """Remove acked envelopes from the session's own queue (never anyone else's)."""
@@ -350,6 +425,15 @@ class Relay:
     async def purge_expired(self) -> int:
         """Delete expired envelopes; return how many."""
         return await self._queue.purge_expired(self._clock.now_ms())
+
+
+def _removed_error(device: Address) -> DeviceRemoved:
+    return DeviceRemoved(
+        f"device {device} was removed from the device list of {device.tenant}/{device.user}; "
+        "its sessions are ended and it cannot connect again: do not reconnect (register or "
+        "link the device anew)",
+        metadata={"device": str(device)},
+    )
 
 
 def _is_valid(address: Address) -> bool:

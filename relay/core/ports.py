@@ -42,6 +42,15 @@ class MessageQueue(Protocol):
         """Delete expired envelopes and dedup records; return how many envelopes went."""
         ...
 
+    async def purge(self, device: Address) -> int:
+        """Delete ``device``'s whole queue and its dedup records; return how many envelopes went.
+
+        For a device removed for good (its address is never registered again). Idempotent:
+        a second purge finds nothing and returns 0; several nodes may purge one device at
+        once (each may then count the same envelopes). Other devices are untouched.
+        """
+        ...
+
 
 class IdentityKeys(Protocol):
     """The relay's view of the key directory."""
@@ -55,6 +64,10 @@ class IdentityKeys(Protocol):
 
         May answer from a cache unless ``fresh``.
         """
+        ...
+
+    def forget(self, device: Address) -> None:
+        """Drop whatever is cached of ``device`` and of its user's device list (it was removed)."""
         ...
 
 

@@ -3,6 +3,10 @@
 A receiving session first yields every stored envelope (in queue order, page by page),
 then one QueueEmpty marker, then live envelopes as they are pushed to it (from this node
 or, over node links, from others), re-reading its queue whenever order cannot be proven.
+
+Any session (receiving or send-only) can be ended from outside with the error its
+stream must close with: ``displace`` (a newer session of the device took over) or
+``end`` (e.g. the device was removed). Whoever serves the session waits on ``ended``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 
 from relay.clock import Clock
 from relay.core.ports import MessageQueue
-from relay.errors import SessionDisplaced
+from relay.errors import ClientError, SessionDisplaced
 from relay.model import Address, Envelope, Pushed
 
 #: Ephemeral envelopes buffered per session; older ones are dropped past it
@@ -71,7 +75,8 @@ class Session:
             repoll_seconds if first_repoll_seconds is None else first_repoll_seconds
         )
         self._wake = asyncio.Event()
-        self._displaced = False
+        self._end: ClientError | None = None
+        self._ended = asyncio.Event()
         self._reread = False
         self._pending: list[Pushed] = []
         self._ephemeral: deque[Envelope] = deque(maxlen=MAX_EPHEMERAL_BUFFER)
@@ -85,7 +90,12 @@ class Session:
     @property
     def displaced(self) -> bool:
         """Whether a newer session of the same device replaced this one."""
-        return self._displaced
+        return isinstance(self._end, SessionDisplaced)
+
+    @property
+    def end_error(self) -> ClientError | None:
+        """Why the session was ended from outside (None while it may go on)."""
+        return self._end
 
     def push(self, items: Sequence[Pushed]) -> None:
         """Hand live envelopes (already durable, or ephemeral) to the session."""
@@ -102,22 +112,44 @@ class Session:
         self._wake.set()
 
     def displace(self) -> None:
-        """End the session: its event stream raises SessionDisplaced."""
-        self._displaced = True
+        """End the session because a newer one of the device took over (SessionDisplaced)."""
+        self.end(
+            SessionDisplaced(
+                f"session of {self.address} was displaced by a newer session of the "
+                "same device; not reconnecting is the right response"
+            )
+        )
+
+    def end(self, error: ClientError) -> None:
+        """End the session with ``error``: ``events`` and ``ended`` raise it.
+
+        The first end wins; later ones are ignored.
+        """
+        if self._end is None:
+            self._end = error
+        self._ended.set()
         self._wake.set()
+
+    async def ended(self) -> None:
+        """Wait until the session is ended from outside, then raise why."""
+        await self._ended.wait()
+        assert self._end is not None
+        raise self._end
 
     def acked(self, message_ids: Sequence[bytes]) -> None:
         """Forget acked ids (they are gone from the queue)."""
         self._delivered.difference_update(message_ids)
 
     async def events(self) -> AsyncIterator[SessionEvent]:
-        """Yield stored envelopes, then QueueEmpty, then live envelopes, until displaced.
+        """Yield stored envelopes, then QueueEmpty, then live envelopes, until ended.
 
         Pulling drives the store reads, so a slow consumer slows the reads (backpressure)
-        instead of growing a buffer. Raises SessionDisplaced when displaced.
+        instead of growing a buffer. Raises the end error (SessionDisplaced when
+        displaced) once the session is ended.
         """
         async for stored in self._read_queue():
             yield stored
+        self._raise_if_ended()
         yield QueueEmpty()
         loop = asyncio.get_running_loop()
         # The first re-read comes once other nodes' cached locations of this device have
@@ -132,11 +164,7 @@ class Session:
             if loop.time() >= reread_at:
                 self._reread = True  # the periodic safety net
             self._wake.clear()
-            if self._displaced:
-                raise SessionDisplaced(
-                    f"session of {self.address} was displaced by a newer session of the "
-                    "same device; not reconnecting is the right response"
-                )
+            self._raise_if_ended()
             if self._ephemeral:
                 ephemeral = tuple(self._ephemeral)
                 self._ephemeral.clear()
@@ -149,6 +177,10 @@ class Session:
                 reread_at = loop.time() + self._repoll_seconds
                 async for deliver in self._read_queue():
                     yield deliver
+
+    def _raise_if_ended(self) -> None:
+        if self._end is not None:
+            raise self._end
 
     def _take_in_order(self) -> tuple[Envelope, ...]:
         """Pending envelopes provably next in order; on any gap, ask for a re-read."""
@@ -172,6 +204,7 @@ class Session:
         """Everything unacked in the queue that this session has not delivered, in order."""
         cursor = 0
         while True:
+            self._raise_if_ended()
             page = await self._queue.read(self.address, cursor, self._page, self._clock.now_ms())
             cursor = page.cursor
             fresh = []
@@ -190,10 +223,13 @@ class Session:
 
 
 class SessionRegistry:
-    """The receiving sessions open on this node, one per device at most."""
+    """The sessions open on this node: one receiving session per device at most, and
+    any number of send-only ones (kept so that they can be ended, e.g. on removal).
+    """
 
     def __init__(self) -> None:
         self._sessions: dict[Address, Session] = {}
+        self._senders: dict[Address, set[Session]] = {}
 
     def attach(self, session: Session) -> Session | None:
         """Make ``session`` the device's receiving session; displace and return the old one."""
@@ -207,6 +243,23 @@ class SessionRegistry:
         """Forget ``session`` if it is still the device's current one."""
         if self._sessions.get(session.address) is session:
             del self._sessions[session.address]
+
+    def add_sender(self, session: Session) -> None:
+        """Track a send-only session until ``remove_sender``."""
+        self._senders.setdefault(session.address, set()).add(session)
+
+    def remove_sender(self, session: Session) -> None:
+        """Stop tracking a send-only session (if tracked)."""
+        senders = self._senders.get(session.address)
+        if senders is not None:
+            senders.discard(session)
+            if not senders:
+                del self._senders[session.address]
+
+    def of_device(self, address: Address) -> list[Session]:
+        """Every session of ``address`` here: the receiving one (if any), then send-only ones."""
+        receiving = self._sessions.get(address)
+        return [*([receiving] if receiving is not None else []), *self._senders.get(address, ())]
 
     def get(self, address: Address) -> Session | None:
         """The receiving session of ``address`` on this node, if any."""

@@ -56,7 +56,8 @@ class RelayClient:
     session that displaces nobody. ``backoff`` paces reconnects (and may give up).
     Use as ``async with RelayClient(...) as client``: entering waits for the first
     Ready; failures surface as relay.errors exceptions (``Unauthenticated``,
-    ``SessionDisplaced``, and ``Unavailable`` once ``backoff`` gives up).
+    ``SessionDisplaced``, ``DeviceRemoved`` (final, like a displacement: never
+    reconnected), and ``Unavailable`` once ``backoff`` gives up).
     """
 
     def __init__(

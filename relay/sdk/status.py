@@ -7,6 +7,7 @@ import grpc
 from relay.common.status import error_info
 from relay.errors import (
     AlreadyExists,
+    DeviceRemoved,
     FailedPrecondition,
     InvalidArgument,
     LimitExceeded,
@@ -47,6 +48,8 @@ def error_for(
     meta = dict(metadata or {})
     if reason == SessionDisplaced.reason:
         return SessionDisplaced(message, metadata=meta)
+    if reason == DeviceRemoved.reason:
+        return DeviceRemoved(message, metadata=meta)
     try:
         status = Status(code)
     except ValueError:
@@ -85,7 +88,8 @@ def is_retryable(exc: grpc.aio.AioRpcError) -> bool:
 
     Connection loss (including a stream the transport cut: INTERNAL without an ErrorInfo
     from the relay), overload and aborted sessions are retried; a displaced session
-    (ABORTED with reason SESSION_DISPLACED) and every client error are not.
+    (ABORTED with reason SESSION_DISPLACED), a removed device (PERMISSION_DENIED with
+    reason DEVICE_REMOVED) and every client error are not.
     """
     info = error_info(exc)
     if exc.code() == grpc.StatusCode.INTERNAL:
@@ -95,4 +99,4 @@ def is_retryable(exc: grpc.aio.AioRpcError) -> bool:
         return info is None
     if exc.code() not in _RETRYABLE:
         return False
-    return info is None or info.reason != SessionDisplaced.reason
+    return info is None or info.reason not in (SessionDisplaced.reason, DeviceRemoved.reason)

@@ -13,6 +13,7 @@ import grpc
 from prometheus_client import start_http_server
 
 from relay.clock import Clock, SystemClock
+from relay.common.device_events import DeviceEventSource, RedisDeviceEvents
 from relay.common.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
 from relay.config import Config, load_or_create_key, relay_key_path
 from relay.core.auth import ApiKeys, DeviceAuthenticator, ServiceSender
@@ -21,6 +22,7 @@ from relay.core.ports import MessageQueue, NodeLinks, Presence
 from relay.core.presence_local import LocalPresence, NoLinks
 from relay.errors import RelayError
 from relay.metrics import RelayMetrics
+from relay.model import Address
 from relay.server.identity_keys import GrpcIdentityKeys
 from relay.server.links import GrpcNodeLinks, NodeLinkServicer
 from relay.server.servicer import RelayServicer
@@ -42,11 +44,24 @@ def api_keys_from_config(config: Config) -> ApiKeys:
 
 
 class RelayApp:
-    """A running relay node. ``async with RelayApp(config) as app:`` serves on ``app.port``."""
+    """A running relay node. ``async with RelayApp(config) as app:`` serves on ``app.port``.
 
-    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+    Device removals come from ``events`` if given (``relayd run``: the key directory in
+    the same process shares one LocalDeviceEvents), else from Redis pub/sub when
+    ``presence.backend`` is ``redis``; with neither (a lone embedded relay node), a
+    removed device's cached key expires after ``keyserver.identity_cache_seconds``.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock | None = None,
+        *,
+        events: DeviceEventSource | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
+        self._events = events
         self.metrics = RelayMetrics()
         self._stack = contextlib.AsyncExitStack()
         self._server: GrpcServer | None = None
@@ -105,6 +120,8 @@ class RelayApp:
                 cfg.presence.cache_seconds if cfg.presence.backend == "redis" else 0.0
             ),
         )
+        # Listen before serving: no session opens here before removals are heard.
+        await self._subscribe_device_events()
         servicer = RelayServicer(
             relay=self.relay,
             authenticator=DeviceAuthenticator(
@@ -139,6 +156,32 @@ class RelayApp:
             server, _thread = start_http_server(int(port), host, registry=self.metrics.registry)
             self._stack.callback(server.shutdown)
         log.info("relay node %s serving on %s", cfg.node.id, self._server.address)
+
+    async def _subscribe_device_events(self) -> None:
+        """Act on device removals announced by the key directory while the node runs."""
+        cfg = self.config
+        events = self._events
+        if events is None and cfg.presence.backend == "redis":
+            redis_events = RedisDeviceEvents(cfg.presence.redis_url, cfg.presence.key_prefix)
+            self._stack.push_async_callback(redis_events.close)
+            events = redis_events
+        if events is not None:
+            await self._stack.enter_async_context(events.subscribe(self._device_removed))
+
+    async def _device_removed(self, device: Address) -> None:
+        """One removal: the core ends the device's sessions here and purges its queue."""
+        assert self.relay is not None
+        try:
+            purged = await self.relay.device_removed(device)
+        except RelayError as exc:
+            log.warning(
+                "device %s removed: sessions ended, but its queue was not purged (%s); "
+                "its envelopes expire with their TTL",
+                device,
+                exc,
+            )
+            return
+        log.info("device %s removed: sessions ended, %d queued envelopes purged", device, purged)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -145,7 +145,10 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
 
     async def _serve(self, session: Session, context: Ctx, lock: asyncio.Lock) -> None:
         reader = asyncio.ensure_future(self._read_frames(session, context, lock))
-        tasks: set[asyncio.Future[None]] = {reader}
+        # Ended from outside (displaced, device removed): closes the stream at once,
+        # even a send-only one, or one whose writer waits on a slow reader.
+        ended = asyncio.ensure_future(session.ended())
+        tasks: set[asyncio.Future[None]] = {reader, ended}
         if session.receive:
             tasks.add(asyncio.ensure_future(self._write_events(session, context, lock)))
         try:

@@ -170,6 +170,18 @@ class SqliteQueue(AsyncResource):
 
         return await self._db.write(txn)
 
+    async def purge(self, device: Address) -> int:
+        """See ``MessageQueue.purge``: one transaction (queue rows, dedup ids, depth)."""
+
+        def txn(conn: sqlite3.Connection) -> int:
+            where = " WHERE tenant=? AND user=? AND device=?"
+            removed = conn.execute("DELETE FROM queue" + where, _key(device)).rowcount
+            conn.execute("DELETE FROM accepted" + where, _key(device))
+            conn.execute("DELETE FROM depth" + where, _key(device))
+            return int(removed)
+
+        return await self._db.write(txn)
+
     async def depth(self, device: Address) -> tuple[int, int]:
         """Envelopes and bytes waiting in ``device``'s queue (for metrics and tests)."""
 

@@ -7,11 +7,10 @@ import base64
 import secrets
 from pathlib import Path
 
-import grpc
-
 from relay.model import Address
-from relay.sdk import DeviceState, KeyDirectoryClient, register_device
+from relay.sdk import DeviceState
 from relay.sdk.secure import SecureClient, SecureMessage
+from tests.sdk.helpers import add_device
 
 WAIT = 20.0
 
@@ -19,10 +18,7 @@ WAIT = 20.0
 async def provision(keys_address: str, home: Path, user: str) -> DeviceState:
     """A new registered device of ``user`` (tenant "default"), its state open."""
     state = DeviceState.open(home)
-    async with grpc.aio.insecure_channel(keys_address) as channel:
-        await register_device(
-            state, KeyDirectoryClient(channel), "default", user, one_time_prekeys=5
-        )
+    await add_device(keys_address, state, user, one_time_prekeys=5)
     return state
 
 

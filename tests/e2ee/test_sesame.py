@@ -17,6 +17,7 @@ import pytest
 
 from relay.errors import NotFound, Unauthenticated
 from relay.sdk import KeyDirectoryClient, RelayClient
+from relay.sdk.device import remove_device
 from relay.sdk.secure import SecureClient
 from relay.sdk.session import Session
 from relaypb.common.v1 import address_pb2
@@ -91,10 +92,8 @@ async def test_new_device_is_found_and_removed_device_stops_receiving(
         assert set(second.devices) == {address(b1), address(b2), address(b3)}
         assert second.attempts == 2  # missing device 3 -> fetched its bundle, sent again
 
-        identity = b1.identity()
-        assert identity is not None
         async with grpc.aio.insecure_channel(srv.keys_address) as channel:
-            await KeyDirectoryClient(channel).remove_device(identity, address(b1), address(b2))
+            await remove_device(b1, KeyDirectoryClient(channel), address(b2).device)
         third = await sender.send("bob", b"three")
         assert set(third.devices) == {address(b1), address(b3)}
         assert third.attempts == 2  # extra device 2 -> session dropped, sent again
@@ -118,10 +117,8 @@ async def test_reregistered_device_gets_a_fresh_session(srv: Servers, tmp_path: 
             assert [m.body for m in await take(reader, 1)] == [b"before"]
         # Bob loses his phone: a new install registers, then removes the old device.
         new = await provision(srv.keys_address, tmp_path / "new", "bob")
-        identity = new.identity()
-        assert identity is not None
         async with grpc.aio.insecure_channel(srv.keys_address) as channel:
-            await KeyDirectoryClient(channel).remove_device(identity, address(new), address(old))
+            await remove_device(new, KeyDirectoryClient(channel), address(old).device)
         receipt = await sender.send("bob", b"after")
         assert set(receipt.devices) == {address(new)}
         assert receipt.attempts == 2  # new device missing and old one extra: one repair

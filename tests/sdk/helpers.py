@@ -8,17 +8,44 @@ from pathlib import Path
 
 import grpc
 
+from relay.accounts import DeviceList, ListedDevice, build_list
+from relay.clock import SystemClock
 from relay.model import Address
 from relay.sdk import DeviceState, KeyDirectoryClient, register_device
+from relay.sdk.accounts import account_public, generate_account_key, sign_list
+from relay.sdk.keys import Identity
+from relay.sdk.linking import approve_link, request_link, wait_for_approval
+
+#: The first device made for each (key directory, user): it approves the later ones.
+_FIRST_HOMES: dict[tuple[str, str], Path] = {}
+
+
+async def add_device(
+    keys_address: str, state: DeviceState, user: str, *, one_time_prekeys: int = 3
+) -> Address:
+    """Make ``state`` a new device of ``user``: the first creates the account, later ones
+    are linked the way a person links them (a link request approved on the first)."""
+    first = _FIRST_HOMES.get((keys_address, user))
+    async with grpc.aio.insecure_channel(keys_address) as channel:
+        directory = KeyDirectoryClient(channel)
+        if first is None or first == state.path.parent:
+            address = await register_device(
+                state, directory, "default", user, one_time_prekeys=one_time_prekeys
+            )
+            _FIRST_HOMES[(keys_address, user)] = state.path.parent
+            return address
+        ticket = await request_link(
+            state, directory, "default", user, one_time_prekeys=one_time_prekeys
+        )
+        with DeviceState.open(first) as approver:
+            await approve_link(approver, KeyDirectoryClient(channel), ticket.code)
+        return await wait_for_approval(state, directory)
 
 
 async def provision(keys_address: str, home: Path, user: str) -> Address:
-    """Register a new device of ``user`` whose state lives in ``home``."""
-    async with grpc.aio.insecure_channel(keys_address) as channel:
-        with DeviceState.open(home) as state:
-            return await register_device(
-                state, KeyDirectoryClient(channel), "default", user, one_time_prekeys=3
-            )
+    """A new device of ``user`` whose state lives in ``home`` (linked if not the first)."""
+    with DeviceState.open(home) as state:
+        return await add_device(keys_address, state, user)
 
 
 class RecordingBackoff:
@@ -101,3 +128,17 @@ class Proxy:
                     continue
                 writer.write(data)
                 await writer.drain()
+
+
+def first_list(identity: Identity, tenant: str, user: str) -> DeviceList:
+    """A new account's first signed device list, naming ``identity`` as device 1."""
+    account = generate_account_key()
+    unsigned = build_list(
+        tenant,
+        user,
+        1,
+        SystemClock().now_ms(),
+        [ListedDevice.of(1, identity.public_key)],
+        account_key=account_public(account),
+    )
+    return sign_list(account, unsigned)

@@ -9,17 +9,26 @@ from typing import Any
 import grpc
 import pytest
 
-from relay.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
+from relay.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from relay.model import Address, registration_id
 from relay.sdk import DeviceState, KeyDirectoryClient, PrekeyStatus, register_device
 from relay.sdk.crypto import primitives
 from relay.sdk.crypto.bundle import OneTimePrekey
 from relay.sdk.crypto.prekeys import DevicePrekeys
+from relay.sdk.device import remove_device
 from relay.sdk.directory import _verified_bundle
 from relay.sdk.keys import Identity
 from relaypb.common.v1 import address_pb2
 from relaypb.keys.v1 import keys_pb2
 from tests.conftest import Servers
+from tests.sdk.helpers import add_device, first_list
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +101,9 @@ async def test_signed_requests_need_the_device_key(servers: Servers, tmp_path: P
         with pytest.raises(Unauthenticated):
             await directory.count_one_time_prekeys(Identity.generate(), bob)
         with pytest.raises(Unauthenticated):
-            await directory.remove_device(Identity.generate(), bob, bob)
+            await directory.remove_device(
+                Identity.generate(), bob, bob, first_list(Identity.generate(), "default", "bob")
+            )
 
 
 async def test_bad_registration_is_rejected_naming_the_key(
@@ -105,6 +116,7 @@ async def test_bad_registration_is_rejected_naming_the_key(
         "one_time": [],
         "last_resort_pq": keys.pq_prekey(max(keys.last_resort)),
         "one_time_pq": [keys.pq_prekey(i) for i in sorted(keys.one_time_pq)],
+        "device_list": first_list(identity, "default", "bob"),
     }
     forged_pq = dataclasses.replace(
         good["one_time_pq"][1], signature=other.pq_prekey(min(other.one_time_pq)).signature
@@ -113,6 +125,9 @@ async def test_bad_registration_is_rejected_naming_the_key(
         directory = KeyDirectoryClient(channel)
         with pytest.raises(InvalidArgument, match=r"request\.tenant"):
             await directory.register(identity, "Not A Tenant", "bob", **good)
+        with pytest.raises(InvalidArgument, match=r"device_list\.signature does not verify"):
+            forged = dataclasses.replace(good["device_list"], signature=b"\x02" * 64)
+            await directory.register(identity, "default", "bob", **{**good, "device_list": forged})
         cases = {
             "signed_prekey": (
                 dataclasses.replace(good["signed_prekey"], signature=b"\x02" * 64),
@@ -131,7 +146,6 @@ async def test_bad_registration_is_rejected_naming_the_key(
             with pytest.raises(InvalidArgument) as raised:
                 await directory.register(identity, "default", "bob", **{**good, name: bad})
             assert message in raised.value.message, name
-        assert await directory.list_devices("default", "bob") == []
         assert await directory.register(identity, "default", "bob", **good) == Address(
             "default", "bob", 1
         )
@@ -193,37 +207,50 @@ async def test_remove_device_self_and_sibling(servers: Servers, tmp_path: Path) 
         homes = {name: DeviceState.open(tmp_path / name) for name in ("a1", "a2", "a3", "b1")}
         try:
             addresses = {
-                name: await register_device(
-                    state, directory, "default", name[0], one_time_prekeys=1, one_time_pq_prekeys=1
-                )
+                name: await add_device(servers.keys_address, state, name[0], one_time_prekeys=1)
                 for name, state in homes.items()
             }
-            ids = {name: state.identity() for name, state in homes.items()}
             a1, a2, a3, b1 = (addresses[n] for n in ("a1", "a2", "a3", "b1"))
-            id_a1, id_a2, id_a3, id_b1 = ids["a1"], ids["a2"], ids["a3"], ids["b1"]
-            assert id_a1 and id_a2 and id_a3 and id_b1
-            with pytest.raises(PermissionDenied):
-                await directory.remove_device(id_b1, b1, a2)  # another user
-            await directory.remove_device(id_a1, a1, a2)  # a sibling
-            await directory.remove_device(id_a3, a3, a3)  # itself
-            with pytest.raises(NotFound):
-                await directory.remove_device(id_a1, a1, a2)  # gone already
-            listed = await directory.list_devices("default", "a")
+            assert [a1.device, a2.device, a3.device] == [1, 2, 3]
+            id_a1, id_a2, id_b1 = (
+                homes["a1"].identity(),
+                homes["a2"].identity(),
+                homes["b1"].identity(),
+            )
+            assert id_a1 and id_a2 and id_b1
+            a_list = await _signed_in(directory, id_a1, a1).device_list("default", "a")
+            with pytest.raises(PermissionDenied):  # another user's device, a list it cannot sign
+                await directory.remove_device(id_b1, b1, a2, a_list)
+            await remove_device(homes["a1"], directory, a2.device)  # a sibling
+            await remove_device(homes["a3"], directory, a3.device)  # itself
+            with pytest.raises(FailedPrecondition, match="not in the user's device list"):
+                await remove_device(homes["a1"], directory, a2.device)  # gone already
+            reader = _signed_in(directory, id_a1, a1)
+            listed = await reader.list_devices("default", "a")
             assert [d.address for d in listed] == [a1]
-            assert [b.address for b in await directory.fetch_bundles("default", "a")] == [a1]
+            assert [b.address for b in await reader.fetch_bundles("default", "a")] == [a1]
+            signed = await reader.device_list("default", "a")
+            assert signed.numbers() == (1,) and signed.version == 5 and signed.verifies()
             for gone in (a2, a3):
                 with pytest.raises(NotFound):
-                    await directory.identity_key(gone)
+                    await reader.identity_key(gone)
                 with pytest.raises(NotFound):
-                    await directory.fetch_bundles("default", "a", [gone.device])
+                    await reader.fetch_bundles("default", "a", [gone.device])
             with pytest.raises(Unauthenticated, match="not registered"):
                 await directory.prekey_status(id_a2, a2)  # a removed device signs nothing
             with DeviceState.open(tmp_path / "a4") as state:
-                again = await register_device(state, directory, "default", "a")
+                again = await add_device(servers.keys_address, state, "a")
             assert again == Address("default", "a", 4)  # 3 (and 2) are never given out again
         finally:
             for state in homes.values():
                 state.close()
+
+
+def _signed_in(
+    directory: KeyDirectoryClient, identity: Identity, device: Address
+) -> KeyDirectoryClient:
+    directory.sign_as(identity, device)
+    return directory
 
 
 async def test_unreachable_directory_names_its_address() -> None:

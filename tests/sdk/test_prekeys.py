@@ -20,6 +20,7 @@ from relay.sdk.crypto.prekeys import DevicePrekeys
 from relay.sdk.device import replenish_prekeys
 from relay.sdk.keys import Identity, Prekey, generate_one_time_prekeys
 from tests.conftest import Servers
+from tests.sdk.helpers import first_list
 
 BOB = Address("default", "bob", 1)
 
@@ -280,6 +281,7 @@ async def test_an_old_registered_device_gets_its_pq_keys_from_replenish(
         signed_prekey=SignedPrekey(1, signed.public, signed.signature),
         one_time=[OneTimePrekey(p.key_id, p.public) for p in one_time],
         last_resort_pq=throwaway.pq_prekey(max(throwaway.last_resort)),
+        device_list=first_list(identity, "default", "bob"),
     )
     keys_db = sqlite3.connect(servers.config.storage.path / "keys.db")
     try:

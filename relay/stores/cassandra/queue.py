@@ -29,6 +29,13 @@ a row and stores it again. Residual races, trade-offs rather than losses:
 - depth is read, then counted: concurrent appends to one device may pass a limit by
   their number, and a retried counter update may count twice (counters are approximate);
 - purge_expired run by several nodes at once may give back a device's depth twice.
+
+``purge(device)`` (the device was removed for good) counts the rows above the floor,
+then deletes whole partitions: the device's queue buckets, its accepted ids and its
+depth row, and last its index (so that a purge that failed half-way is found and done
+again by the next one). Several nodes purging at once delete the same partitions (each
+may count the same rows). An append racing the purge may leave rows behind; they are
+unreachable once the index is gone and expire with their TTL.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from relay.model import (
     QueuePage,
 )
 from relay.stores.cassandra import layout
-from relay.stores.cassandra.accepted import Accepted, AcceptedIds, Ident
+from relay.stores.cassandra.accepted import ACCEPTED_SHARDS, Accepted, AcceptedIds, Ident
 from relay.stores.cassandra.expiry import ADD_DEPTH, DELETE_MESSAGE, ExpiryIndex
 from relay.stores.cassandra.layout import bucket_of, key, seq_at, ttl_until
 
@@ -98,6 +105,16 @@ _FIRST = (
     "SELECT seq FROM {ks}.queue WHERE tenant = ? AND user = ? AND device = ? AND bucket = ?"
     " AND seq > ? LIMIT 1"
 )
+_COUNT = (
+    "SELECT COUNT(*) FROM {ks}.queue WHERE tenant = ? AND user = ? AND device = ? AND bucket = ?"
+    " AND seq > ?"
+)
+_DROP_BUCKET = "DELETE FROM {ks}.queue WHERE tenant = ? AND user = ? AND device = ? AND bucket = ?"
+_DROP_ACCEPTED = (
+    "DELETE FROM {ks}.queue_accepted WHERE tenant = ? AND user = ? AND device = ? AND shard = ?"
+)
+_DROP_DEPTH = "DELETE FROM {ks}.queue_depth WHERE tenant = ? AND user = ? AND device = ?"
+_DROP_INDEX = "DELETE FROM {ks}.queue_index WHERE tenant = ? AND user = ? AND device = ?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +323,23 @@ class CassandraQueue:
     async def purge_expired(self, now_ms: int) -> int:
         """See ``MessageQueue.purge_expired``; accepted ids expire by their TTL."""
         return await self._expiry.purge(now_ms)
+
+    async def purge(self, device: Address) -> int:
+        """See ``MessageQueue.purge``: partition deletes, the index last (module docstring)."""
+        index = await self._index(device)
+        counts = await self._session.execute_many(
+            [(_COUNT, (*key(device), b, index.floor)) for b in index.buckets],
+            op="purge a device: count its envelopes",
+        )
+        drops: list[Statement] = [(_DROP_BUCKET, (*key(device), b)) for b in index.buckets]
+        drops += [(_DROP_ACCEPTED, (*key(device), s)) for s in range(ACCEPTED_SHARDS)]
+        drops.append((_DROP_DEPTH, key(device)))
+        await self._session.execute_many(drops, op="purge a device: delete its queue")
+        await self._session.execute(_DROP_INDEX, key(device), op="purge a device: drop its index")
+        self._first_live.pop(device, None)
+        for remembered in [k for k in self._buckets if k[0] == device]:
+            del self._buckets[remembered]  # so that a later append registers its bucket again
+        return sum(int(rows[0][0] or 0) for rows in counts if rows)
 
     async def depth(self, device: Address) -> tuple[int, int]:
         """Envelopes and bytes waiting in ``device``'s queue (approximate; for metrics)."""
