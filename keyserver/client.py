@@ -1,14 +1,16 @@
 """What a device needs to call the key directory's device-signed methods.
 
-A signed request carries three metadata headers (``relay.authproof``): the device
-address, the time in milliseconds, and an Ed25519 signature by the device's identity key
-over ``request_transcript(method, address, time, body)``, where ``body`` is the
-request's deterministic serialization. The server accepts each signed request once, and
-only within a minute of its own clock, so sign right before sending and never reuse
-metadata (two identical requests signed in the same millisecond count as a replay).
+A signed request carries four metadata headers (``relay.authproof``): the device
+address, the time in milliseconds, a random nonce, and an Ed25519 signature by the
+device's identity key over ``request_transcript(method, address, time, body, nonce)``,
+where ``body`` is the request's deterministic serialization. The server accepts each
+signed request once, and only within a minute of its own clock, so sign right before
+sending and never reuse metadata.
 """
 
 from __future__ import annotations
+
+import secrets
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import Message
@@ -58,9 +60,13 @@ def sign_request_metadata(
     the ``metadata`` of the call, and send ``request`` unchanged after signing.
     """
     time_ms = clock.now_ms()
-    transcript = authproof.request_transcript(method, address, time_ms, request_body(request))
+    nonce = secrets.token_bytes(authproof.REQUEST_NONCE_BYTES)
+    transcript = authproof.request_transcript(
+        method, address, time_ms, request_body(request), nonce
+    )
     return (
         (authproof.REQUEST_DEVICE_HEADER, authproof.format_address(address)),
         (authproof.REQUEST_TIME_HEADER, str(time_ms)),
+        (authproof.REQUEST_NONCE_HEADER, nonce),
         (authproof.REQUEST_SIGNATURE_HEADER, signing_key.sign(transcript)),
     )

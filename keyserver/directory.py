@@ -216,6 +216,9 @@ class KeyDirectory:
         retried = await self._retried_registration(reg, state)
         if retried is not None:
             return await self._store_registration_prekeys(retried, reg)
+        # The policy before anything about the user: without a token, a stranger cannot
+        # even learn whether a name is taken in a token tenant.
+        token = self._check_registration_policy(reg)
         if state.exists and not reg.reset:
             raise AlreadyExists(
                 f"user {tenant}/{user} exists already: a new device of it joins with "
@@ -237,11 +240,17 @@ class KeyDirectory:
                 f"device_list.version must be above {state.device_list.version}",
                 metadata={"min_version": str(state.device_list.version + 1)},
             )
-        await self._check_registration_policy(reg)
         device = NewDevice(
             reg.identity_key, reg.identity_dh_key, reg.identity_dh_signature, self._clock.now_ms()
         )
         replaces = state.device_list.version if reg.reset and state.device_list else None
+        if token is not None and not await self._once.first_use(
+            "token", token.token_id, token.expires_at_ms, self._clock.now_ms()
+        ):  # spent last, so that a refused registration leaves the token usable
+            raise Unauthenticated(
+                "registration_token was used before: each token registers one device once; "
+                "ask for a new one"
+            )
         if not await self._accounts.create(device_list, device, replaces=replaces):
             raise FailedPrecondition(
                 f"the account of {tenant}/{user} changed while registering; try again"
@@ -297,7 +306,11 @@ class KeyDirectory:
             )
         return record
 
-    async def _check_registration_policy(self, reg: Registration) -> None:
+    def _check_registration_policy(self, reg: Registration) -> tokens.RegistrationToken | None:
+        """Raise unless the tenant's policy lets ``reg`` through; return its token if any.
+
+        The token is checked here but not spent (the caller spends it last).
+        """
         policy = self._policies.of(reg.tenant)
         if policy.mode == "closed":
             raise PermissionDenied(
@@ -310,7 +323,7 @@ class KeyDirectory:
                     "nobody can vouch for a reset: an account can be reset only with a reset "
                     "token of a tenant whose policy is token"
                 )
-            return
+            return None
         if not reg.registration_token:
             raise Unauthenticated(
                 f"tenant {reg.tenant!r} needs a registration token to create a user: ask the "
@@ -341,11 +354,7 @@ class KeyDirectory:
             )
         if token.expires_at_ms - now > tokens.MAX_TOKEN_LIFETIME_MS:
             raise InvalidArgument("registration_token lives longer than 24 h: mint a shorter one")
-        if not await self._once.first_use("token", token.token_id, token.expires_at_ms, now):
-            raise Unauthenticated(
-                "registration_token was used before: each token registers one device once; "
-                "ask for a new one"
-            )
+        return token
 
     async def _store_registration_prekeys(
         self, record: DeviceRecord, reg: Registration
@@ -363,12 +372,19 @@ class KeyDirectory:
         return record
 
     async def authenticate(
-        self, method: str, address: Address, time_ms: int, body: bytes, signature: bytes
+        self,
+        method: str,
+        address: Address,
+        time_ms: int,
+        body: bytes,
+        signature: bytes,
+        *,
+        nonce: bytes = b"",
     ) -> Address:
         """Check a device-signed request; return the device it is signed by.
 
         ``signature`` must be the device's Ed25519 signature over
-        ``relay.authproof.request_transcript(method, address, time_ms, body)``; ``time_ms``
+        ``relay.authproof.request_transcript(method, address, time_ms, body, nonce)``; ``time_ms``
         at most ``request_window_ms`` from the clock; and the same request not accepted
         before. Any failure is Unauthenticated with a message saying which check failed.
         """
@@ -386,7 +402,7 @@ class KeyDirectory:
         record = await self._devices.get(address)
         if record is None:
             raise Unauthenticated(f"signing device {address} is not registered")
-        transcript = authproof.request_transcript(method, address, time_ms, body)
+        transcript = authproof.request_transcript(method, address, time_ms, body, nonce)
         if not authproof.verify(record.identity_key, signature, transcript):
             raise Unauthenticated(
                 f"request signature does not verify with the identity key of {address}"

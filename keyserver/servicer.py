@@ -118,7 +118,7 @@ def _headers(context: Context[Req, Resp]) -> dict[str, str | bytes]:
         authproof.REQUEST_SIGNATURE_HEADER,
     )
     for key, value in context.invocation_metadata() or ():
-        if key in wanted:
+        if key in wanted or key == authproof.REQUEST_NONCE_HEADER:
             if key in headers:
                 raise Unauthenticated(f"header {key} is given more than once")
             headers[key] = value
@@ -160,7 +160,15 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
             )
         if not isinstance(signature, bytes):
             raise Unauthenticated(f"header {authproof.REQUEST_SIGNATURE_HEADER} is not binary")
-        return await self._core.authenticate(method, address, int(time), body, signature)
+        nonce = headers.get(authproof.REQUEST_NONCE_HEADER, b"")
+        if not isinstance(nonce, bytes) or len(nonce) > authproof.REQUEST_NONCE_BYTES:
+            raise Unauthenticated(
+                f"header {authproof.REQUEST_NONCE_HEADER} must be at most "
+                f"{authproof.REQUEST_NONCE_BYTES} bytes, binary"
+            )
+        return await self._core.authenticate(
+            method, address, int(time), body, signature, nonce=nonce
+        )
 
     @unary
     async def RegisterDevice(

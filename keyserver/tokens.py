@@ -19,10 +19,12 @@ everything before it. Mint with :func:`mint` (or ``relayd mint-token``).
 from __future__ import annotations
 
 import base64
+import os
 import binascii
 import secrets
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -131,3 +133,31 @@ def parse(token: str) -> RegistrationToken:
             "registration_token is damaged (it does not parse); copy it again or ask for a new one"
         ) from exc
     return RegistrationToken(tenant, user, purpose, expires, token_id, signed, signature)
+
+
+def write_tenant_key(prefix: Path) -> tuple[Path, Path]:
+    """Make a tenant signing key: ``<prefix>.key`` (private, hex, 0600) and ``<prefix>.pub``.
+
+    The private file belongs on the tenant's backend (it mints tokens); the public one
+    is what the key directory's ``token_public_key_file`` names. Refuses to overwrite.
+    """
+    private_path = prefix.with_name(prefix.name + ".key")
+    public_path = prefix.with_name(prefix.name + ".pub")
+    key = Ed25519PrivateKey.generate()
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key.private_bytes_raw().hex() + "\n")
+    public_path.write_text(key.public_key().public_bytes_raw().hex() + "\n")
+    return private_path, public_path
+
+
+def read_tenant_key(path: Path) -> Ed25519PrivateKey:
+    """The tenant signing key in ``path`` (64 hex digits, as ``write_tenant_key`` makes)."""
+    text = path.read_text().strip()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not 64 hex digits") from exc
+    if len(raw) != 32:
+        raise ValueError(f"{path}: not 64 hex digits (an Ed25519 private key)")
+    return Ed25519PrivateKey.from_private_bytes(raw)

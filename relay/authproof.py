@@ -32,6 +32,9 @@ KEM_TYPE_MLKEM1024 = 0x0A
 REQUEST_DEVICE_HEADER = "x-relay-device"
 REQUEST_TIME_HEADER = "x-relay-time-ms"
 REQUEST_SIGNATURE_HEADER = "x-relay-signature-bin"
+REQUEST_NONCE_HEADER = "x-relay-nonce-bin"
+#: Bytes of a request nonce.
+REQUEST_NONCE_BYTES = 16
 
 
 def _field(data: bytes) -> bytes:
@@ -131,15 +134,22 @@ def pq_prekey_transcript(public_key: bytes) -> bytes:
     return _field(PQ_PREKEY_LABEL) + _field(bytes([KEM_TYPE_MLKEM1024]) + public_key)
 
 
-def request_transcript(method: str, address: Address, time_ms: int, body: bytes) -> bytes:
-    """Bytes a device signs for a unary request (``body`` = deterministic serialization)."""
-    return (
+def request_transcript(
+    method: str, address: Address, time_ms: int, body: bytes, nonce: bytes = b""
+) -> bytes:
+    """Bytes a device signs for a unary request (``body`` = deterministic serialization).
+
+    ``nonce`` (random, sent in REQUEST_NONCE_HEADER) makes two identical requests signed
+    in the same millisecond distinct, so neither is taken for a replay of the other.
+    """
+    out = (
         _field(REQUEST_LABEL)
         + _field(method.encode())
         + _address(address)
         + struct.pack(">q", time_ms)
         + _field(hashlib.sha256(body).digest())
     )
+    return out + _field(nonce) if nonce else out
 
 
 # Encodings (sign bit cleared) of the Ed25519 points of order 1, 2, 4 and 8, canonical

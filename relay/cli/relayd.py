@@ -4,6 +4,9 @@ relayd run         relay node + key directory in one process (the embedded defau
 relayd relay       a relay node only
 relayd keyserver   the key directory only
 relayd config      print the effective configuration
+relayd migrate     apply the Cassandra schema migrations
+relayd gen-tenant-key PREFIX   make a tenant signing key for registration tokens
+relayd mint-token  mint a registration token (what a tenant's backend does)
 """
 
 from __future__ import annotations
@@ -57,7 +60,63 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
         )
+    gen = sub.add_parser(
+        "gen-tenant-key",
+        help="make a tenant signing key for registration tokens (PREFIX.key, PREFIX.pub)",
+        description="Make a tenant signing key: PREFIX.key (private: the tenant's backend "
+        "mints tokens with it) and PREFIX.pub (for keyserver.tenants.token_public_key_file).",
+    )
+    gen.add_argument("prefix", type=Path, metavar="PREFIX", help="path prefix, e.g. ./acme")
+    gen.add_argument("--tenant", default="TENANT", help="tenant name for the config stanza")
+    mint = sub.add_parser(
+        "mint-token",
+        help="mint a registration token for one user (a tenant backend's job)",
+        description="Print a registration token letting one device claim USER in TENANT "
+        "(`relayctl init USER --token T`).",
+    )
+    mint.add_argument("--tenant-key", type=Path, required=True, help="PREFIX.key file")
+    mint.add_argument("--tenant", required=True, help="the tenant")
+    mint.add_argument("--user", required=True, help="the user the token is for")
+    mint.add_argument(
+        "--ttl", type=int, default=600, metavar="S", help="seconds it stays valid (600)"
+    )
+    mint.add_argument(
+        "--reset", action="store_true", help="a token to reset the user's account instead"
+    )
     return parser
+
+
+def run_token_tool(args: argparse.Namespace) -> int:
+    """``relayd gen-tenant-key`` and ``relayd mint-token``."""
+    from keyserver import tokens  # noqa: PLC0415
+    from relay.clock import SystemClock  # noqa: PLC0415
+
+    try:
+        if args.command == "gen-tenant-key":
+            private, public = tokens.write_tenant_key(args.prefix)
+            print(f"wrote {private} (keep it on the tenant's backend) and {public}")
+            print("key directory config:")
+            print("[[keyserver.tenants]]")
+            print(f'name = "{args.tenant}"')
+            print('registration = "token"')
+            print(f'token_public_key_file = "{public}"')
+            return 0
+        key = tokens.read_tenant_key(args.tenant_key)
+        purpose = "reset" if args.reset else "register"
+        print(
+            tokens.mint(
+                key,
+                args.tenant,
+                args.user,
+                now_ms=SystemClock().now_ms(),
+                ttl_seconds=args.ttl,
+                purpose=purpose,
+            )
+        )
+    except (OSError, ValueError) as exc:
+        print(f"relayd {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -128,6 +187,8 @@ async def run_migrate(config: Config, *, status_only: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``relayd``."""
     args = _parser().parse_args(argv)
+    if args.command in ("gen-tenant-key", "mint-token"):
+        return run_token_tool(args)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
