@@ -19,8 +19,8 @@ everything before it. Mint with :func:`mint` (or ``relayd mint-token``).
 from __future__ import annotations
 
 import base64
-import os
 import binascii
+import os
 import secrets
 import struct
 from dataclasses import dataclass

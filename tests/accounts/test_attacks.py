@@ -122,7 +122,7 @@ async def test_an_expired_link_request_cannot_be_approved_or_completed(
             await register_device(bob, directory, "default", user, one_time_prekeys=2)
             ticket = await request_link(new, directory, "default", user, one_time_prekeys=1)
             # One millisecond of life: over by the time the next request arrives.
-            with pytest.raises(NotFound, match="expired|no link request"):
+            with pytest.raises(NotFound, match=r"expired|no link request"):
                 await approve_link(bob, directory, ticket.code)
             with pytest.raises(NotFound, match="expired"):
                 await wait_for_approval(new, directory)

@@ -59,11 +59,13 @@ async def test_a_token_tenant_needs_a_valid_unused_token_for_this_user(
         await register_device(
             again, directory, TOKEN_TENANT, user, registration_token=reset, reset=True
         )
-    with DeviceState.open(tmp_path / "third") as third:
-        with pytest.raises(Unauthenticated, match="used before"):
-            await register_device(
-                third, directory, TOKEN_TENANT, user, registration_token=reset, reset=True
-            )
+    with (
+        DeviceState.open(tmp_path / "third") as third,
+        pytest.raises(Unauthenticated, match="used before"),
+    ):
+        await register_device(
+            third, directory, TOKEN_TENANT, user, registration_token=reset, reset=True
+        )
 
 
 async def test_an_open_tenant_refuses_resets(
