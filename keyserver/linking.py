@@ -180,6 +180,11 @@ class Linking:
                 f"user {link.tenant}/{link.user} has {len(current.devices)} devices; "
                 f"max_devices_per_user = {limit}: remove one first",
             )
+        if await self._stores.devices.find_identity(link.tenant, link.user, link.identity_key):
+            raise FailedPrecondition(
+                "the requesting identity key is a device of this user already (or was): the new "
+                "device must link again with a new identity"
+            )
         device = NewDevice(link.identity_key, link.identity_dh_key, link.identity_dh_signature, now)
         if not await self._stores.accounts.add_device(
             device_list, device, expected=current.version

@@ -94,7 +94,7 @@ def device_list(
         version,
         at,
         [ListedDevice.of(n, key) for n, key in devices.items()],
-        account_key or ACCOUNT_KEY,
+        account_key=account_key or ACCOUNT_KEY,
     )
     return dataclasses.replace(listed, signature=os.urandom(64))
 

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from keyserver.directory import KeyDirectory
-from keyserver.model import Registration, SignedPrekey
+from keyserver.model import Reader, Registration, SignedPrekey
 from relay import authproof
 from relay.clock import FakeClock
 from relay.errors import (
@@ -22,20 +22,46 @@ from relay.errors import (
     PermissionDenied,
 )
 from relay.model import Address
-from tests.keyserver.keys import DeviceKeys, one_time_prekeys, x25519
+from tests.keyserver.conftest import MakeCore
+from tests.keyserver.keys import Account, DeviceKeys, add_device, one_time_prekeys, x25519
 
 
 async def test_register_numbers_devices_and_stamps_the_time(
     core: KeyDirectory, clock: FakeClock
 ) -> None:
-    first = await core.register(DeviceKeys().registration(one_time=range(3)))
+    account = Account()
+    first = await core.register(DeviceKeys().registration(one_time=range(3), account=account))
+    assert first.registered_at_ms == clock.now_ms()
     clock.advance(5)
-    second = await core.register(DeviceKeys().registration())
+    second = await add_device(core, account)
+    clock.advance(5)
+    third = await add_device(core, account)
     assert first.address == Address("acme", "alice", 1)
     assert second.address == Address("acme", "alice", 2)
-    assert second.registered_at_ms == clock.now_ms()
-    assert await core.list_devices("acme", "alice") == (first, second)
+    assert third.address == Address("acme", "alice", 3)
+    assert second.registered_at_ms == clock.now_ms() - 5
+    assert third.registered_at_ms == clock.now_ms()
+    assert await core.list_devices("acme", "alice") == (first, second, third)
     assert await core.identity_key(first.address) == first.identity_key
+    assert await core.identity_key(third.address) == third.identity_key
+    # The stored list is the one the account key signed last.
+    stored = await core.device_list("acme", "alice")
+    assert (stored.version, stored.numbers()) == (3, (1, 2, 3))
+    assert stored.signature == account.listed(account.devices, account.version).signature
+
+
+async def test_a_second_registration_of_a_user_already_exists(core: KeyDirectory) -> None:
+    first = await core.register(DeviceKeys().registration(one_time=[1]))
+    # Another device with a new account of its own: the name is taken.
+    with pytest.raises(AlreadyExists, match="user acme/alice exists already") as info:
+        await core.register(DeviceKeys().registration())
+    assert info.value.metadata == {"tenant": "acme", "user": "alice"}
+    assert "relayctl link alice" in info.value.message
+    assert await core.list_devices("acme", "alice") == (first,)
+    # Another user of the tenant, or the same name in another tenant, is free.
+    assert (await core.register(DeviceKeys().registration(user="bob"))).address.device == 1
+    zeta = await core.register(DeviceKeys().registration(tenant="zeta"))
+    assert zeta.address == Address("zeta", "alice", 1)
 
 
 def _other_signature(data: bytes) -> bytes:
@@ -203,8 +229,9 @@ async def test_publish_rotates_the_signed_prekey_and_checks_it(core: KeyDirector
 
 
 async def test_a_device_publishes_and_counts_only_for_itself(core: KeyDirectory) -> None:
-    one = (await core.register(DeviceKeys().registration())).address
-    two = (await core.register(DeviceKeys().registration())).address
+    account = Account()
+    one = (await core.register(DeviceKeys().registration(account=account))).address
+    two = (await add_device(core, account)).address
     with pytest.raises(PermissionDenied, match="acme/alice/1 may not publish"):
         await core.publish_prekeys(one, two, None, one_time_prekeys([1]))
     with pytest.raises(PermissionDenied):
@@ -228,16 +255,19 @@ async def test_retried_registration_returns_the_same_device(core: KeyDirectory) 
 
 
 async def test_same_identity_key_with_another_dh_key_already_exists(core: KeyDirectory) -> None:
-    keys = DeviceKeys()
-    await core.register(keys.registration())
+    keys, account = DeviceKeys(), Account()
+    first = await core.register(keys.registration(account=account))
     keys.identity_dh_key = x25519()
+    # A retry by the holder of the account key, but with another DH key.
     with pytest.raises(AlreadyExists, match="already registered as device acme/alice/1"):
-        await core.register(keys.registration())
+        await core.register(keys.registration(account=account))
+    assert await core.list_devices("acme", "alice") == (first,)
 
 
 async def test_fetch_claims_one_key_per_device_then_falls_back(core: KeyDirectory) -> None:
-    one = await core.register(DeviceKeys().registration(one_time=[1]))
-    two = await core.register(DeviceKeys().registration(one_time=[]))
+    account = Account()
+    one = await core.register(DeviceKeys().registration(one_time=[1], account=account))
+    two = await add_device(core, account)  # a linked device brings no one-time keys
     bundles = await core.fetch_bundles("acme", "alice", [])
     assert [b.device for b in bundles] == [one, two]
     assert [b.one_time_prekey and b.one_time_prekey.key_id for b in bundles] == [1, None]
@@ -283,3 +313,67 @@ def test_the_core_imports_no_grpc_or_protobuf() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_reads_are_limited_to_the_readers_tenant(core: KeyDirectory) -> None:
+    device = (await core.register(DeviceKeys().registration(one_time=[1]))).address
+    stranger = Reader("zeta/mallory/1", "zeta", Address("zeta", "mallory", 1))
+    for read in (
+        core.fetch_bundles("acme", "alice", [], by=stranger),
+        core.list_devices("acme", "alice", by=stranger),
+        core.device_list("acme", "alice", by=stranger),
+        core.identity_key(device, by=stranger),
+    ):
+        with pytest.raises(PermissionDenied, match="only callers of that tenant"):
+            await read
+    relay_nodes = Reader("relay nodes", None, relay_node=True)
+    with pytest.raises(PermissionDenied, match="relay nodes do not fetch prekey bundles"):
+        await core.fetch_bundles("acme", "alice", [], by=relay_nodes)
+    # Relay nodes read every tenant's devices, lists and identity keys.
+    assert [r.address for r in await core.list_devices("acme", "alice", by=relay_nodes)] == [device]
+    assert (await core.device_list("acme", "alice", by=relay_nodes)).numbers() == (1,)
+    assert await core.identity_key(device, by=relay_nodes) == (await core.identity_key(device))
+    # A reader of the tenant may read another user of it; nothing was claimed before.
+    bob = await core.device_reader(Address("acme", "bob", 1))
+    [bundle] = await core.fetch_bundles("acme", "alice", [], by=bob)
+    assert bundle.one_time_prekey is not None and bundle.one_time_prekey.key_id == 1
+
+
+async def test_bundle_fetches_are_limited_per_requester_and_per_target(
+    make_core: MakeCore, clock: FakeClock
+) -> None:
+    core = make_core(max_bundle_fetches_per_requester=3, max_bundle_fetches_per_target=2)
+    account = Account()
+    one = await core.register(DeviceKeys().registration(one_time=range(10), account=account))
+    await add_device(core, account)
+    bob = await core.device_reader(Address("acme", "bob", 1))
+    carol = await core.device_reader(Address("acme", "carol", 1))
+
+    async def fetch(reader: Reader, device: int) -> None:
+        [bundle] = await core.fetch_bundles("acme", "alice", [device], by=reader)
+        assert bundle.device.address.device == device
+
+    await fetch(bob, 1)
+    await fetch(bob, 1)
+    with pytest.raises(LimitExceeded) as info:
+        await fetch(bob, 1)
+    assert (info.value.limit, info.value.value) == ("max_bundle_fetches_per_target", 2)
+    assert f"prekey bundles of {one.address}" in info.value.message
+    await fetch(bob, 2)
+    with pytest.raises(LimitExceeded) as info:
+        await fetch(bob, 2)
+    assert (info.value.limit, info.value.value) == ("max_bundle_fetches_per_requester", 3)
+    assert "max_bundle_fetches_per_requester = 3 per 60 s" in info.value.message
+    # Another requester is counted apart; a fetch of every device counts each bundle.
+    assert len(await core.fetch_bundles("acme", "alice", [], by=carol)) == 2
+    with pytest.raises(LimitExceeded, match="max_bundle_fetches_per_requester"):
+        await core.fetch_bundles("acme", "alice", [], by=carol)
+    # Refused fetches claimed nothing: one key each for bob's two and carol's one.
+    assert await core.count_one_time_prekeys(one.address, one.address) == 7
+    clock.advance(60_000)  # the per-requester window passed, the per-target one not
+    await fetch(bob, 2)
+    with pytest.raises(LimitExceeded, match="max_bundle_fetches_per_target"):
+        await fetch(bob, 1)
+    clock.advance(3_600_000)
+    await fetch(bob, 1)
+    assert await core.count_one_time_prekeys(one.address, one.address) == 6

@@ -13,17 +13,36 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keyserver.app import KeyserverApp
-from keyserver.client import SERVICE_NAME
+from keyserver.client import FETCH_PREKEY_BUNDLES_METHOD, SERVICE_NAME, bearer_metadata
 from relay import authproof
 from relay.clock import FakeClock
-from relay.common.convert import address_from_pb, address_to_pb
+from relay.common.convert import address_from_pb, address_to_pb, device_list_from_pb
 from relay.common.status import error_info
 from relay.config import ConfigError
 from relay.model import Address
 from relaypb.keys.v1 import keys_pb2 as pb
 from relaypb.keys.v1 import keys_pb2_grpc
-from tests.keyserver.keys import DeviceKeys, one_time_pb, one_time_prekeys, registration_pb
-from tests.keyserver.wire import config, count, publish, register
+from tests.keyserver.keys import (
+    Account,
+    DeviceKeys,
+    one_time_pb,
+    one_time_prekeys,
+    registration_pb,
+)
+from tests.keyserver.wire import (
+    config,
+    count,
+    device_list,
+    fetch,
+    identity_key,
+    link,
+    list_devices,
+    publish,
+    register,
+    relay_key,
+    serve,
+    sign,
+)
 
 if TYPE_CHECKING:
     from relaypb.keys.v1.keys_pb2_grpc import KeyDirectoryAsyncStub
@@ -31,10 +50,14 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.integration
 
 
-async def test_the_key_directory_end_to_end(stub: KeyDirectoryAsyncStub, clock: FakeClock) -> None:
-    phone, laptop = DeviceKeys(), DeviceKeys()
-    one = await register(stub, phone, one_time=[1])
-    two = await register(stub, laptop)
+async def test_the_key_directory_end_to_end(
+    stub: KeyDirectoryAsyncStub, clock: FakeClock, tmp_path: Path
+) -> None:
+    phone, laptop, account = DeviceKeys(), DeviceKeys(), Account()
+    phone_at = clock.now_ms()
+    one = await register(stub, phone, one_time=[1], account=account)
+    two = await link(stub, clock, account, phone, one, laptop)
+    laptop_at = clock.now_ms()
     assert (one, two) == (Address("acme", "alice", 1), Address("acme", "alice", 2))
 
     rotated = laptop.signed_prekey(key_id=2)
@@ -49,8 +72,7 @@ async def test_the_key_directory_end_to_end(stub: KeyDirectoryAsyncStub, clock: 
     assert await count(stub, clock, laptop, two) == 2
     assert await count(stub, clock, phone, one) == 1
 
-    fetch = pb.FetchPrekeyBundlesRequest(tenant="acme", user="alice")
-    bundles = (await stub.FetchPrekeyBundles(fetch)).bundles
+    bundles = await fetch(stub, clock, phone, one)
     assert [address_from_pb(b.address) for b in bundles] == [one, two]
     assert [b.one_time_prekey.key_id for b in bundles] == [1, 10]
     assert bundles[1].signed_prekey.public_key == rotated.public_key
@@ -62,19 +84,34 @@ async def test_the_key_directory_end_to_end(stub: KeyDirectoryAsyncStub, clock: 
         authproof.identity_dh_transcript(bundles[0].identity_dh_key),
     )
     # The phone's only one-time key is gone: its next bundle has none.
-    again = (await stub.FetchPrekeyBundles(fetch)).bundles
+    again = await fetch(stub, clock, laptop, two)
     assert not again[0].HasField("one_time_prekey")
     assert again[0].HasField("signed_prekey")
     assert again[1].one_time_prekey.key_id == 11
     assert await count(stub, clock, phone, one) == 0
 
-    listed = (await stub.ListDevices(pb.ListDevicesRequest(tenant="acme", user="alice"))).devices
+    listed = await list_devices(stub, clock, laptop, two)
     assert [address_from_pb(d.address) for d in listed] == [one, two]
     assert [d.identity_key for d in listed] == [phone.identity_key, laptop.identity_key]
-    assert all(d.registered_at_ms == clock.now_ms() - 4 for d in listed)
+    assert [d.registered_at_ms for d in listed] == [phone_at, laptop_at]
 
-    reply = await stub.GetIdentityKey(pb.GetIdentityKeyRequest(device=address_to_pb(two)))
+    assert await identity_key(stub, clock, phone, one, two) == laptop.identity_key
+    # The relay nodes read with their bearer key instead of a signature.
+    relay = bearer_metadata(relay_key(tmp_path))
+    reply = await stub.GetIdentityKey(
+        pb.GetIdentityKeyRequest(device=address_to_pb(two)), metadata=relay
+    )
     assert reply.identity_key == laptop.identity_key
+    stored = (
+        await stub.GetDeviceList(
+            pb.GetDeviceListRequest(tenant="acme", user="alice"), metadata=relay
+        )
+    ).device_list
+    assert stored == await device_list(stub, clock, phone, one)
+    assert (stored.version, [d.device for d in stored.devices]) == (2, [1, 2])
+    assert [d.identity_key for d in stored.devices] == [phone.identity_key, laptop.identity_key]
+    assert stored.account_key == account.public_key
+    assert device_list_from_pb(stored).verifies()
 
 
 async def test_bad_input_is_invalid_argument_with_error_info(stub: KeyDirectoryAsyncStub) -> None:
@@ -89,7 +126,9 @@ async def test_bad_input_is_invalid_argument_with_error_info(stub: KeyDirectoryA
     assert (info.reason, info.domain) == ("INVALID_ARGUMENT", "e2ee-relay")
 
 
-async def test_limits_and_missing_things_get_their_status(stub: KeyDirectoryAsyncStub) -> None:
+async def test_limits_and_missing_things_get_their_status(
+    stub: KeyDirectoryAsyncStub, clock: FakeClock
+) -> None:
     too_many = registration_pb(DeviceKeys().registration(one_time=range(101)))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.RegisterDevice(too_many)
@@ -98,11 +137,14 @@ async def test_limits_and_missing_things_get_their_status(stub: KeyDirectoryAsyn
     assert info is not None
     assert dict(info.metadata) == {"limit": "max_one_time_prekeys_per_request", "value": "100"}
 
+    keys = DeviceKeys()
+    reader = await register(stub, keys)
+    nobody = Address("acme", "nobody", 1)
     for call in (
-        stub.FetchPrekeyBundles(pb.FetchPrekeyBundlesRequest(tenant="acme", user="nobody")),
-        stub.GetIdentityKey(
-            pb.GetIdentityKeyRequest(device=address_to_pb(Address("acme", "nobody", 1)))
-        ),
+        fetch(stub, clock, keys, reader, user="nobody"),
+        identity_key(stub, clock, keys, reader, nobody),
+        device_list(stub, clock, keys, reader, user="nobody"),
+        identity_key(stub, clock, keys, reader, Address("acme", "alice", 2)),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await call
@@ -110,12 +152,21 @@ async def test_limits_and_missing_things_get_their_status(stub: KeyDirectoryAsyn
 
 
 async def test_concurrent_fetches_never_hand_out_a_key_twice(
-    stub: KeyDirectoryAsyncStub,
+    tmp_path: Path, clock: FakeClock
 ) -> None:
-    keys = DeviceKeys()
-    await register(stub, keys, user="bob", one_time=range(20))
-    fetch = pb.FetchPrekeyBundlesRequest(tenant="acme", user="bob")
-    replies = await asyncio.gather(*(stub.FetchPrekeyBundles(fetch) for _ in range(60)))
+    async with serve(tmp_path, clock, **{"keyserver.max_bundle_fetches_per_target": 60}) as stub:
+        keys, reader_keys = DeviceKeys(), DeviceKeys()
+        await register(stub, keys, user="bob", one_time=range(20))
+        reader = await register(stub, reader_keys, user="carol")
+        request = pb.FetchPrekeyBundlesRequest(tenant="acme", user="bob")
+        # Each fetch signed at its own time (a signed request is accepted once).
+        signed = [
+            sign(clock, reader_keys, reader, FETCH_PREKEY_BUNDLES_METHOD, request)
+            for _ in range(60)
+        ]
+        replies = await asyncio.gather(
+            *(stub.FetchPrekeyBundles(request, metadata=md) for md in signed)
+        )
     bundles = [r.bundles[0] for r in replies]
     handed = [b.one_time_prekey.key_id for b in bundles if b.HasField("one_time_prekey")]
     assert sorted(handed) == list(range(20))
@@ -123,6 +174,35 @@ async def test_concurrent_fetches_never_hand_out_a_key_twice(
         len({b.one_time_prekey.public_key for b in bundles if b.HasField("one_time_prekey")}) == 20
     )
     assert all(b.HasField("signed_prekey") for b in bundles)
+
+
+async def test_bundle_fetches_are_rate_limited_as_configured(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    limits = {
+        "keyserver.max_bundle_fetches_per_target": 2,
+        "keyserver.max_bundle_fetches_per_requester": 3,
+    }
+    async with serve(tmp_path, clock, **limits) as stub:
+        keys, reader_keys = DeviceKeys(), DeviceKeys()
+        device = await register(stub, keys, user="bob", one_time=range(10))
+        reader = await register(stub, reader_keys, user="carol")
+        for _ in range(2):
+            await fetch(stub, clock, reader_keys, reader, user="bob")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await fetch(stub, clock, reader_keys, reader, user="bob")
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        info = error_info(raised.value)
+        assert info is not None
+        assert dict(info.metadata) == {"limit": "max_bundle_fetches_per_target", "value": "2"}
+        await fetch(stub, clock, keys, device, user="carol")  # another requester: apart
+        await fetch(stub, clock, reader_keys, reader, user="carol")  # the requester's third
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await fetch(stub, clock, reader_keys, reader, user="carol")
+        info = error_info(raised.value)
+        assert info is not None
+        assert dict(info.metadata) == {"limit": "max_bundle_fetches_per_requester", "value": "3"}
+        assert await count(stub, clock, keys, device) == 8  # refused fetches claim nothing
 
 
 async def test_health_reports_serving(channel: grpc.aio.Channel) -> None:
@@ -144,9 +224,16 @@ async def test_devices_survive_a_restart(tmp_path: Path, clock: FakeClock) -> No
         grpc.aio.insecure_channel(app.address) as channel,
     ):
         stub = keys_pb2_grpc.KeyDirectoryStub(channel)
-        listed = await stub.ListDevices(pb.ListDevicesRequest(tenant="acme", user="alice"))
-        assert [d.identity_key for d in listed.devices] == [keys.identity_key]
-        assert await count(stub, clock, keys, Address("acme", "alice", 1)) == 2
+        device = Address("acme", "alice", 1)
+        listed = await list_devices(stub, clock, keys, device)
+        assert [d.identity_key for d in listed] == [keys.identity_key]
+        assert await count(stub, clock, keys, device) == 2
+        # The account survives too: the user exists, with its signed list.
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await register(stub, DeviceKeys())
+        assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        stored = await device_list(stub, clock, keys, device)
+        assert [d.identity_key for d in stored.devices] == [keys.identity_key]
 
 
 def test_unknown_storage_backend_is_a_config_error(tmp_path: Path) -> None:

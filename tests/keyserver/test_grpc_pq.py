@@ -13,6 +13,7 @@ import pytest
 from keyserver.app import KeyserverApp
 from keyserver.client import (
     COUNT_ONE_TIME_PREKEYS_METHOD,
+    FETCH_PREKEY_BUNDLES_METHOD,
     PUBLISH_PREKEYS_METHOD,
     sign_request_metadata,
 )
@@ -22,7 +23,7 @@ from relay.model import Address, registration_id
 from relaypb.keys.v1 import keys_pb2 as pb
 from relaypb.keys.v1 import keys_pb2_grpc
 from tests.keyserver.keys import DeviceKeys, one_time_pb, one_time_prekeys, pq_pb, registration_pb
-from tests.keyserver.wire import config, register
+from tests.keyserver.wire import config, fetch, list_devices, register, serve, sign
 
 if TYPE_CHECKING:
     from relaypb.keys.v1.keys_pb2_grpc import KeyDirectoryAsyncStub
@@ -78,15 +79,14 @@ async def test_pq_prekeys_end_to_end(stub: KeyDirectoryAsyncStub, clock: FakeClo
     assert published.one_time_prekeys_remaining == 3
     assert (published.status.one_time_prekeys, published.status.one_time_pq_prekeys) == (3, 3)
 
-    fetch = pb.FetchPrekeyBundlesRequest(tenant="acme", user="alice")
-    bundles = [(await stub.FetchPrekeyBundles(fetch)).bundles[0] for _ in range(4)]
+    bundles = [(await fetch(stub, clock, keys, device))[0] for _ in range(4)]
     assert [b.pq_prekey.key_id for b in bundles] == [2, 3, 6, 50]
     assert [b.pq_prekey_last_resort for b in bundles] == [False, False, False, True]
     assert bundles[3].pq_prekey.public_key == new_last_resort.public_key
     assert bundles[3].pq_prekey.signature == new_last_resort.signature
     assert {b.registration_id for b in bundles} == {reply.registration_id}
-    listed = await stub.ListDevices(pb.ListDevicesRequest(tenant="acme", user="alice"))
-    assert [d.registration_id for d in listed.devices] == [reply.registration_id]
+    listed = await list_devices(stub, clock, keys, device)
+    assert [d.registration_id for d in listed] == [reply.registration_id]
     counted = await _status(stub, clock, keys, device)
     assert counted.count == counted.status.one_time_prekeys == 0
     assert counted.status.one_time_pq_prekeys == 0
@@ -124,11 +124,21 @@ async def test_bad_pq_signatures_are_invalid_argument_naming_the_key(
     )
 
 
-async def test_concurrent_fetches_hand_out_each_pq_key_once(stub: KeyDirectoryAsyncStub) -> None:
-    keys = DeviceKeys()
-    await register(stub, keys, user="bob", one_time=range(10), one_time_pq=range(20))
-    fetch = pb.FetchPrekeyBundlesRequest(tenant="acme", user="bob")
-    replies = await asyncio.gather(*(stub.FetchPrekeyBundles(fetch) for _ in range(50)))
+async def test_concurrent_fetches_hand_out_each_pq_key_once(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    async with serve(tmp_path, clock, **{"keyserver.max_bundle_fetches_per_target": 50}) as stub:
+        keys, reader_keys = DeviceKeys(), DeviceKeys()
+        await register(stub, keys, user="bob", one_time=range(10), one_time_pq=range(20))
+        reader = await register(stub, reader_keys, user="carol")
+        request = pb.FetchPrekeyBundlesRequest(tenant="acme", user="bob")
+        signed = [
+            sign(clock, reader_keys, reader, FETCH_PREKEY_BUNDLES_METHOD, request)
+            for _ in range(50)
+        ]
+        replies = await asyncio.gather(
+            *(stub.FetchPrekeyBundles(request, metadata=md) for md in signed)
+        )
     bundles = [r.bundles[0] for r in replies]
     one_time = [b.pq_prekey.key_id for b in bundles if not b.pq_prekey_last_resort]
     assert sorted(one_time) == list(range(20))
@@ -146,7 +156,7 @@ async def test_the_low_water_mark_is_configured(tmp_path: Path, clock: FakeClock
         device = await register(stub, keys, one_time=range(4), one_time_pq=range(4))
         status = (await _status(stub, clock, keys, device)).status
         assert (status.low_water_mark, status.replenish) == (3, False)
-        await stub.FetchPrekeyBundles(pb.FetchPrekeyBundlesRequest(tenant="acme", user="alice"))
+        await fetch(stub, clock, keys, device)
         status = (await _status(stub, clock, keys, device)).status
         assert (status.one_time_prekeys, status.one_time_pq_prekeys, status.replenish) == (
             3,

@@ -15,11 +15,11 @@ from keyserver.sqlite_store import SCHEMA, sqlite_key_stores
 from relay import authproof
 from relay.clock import FakeClock
 from relay.common.sqlite_worker import SqliteWorker
-from relay.errors import FailedPrecondition, InvalidArgument, LimitExceeded
+from relay.errors import AlreadyExists, FailedPrecondition, InvalidArgument, LimitExceeded
 from relay.model import Address, registration_id
 from relay.sdk.crypto import primitives
 from tests.keyserver.conftest import MakeCore
-from tests.keyserver.keys import DeviceKeys, mlkem1024, one_time_prekeys
+from tests.keyserver.keys import Account, DeviceKeys, add_device, mlkem1024, one_time_prekeys
 
 ALICE1 = Address("acme", "alice", 1)
 
@@ -279,13 +279,21 @@ async def test_a_missing_last_resort_key_asks_for_replenish(
         assert bundle.pq_last_resort and bundle.one_time_prekey is not None
 
 
-async def test_the_identity_key_of_a_removed_device_cannot_register_again(
+async def test_the_identity_key_of_a_removed_device_cannot_come_back(
     core: KeyDirectory,
 ) -> None:
-    keys = DeviceKeys()
-    reg = keys.registration()
+    keys, account = DeviceKeys(), Account()
+    reg = keys.registration(account=account)
     device = (await core.register(reg)).address
-    await core.remove_device(device, device)
-    with pytest.raises(FailedPrecondition, match="acme/alice/1, which was removed"):
+    other = (await add_device(core, account)).address
+    without = account.without(device.device)
+    await core.remove_device(other, device, without)
+    account.commit(without)
+    # Neither as the user's first device again (the user exists) ...
+    with pytest.raises(AlreadyExists, match="user acme/alice exists already"):
         await core.register(reg)
-    assert (await core.register(DeviceKeys().registration())).address.device == 2
+    # ... nor linked anew.
+    with pytest.raises(FailedPrecondition, match=r"is a device of acme/alice already \(or was\)"):
+        await core.linking.request(keys.link_request())
+    assert [r.address for r in await core.list_devices("acme", "alice")] == [other]
+    assert (await add_device(core, account)).address.device == 3

@@ -7,10 +7,10 @@ import pytest
 from keyserver.directory import KeyDirectory
 from relay import authproof
 from relay.clock import FakeClock
-from relay.errors import Unauthenticated, Unavailable
+from relay.errors import LimitExceeded, Unauthenticated
 from relay.model import Address
 from tests.keyserver.conftest import MakeCore
-from tests.keyserver.keys import DeviceKeys
+from tests.keyserver.keys import Account, DeviceKeys, add_device
 
 METHOD = "/relaypb.keys.v1.KeyDirectory/PublishPrekeys"
 
@@ -32,7 +32,10 @@ async def test_a_signed_request_is_accepted_once(core: KeyDirectory, clock: Fake
     clock.advance(30_000)
     with pytest.raises(Unauthenticated, match="replayed request"):
         await core.authenticate(METHOD, device, now, b"body", signature)
-    clock.advance(30_001)
+    clock.advance(30_000)  # the last moment its time is accepted: still remembered
+    with pytest.raises(Unauthenticated, match="replayed request"):
+        await core.authenticate(METHOD, device, now, b"body", signature)
+    clock.advance(1)
     with pytest.raises(Unauthenticated, match="60001 ms from the server's time"):
         await core.authenticate(METHOD, device, now, b"body", signature)
 
@@ -75,17 +78,51 @@ async def test_forged_signed_requests_are_rejected(core: KeyDirectory, clock: Fa
     assert await core.authenticate(METHOD, device, now, b"body", good) == device
 
 
-async def test_replay_cache_is_bounded_without_forgetting_early(
+async def test_a_device_past_its_quota_is_refused_while_others_are_served(
     make_core: MakeCore, clock: FakeClock
 ) -> None:
-    core = make_core(replay_cache_entries=3)
-    keys, device = await _device(core)
+    core = make_core(max_signed_requests_per_device=3)
+    account, keys = Account(), DeviceKeys()
+    device = (await core.register(keys.registration(account=account))).address
+    sibling_keys = DeviceKeys()
+    sibling = (await add_device(core, account, sibling_keys)).address
     now = clock.now_ms()
     for i in range(3):
         body = bytes([i])
-        await core.authenticate(METHOD, device, now, body, _sign(keys, device, now, body))
-    with pytest.raises(Unavailable, match="retry later"):
-        await core.authenticate(METHOD, device, now, b"4", _sign(keys, device, now, b"4"))
-    clock.advance(60_001)
-    later = clock.now_ms()
-    assert await core.authenticate(METHOD, device, later, b"4", _sign(keys, device, later, b"4"))
+        assert await core.authenticate(METHOD, device, now, body, _sign(keys, device, now, body))
+    over = _sign(keys, device, now, b"4")
+    with pytest.raises(LimitExceeded) as info:
+        await core.authenticate(METHOD, device, now, b"4", over)
+    assert (info.value.limit, info.value.value) == ("max_signed_requests_per_device", 3)
+    assert info.value.metadata == {"limit": "max_signed_requests_per_device", "value": "3"}
+    assert f"max_signed_requests_per_device = 3 per 60 s reached for {device}" in (
+        info.value.message
+    )
+    # Another device (of the same user, even) is still served ...
+    served = _sign(sibling_keys, sibling, now, b"4")
+    assert await core.authenticate(METHOD, sibling, now, b"4", served) == sibling
+    # ... and a replay is refused whatever the quota left.
+    with pytest.raises(Unauthenticated, match="replayed request"):
+        await core.authenticate(METHOD, sibling, now, b"4", served)
+    # A minute later the quota is back; the refused request was not used up, the
+    # accepted ones still are (their time is still inside the window).
+    clock.advance(60_000)
+    assert await core.authenticate(METHOD, device, now, b"4", over) == device
+    with pytest.raises(Unauthenticated, match="replayed request"):
+        await core.authenticate(METHOD, device, now, bytes([0]), _sign(keys, device, now, b"\0"))
+    with pytest.raises(Unauthenticated, match="replayed request"):
+        await core.authenticate(METHOD, sibling, now, b"4", served)
+
+
+async def test_the_replay_store_is_shared_by_every_core(
+    make_core: MakeCore, clock: FakeClock
+) -> None:
+    # Two key directory processes on one store: a request accepted by one is a replay
+    # at the other (the replay memory is in the store, not in the process).
+    first, second = make_core(), make_core()
+    keys, device = await _device(first)
+    now = clock.now_ms()
+    signature = _sign(keys, device, now)
+    assert await first.authenticate(METHOD, device, now, b"body", signature) == device
+    with pytest.raises(Unauthenticated, match="replayed request"):
+        await second.authenticate(METHOD, device, now, b"body", signature)

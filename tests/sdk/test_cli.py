@@ -183,3 +183,42 @@ async def test_chat_between_two_terminals(servers: Servers, tmp_path: Path) -> N
         proc.stdin.close()  # Ctrl-D
         result = await finish(proc)
         assert result.code == 0, result.err
+
+
+async def test_link_and_approve_then_the_new_device_receives(
+    servers: Servers, tmp_path: Path
+) -> None:
+    alice, bob, phone = tmp_path / "alice", tmp_path / "bob", tmp_path / "phone"
+    await init(servers, alice, "alice")
+    await init(servers, bob, "bob")
+    link = await spawn(servers, phone, "link", "bob")
+    assert link.stdout is not None
+    async with asyncio.timeout(TIMEOUT):
+        first = (await link.stdout.readline()).decode()
+    match = re.fullmatch(r"link code: ([A-Z2-7]{5}-[A-Z2-7]{5})\n", first)
+    assert match, first
+    # A wrong code approves nothing; the right one links the phone.
+    wrong = one_line_error(await relayctl(servers, bob, "approve", "AAAAA-AAAAA"))
+    assert "no link request with code AAAAA-AAAAA" in wrong
+    approved = await relayctl(servers, bob, "approve", match.group(1).lower())
+    assert approved.code == 0, approved.err
+    assert approved.out == "approved default/bob/2\n"
+    linked = await finish(link)
+    assert linked.code == 0, linked.err
+    assert linked.out == f"linked default/bob/2 (home {phone})\n"
+    listen = await spawn(servers, phone, "listen", "--count", "1", "--timeout", str(TIMEOUT))
+    assert listen.stderr is not None
+    async with asyncio.timeout(TIMEOUT):
+        assert (await listen.stderr.readline()).startswith(b"listening as default/bob/2")
+    sent = await relayctl(servers, alice, "send", "bob", "to every device of bob")
+    sent_id(sent)
+    heard = await finish(listen)
+    assert heard.code == 0, heard.err
+    assert heard.out == "alice/1: to every device of bob\n"
+    # Both ends print the same safety number.
+    mine = await relayctl(servers, alice, "safety-number", "bob")
+    theirs = await relayctl(servers, phone, "safety-number", "alice")
+    assert mine.code == 0 and theirs.code == 0, (mine.err, theirs.err)
+    assert mine.out == theirs.out and re.fullmatch(r"(\d{5} ){11}\d{5}\n", mine.out)
+    removed = await relayctl(servers, phone, "remove-device", "1")
+    assert removed.out == "removed default/bob/1\n", removed.err
