@@ -8,6 +8,8 @@ possession), many at once over one channel with a bounded number in flight.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from relay import authproof
-from relay.common.convert import address_to_pb
+from relay.accounts import ListedDevice, build_list
+from relay.common.convert import address_to_pb, device_list_to_pb
 from relay.model import Address
 from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
 from relaypb.relay.v1 import relay_pb2
@@ -57,6 +60,15 @@ def registration_request(tenant: str, user: str, key: Ed25519PrivateKey) -> Any:
     """A RegisterDeviceRequest with fresh X25519 keys and every signature and proof."""
     dh, spk = X25519PrivateKey.generate(), X25519PrivateKey.generate()
     ik, dhk, spk_pub = _raw(key), _raw(dh), _raw(spk)
+    account = Ed25519PrivateKey.generate()
+    first = build_list(
+        tenant,
+        user,
+        1,
+        int(time.time() * 1000),
+        [ListedDevice.of(1, ik)],
+        account_key=_raw(account),
+    )
     # Required by RegisterDevice since PQXDH (issue 4): a signed last-resort ML-KEM key.
     pq_pub = mlkem.MLKEM1024PrivateKey.generate().public_key().public_bytes_raw()
     return keys_pb2.RegisterDeviceRequest(
@@ -73,6 +85,11 @@ def registration_request(tenant: str, user: str, key: Ed25519PrivateKey) -> Any:
         proof=key.sign(authproof.registration_transcript(tenant, user, ik, dhk)),
         last_resort_pq_prekey=keys_pb2.PqPrekey(
             key_id=2, public_key=pq_pub, signature=key.sign(authproof.pq_prekey_transcript(pq_pub))
+        ),
+        # Required since accounts (issue 9): each load user is a new account of one device.
+        account_key=_raw(account),
+        device_list=device_list_to_pb(
+            dataclasses.replace(first, signature=account.sign(first.transcript()))
         ),
     )
 

@@ -198,6 +198,26 @@ class TrivialKeys(keys_pb2_grpc.KeyDirectoryServicer):
         """Not part of the baseline."""
         await _unimplemented(context)
 
+    async def RequestLink(self, request: Any, context: Any) -> Any:
+        """Not part of the baseline."""
+        await _unimplemented(context)
+
+    async def ListLinkRequests(self, request: Any, context: Any) -> Any:
+        """Not part of the baseline."""
+        await _unimplemented(context)
+
+    async def ApproveLink(self, request: Any, context: Any) -> Any:
+        """Not part of the baseline."""
+        await _unimplemented(context)
+
+    async def CompleteLink(self, request: Any, context: Any) -> Any:
+        """Not part of the baseline."""
+        await _unimplemented(context)
+
+    async def GetDeviceList(self, request: Any, context: Any) -> Any:
+        """Not part of the baseline."""
+        await _unimplemented(context)
+
 
 async def _unimplemented(context: Any) -> None:
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the forwarder only forwards")
