@@ -407,9 +407,10 @@ class KeyDirectory:
             raise Unauthenticated(
                 f"request signature does not verify with the identity key of {address}"
             )
-        # Counted per device before anything is stored: one device cannot crowd the
-        # shared replay store for the others.
-        self._signed_rate.hit(str(address), now, what="signed requests")
+        # Checked per device before anything is stored (one device cannot crowd the
+        # shared replay store for the others), counted once stored: a replay captured
+        # and sent again costs the device no quota.
+        self._signed_rate.check(str(address), now, what="signed requests")
         # Keyed by the transcript, not the signature bytes, so a re-encoded signature
         # of the same request is still a replay. Kept until just past the last moment
         # the time check accepts it (time_ms + window inclusive; OnceOnly entries expire
@@ -417,6 +418,7 @@ class KeyDirectory:
         digest = hashlib.sha256(transcript).digest()
         if not await self._once.first_use("request", digest, time_ms + window + 1, now):
             raise Unauthenticated("replayed request: this signed request was accepted before")
+        self._signed_rate.hit(str(address), now, what="signed requests")
         return address
 
     def authenticate_bearer(self, key: str) -> Reader:
@@ -599,6 +601,12 @@ class KeyDirectory:
         state = await self._accounts.account(device.tenant, device.user)
         current = lists.check_next(state, device_list, device.tenant, device.user)
         expected = tuple(d for d in current.devices if d.device != device.device)
+        if not expected:
+            raise FailedPrecondition(
+                f"device {device} is the last device of {device.tenant}/{device.user}: a user "
+                "keeps at least one (link a new device first, or reset the account with a "
+                "reset token)"
+            )
         if {(d.device, d.identity_key) for d in device_list.devices} != {
             (d.device, d.identity_key) for d in expected
         }:

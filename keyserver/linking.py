@@ -116,7 +116,7 @@ class Linking:
                 limit,
                 f"user {inp.tenant}/{inp.user} has {limit} link requests waiting already "
                 f"(max_pending_links_per_user = {limit}); approve them or wait until they "
-                f"expire ({self._limits.link_ttl_ms // 60_000} minutes after they were made)",
+                f"expire ({self._limits.link_ttl_ms / 60_000:g} minutes after they were made)",
             )
         log.info("link request for %s/%s waits for approval", inp.tenant, inp.user)
         return link

@@ -135,6 +135,7 @@ CREATE TABLE IF NOT EXISTS link_requests (
     approved_account_key BLOB
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS link_requests_by_user ON link_requests (tenant, user, created_at_ms);
+CREATE INDEX IF NOT EXISTS link_requests_by_expiry ON link_requests (expires_at_ms);
 CREATE TABLE IF NOT EXISTS once_only (
     kind TEXT NOT NULL,
     digest BLOB NOT NULL,

@@ -84,6 +84,11 @@ def mint(
     """A token letting one device claim (or, with ``purpose="reset"``, reset) ``user``."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose {purpose!r} is not one of {', '.join(PURPOSES)}")
+    if not 0 < ttl_seconds * 1000 <= MAX_TOKEN_LIFETIME_MS:
+        raise ValueError(
+            f"ttl_seconds {ttl_seconds} is out of range 1..{MAX_TOKEN_LIFETIME_MS // 1000} "
+            "(tokens are short-lived)"
+        )
     payload = _payload(tenant, user, purpose, now_ms + ttl_seconds * 1000, secrets.token_bytes(16))
     raw = payload + tenant_key.sign(payload)
     return PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")

@@ -15,7 +15,15 @@ from relay.config import LimitsConfig
 from relay.core.auth import ApiKeys, DeviceAuthenticator, ServiceSender
 from relay.core.delivery import Relay
 from relay.core.sessions import Deliver, QueueEmpty, Session
-from relay.errors import LimitExceeded, SessionDisplaced, Status, Unauthenticated
+from relay.errors import (
+    DeviceRemoved,
+    InvalidArgument,
+    LimitExceeded,
+    PermissionDenied,
+    SessionDisplaced,
+    Status,
+    Unauthenticated,
+)
 from relay.metrics import RelayMetrics
 from relay.model import Address, Envelope, Outcome, Pushed, registration_id
 from relay.stores.sqlite_queue import SqliteQueue
@@ -31,9 +39,14 @@ class FakeIdentities:
     def __init__(self) -> None:
         self.keys: dict[Address, bytes] = {}
         self.list_calls: list[bool] = []
+        self.forgotten: list[Address] = []
 
     async def identity_key(self, device: Address) -> bytes | None:
         return self.keys.get(device)
+
+    def forget(self, device: Address) -> None:
+        # Keys stay: as a cache refilled by a lookup that raced the removal would.
+        self.forgotten.append(device)
 
     async def devices(self, tenant: str, user: str, *, fresh: bool = False) -> dict[int, int]:
         self.list_calls.append(fresh)
@@ -193,6 +206,9 @@ class CountingQueue:
     async def purge_expired(self, *a, **k):  # type: ignore[no-untyped-def]
         return await self.inner.purge_expired(*a, **k)
 
+    async def purge(self, *a, **k):  # type: ignore[no-untyped-def]
+        return await self.inner.purge(*a, **k)
+
 
 @pytest.fixture
 async def counting(tmp_path: Path, clock: FakeClock, identities: FakeIdentities):  # type: ignore[no-untyped-def]
@@ -295,3 +311,80 @@ async def test_device_list_check_passes_with_the_full_list(
     assert [o.outcome for o in outcomes] == [Outcome.STORED, Outcome.STORED]
     assert mismatches == []
     assert identities.list_calls == [False, False]
+
+
+BOB2 = Address("t", "bob", 2)
+
+
+async def test_device_removed_ends_its_sessions_and_purges_its_queue(
+    relay: Relay, identities: FakeIdentities
+) -> None:
+    identities.keys[BOB2] = os.urandom(32)
+    await relay.send(ALICE, [env(b"1", to=BOB2), env(b"2", to=BOB2), env(b"for bob", to=BOB)])
+    receiving = await relay.open_session(BOB2, receive=True)
+    sending = await relay.open_session(BOB2, receive=False)
+    other = await relay.open_session(BOB, receive=True)
+    events = receiving.events()
+    assert isinstance(await anext(events), Deliver)
+    assert await relay.device_removed(BOB2) == 2
+    assert identities.forgotten == [BOB2]
+    with pytest.raises(DeviceRemoved) as info:
+        await anext(events)
+    assert info.value.status is Status.PERMISSION_DENIED and info.value.reason == "DEVICE_REMOVED"
+    assert "t/bob/2 was removed from the device list of t/bob" in info.value.message
+    with pytest.raises(DeviceRemoved):
+        await sending.ended()
+    assert other.end_error is None and not receiving.displaced
+    for session in (receiving, sending):
+        await relay.close_session(session)
+    assert relay.sessions.of_device(BOB2) == []
+    assert await drain(other) == [b"for bob"]  # other devices keep theirs
+    # The queue is gone; the address is refused at once, even with a key still cached.
+    assert (await relay._queue.read(BOB2, 0, 10, 0)).items == ()
+    with pytest.raises(DeviceRemoved):
+        await relay.open_session(BOB2, receive=True)
+    with pytest.raises(DeviceRemoved):
+        await relay.open_session(BOB2, receive=False)
+    (late,) = await relay.send(ALICE, [env(b"late", to=BOB2)])
+    assert late.outcome is Outcome.REJECTED and late.error is not None
+    assert late.error.status is Status.NOT_FOUND
+    assert await relay.device_removed(BOB2) == 0  # told twice (or by two nodes): harmless
+
+
+async def test_a_removal_during_a_send_purges_what_it_stored(
+    relay: Relay, identities: FakeIdentities
+) -> None:
+    identities.keys[BOB2] = os.urandom(32)
+    queue = relay._queue
+    real_append = queue.append
+
+    async def append_then_removed(*a, **k):  # type: ignore[no-untyped-def]
+        result = await real_append(*a, **k)
+        await relay.device_removed(BOB2)  # the event lands while the send is in flight
+        return result
+
+    queue.append = append_then_removed  # type: ignore[method-assign]
+    (res,) = await relay.send(ALICE, [env(b"racing", to=BOB2)])
+    queue.append = real_append  # type: ignore[method-assign]
+    assert res.outcome is Outcome.STORED  # accepted before the removal was known
+    assert (await queue.read(BOB2, 0, 10, 0)).items == ()
+
+
+async def test_request_checks_come_before_any_device_list_lookup(
+    relay: Relay, identities: FakeIdentities
+) -> None:
+    one = [env()]
+    with pytest.raises(LimitExceeded, match="1001 envelopes") as info:
+        await relay.send_checked(ALICE, [env() for _ in range(1001)], [1] * 1001, [("t", "bob")])
+    assert info.value.limit == "max_batch_envelopes"
+    many = [("t", f"u{i}") for i in range(1001)]
+    with pytest.raises(LimitExceeded, match="1001 complete_device_lists entries"):
+        await relay.send_checked(ALICE, one, [1], many)
+    with pytest.raises(PermissionDenied, match=r"complete_device_lists\[1\]\.tenant is 'other'"):
+        await relay.send_checked(ALICE, one, [1], [("t", "bob"), ("other", "bob")])
+    service = ServiceSender("t", "billing").address
+    with pytest.raises(PermissionDenied, match="may only send within tenant 't'"):
+        await relay.send_checked(service, one, [1], [("other", "bob")])
+    with pytest.raises(InvalidArgument, match=r"complete_device_lists\[0\]\.user"):
+        await relay.send_checked(ALICE, one, [1], [("t", "bob\n")])
+    assert identities.list_calls == []  # nothing was looked up for a refused request

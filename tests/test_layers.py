@@ -14,8 +14,13 @@ CORE = [
     ROOT / "relay" / "model.py",
     ROOT / "relay" / "errors.py",
     ROOT / "keyserver" / "directory.py",
+    ROOT / "keyserver" / "linking.py",
+    ROOT / "keyserver" / "lists.py",
+    ROOT / "keyserver" / "quotas.py",
+    ROOT / "keyserver" / "tokens.py",
     ROOT / "keyserver" / "ports.py",
     ROOT / "keyserver" / "model.py",
+    ROOT / "relay" / "accounts.py",
 ]
 
 
@@ -52,7 +57,9 @@ KEYSERVER_PRIVATE = (
     "keyserver.directory",
     "keyserver.sqlite_store",
     "keyserver.cassandra_store",
-    "keyserver.redis_guard",
+    "keyserver.cassandra_accounts",
+    "keyserver.cassandra_base",
+    "keyserver.linking",
 )
 
 

@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from relay.common.convert import address_to_pb
 from relay.common.status import error_info
 from relay.config import ApiKeyConfig
-from relay.model import Address
+from relay.model import Address, registration_id
 from relay.server.app import RelayApp
 from relaypb.common.v1 import address_pb2
 from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
 from tests.conftest import Servers, StartServers
-from tests.support import Device, connect, envelope, register
+from tests.support import Device, RawSession, connect, envelope, pub, register
 
 pytestmark = pytest.mark.integration
 
@@ -380,3 +380,68 @@ async def test_any_send_input_gets_a_clean_answer(
     assert res.outcome == relay_pb2.OUTCOME_REJECTED  # no such recipient is registered
     assert res.code in {3, 5, 7} and res.message
     await a.close()
+
+
+async def _send_batch(
+    session: RawSession, envs: list[relay_pb2.Envelope], users: list[relay_pb2.UserRef]
+) -> relay_pb2.SendResults:
+    """One SendBatch with ``complete_device_lists`` on a raw session."""
+    session._batch += 1
+    fut: asyncio.Future[relay_pb2.SendResults] = asyncio.get_running_loop().create_future()
+    session.results[session._batch] = fut
+    await session.call.write(
+        relay_pb2.ClientFrame(
+            send=relay_pb2.SendBatch(
+                batch_id=session._batch, envelopes=envs, complete_device_lists=users
+            )
+        )
+    )
+    return await asyncio.wait_for(fut, 30)
+
+
+async def test_device_lists_of_another_tenant_refuse_the_whole_request(
+    tmp_path: os.PathLike[str], start_servers: StartServers
+) -> None:
+    key_file = os.path.join(tmp_path, "api.key")
+    with open(key_file, "w") as f:
+        f.write("s3cret-service-key-0123456789\n")
+    servers = await start_servers(**{"limits.max_batch_envelopes": 2})
+    cfg = dataclasses.replace(
+        servers.config, api_keys=(ApiKeyConfig("default", "billing", str(key_file)),)
+    )
+    alice = await register(servers.keys_address, "alice")
+    bob = await register(servers.keys_address, "bob")
+    bob_ref = relay_pb2.UserRef(tenant="default", user="bob")
+    elsewhere = relay_pb2.UserRef(tenant="other", user="bob")
+    async with RelayApp(cfg) as relay, grpc.aio.insecure_channel(relay.address) as channel:
+        a = await connect(channel, alice, receive=False)
+        reply = await _send_batch(a, [envelope(bob.address, b"x")], [bob_ref, elsewhere])
+        [result] = reply.results
+        assert result.outcome == relay_pb2.OUTCOME_REJECTED
+        assert result.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+        assert "complete_device_lists[1].tenant is 'other'" in result.message
+        # Over the batch limit by its entries: refused as a whole, named.
+        over = await _send_batch(a, [envelope(bob.address, b"y")], [bob_ref] * 3)
+        assert over.results[0].limit == "max_batch_envelopes"
+        assert "3 complete_device_lists entries" in over.results[0].message
+        # The stream goes on, and nothing was stored by the refused batches.
+        reg = registration_id(pub(bob.signing_key))
+        fine = envelope(bob.address, b"fine", recipient_registration_id=reg)
+        ok = await _send_batch(a, [fine], [bob_ref])
+        assert [r.outcome for r in ok.results] == [relay_pb2.OUTCOME_STORED]
+        # A service sender may only name its own tenant too.
+        stub = relay_pb2_grpc.RelayStub(channel)
+        auth = (("authorization", "Bearer s3cret-service-key-0123456789"),)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Send(
+                relay_pb2.SendRequest(
+                    envelopes=[envelope(bob.address, b"z")], complete_device_lists=[elsewhere]
+                ),
+                metadata=auth,
+            )
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "may only send within tenant 'default'" in (info.value.details() or "")
+        b = await connect(channel, bob)
+        assert [e.content for e in await b.until_queue_empty()] == [b"fine"]
+        await a.close()
+        await b.close()

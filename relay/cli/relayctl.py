@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 
+from relay.clock import SystemClock
 from relay.errors import AlreadyExists, RelayError, Unavailable
 from relay.model import Address
 from relay.sdk import DeviceState, ExponentialBackoff, KeyDirectoryClient, register_device
@@ -170,9 +171,10 @@ async def cmd_link(args: argparse.Namespace) -> None:
                 state, directory, tenant, args.user, one_time_prekeys=args.prekeys
             )
             print(f"link code: {ticket.code}", flush=True)
+            minutes = max(1, (ticket.expires_at_ms - SystemClock().now_ms()) // 60_000)
             print(
                 f"on a device of {args.user}, run: relayctl approve {ticket.code}   "
-                "(waiting; the code expires in 10 minutes)",
+                f"(waiting; the code expires in {minutes} minutes)",
                 file=sys.stderr,
                 flush=True,
             )
@@ -205,23 +207,36 @@ async def cmd_trust(args: argparse.Namespace) -> None:
 
 
 async def cmd_safety_number(args: argparse.Namespace) -> None:
-    """Print the number you and USER both see if you have each other's true account keys."""
+    """Print the number you and USER both see if you have each other's true account keys.
+
+    It is the number for USER's account key as the key directory serves it now (its
+    list verified). If that key is not the one this device trusts, a note says so:
+    compare the number with USER, and only then run `relayctl trust USER`.
+    """
     state, own = _open_registered(args)
     with state:
         accounts = Accounts(state)
         private = accounts.own_private()
-        peer = accounts.pinned_key(own.tenant, args.user)
-        if peer is None:
-            async with grpc.aio.insecure_channel(args.keys) as channel:
-                directory = KeyDirectoryClient(channel, target=args.keys)
-                identity = state.identity()
-                assert identity is not None
-                directory.sign_as(identity, own)
-                peer = accounts.check(
-                    await directory.device_list(own.tenant, args.user)
-                ).account_key
+        pinned = accounts.pinned_key(own.tenant, args.user)
+        identity = state.identity()
+        assert identity is not None
+        async with grpc.aio.insecure_channel(args.keys) as channel:
+            directory = KeyDirectoryClient(channel, target=args.keys)
+            directory.sign_as(identity, own)
+            current = await directory.device_list(own.tenant, args.user)
+        if not current.verifies():
+            raise CliError(f"the device list of {args.user} is not validly signed")
+        if pinned is None:
+            accounts.check(current)  # first contact: pin it, as a send would
+        elif pinned != current.account_key:
+            print(
+                f"relayctl: {args.user}'s account key changed since this device trusted it; "
+                f"this number is for the new key: compare it with {args.user}, then run "
+                f"`relayctl trust {args.user}`",
+                file=sys.stderr,
+            )
     mine = (f"{own.tenant}/{own.user}", account_public(private))
-    print(safety_number(mine, (f"{own.tenant}/{args.user}", peer)))
+    print(safety_number(mine, (f"{own.tenant}/{args.user}", current.account_key)))
 
 
 async def cmd_send(args: argparse.Namespace) -> None:

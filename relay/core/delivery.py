@@ -406,9 +406,16 @@ class Relay:
         return await self._queue.purge(device)
 
     async def _purge_removed(self, recipients: set[Address]) -> None:
-        """Purge again the queues of recipients removed while a send was appending."""
+        """Purge again the queues of recipients removed while a send was appending.
+
+        The send itself succeeded: a failed purge is logged, not raised (the envelopes
+        then expire with their TTL).
+        """
         for device in recipients & self._removed.keys():
-            await self._queue.purge(device)
+            try:
+                await self._queue.purge(device)
+            except RelayError as exc:
+                log.warning("purge of removed device %s after a send failed: %s", device, exc)
 
     async def ack(self, session: Session, message_ids: Sequence[bytes]) -> int:
         """Remove acked envelopes from the session's own queue (never anyone else's)."""

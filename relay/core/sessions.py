@@ -223,8 +223,9 @@ class Session:
 
 
 class SessionRegistry:
-    """The sessions open on this node: one receiving session per device at most, and
-    any number of send-only ones (kept so that they can be ended, e.g. on removal).
+    """The sessions open on this node: receiving (one per device) and send-only.
+
+    Send-only sessions are kept only so that they can be ended (a device removal).
     """
 
     def __init__(self) -> None:

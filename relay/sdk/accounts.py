@@ -170,7 +170,8 @@ class Accounts:
                 raise AccountKeyChanged(
                     f"the account key of {tenant}/{user} changed (they reset their account, or "
                     f"someone else speaks for them): compare `relayctl safety-number {user}` "
-                    f"with them, then accept it with `relayctl trust {user}`",
+                    f"(it shows the new key's number) with them, then accept it with "
+                    f"`relayctl trust {user}`",
                     metadata={"tenant": tenant, "user": user},
                 )
             if device_list.version < pinned.version:

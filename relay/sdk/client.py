@@ -31,7 +31,7 @@ from relay.errors import RelayError, Unavailable
 from relay.model import Address
 from relay.sdk.backoff import Backoff, ExponentialBackoff
 from relay.sdk.codec import Codec, PlaintextCodec
-from relay.sdk.crypto.errors import CryptoError
+from relay.sdk.crypto.errors import AwaitingTrust, CryptoError
 from relay.sdk.directory import from_pb
 from relay.sdk.keys import Identity
 from relay.sdk.outbox import BatchResult, Outbox, OutgoingMessage, SendReceipt, sealed_envelope
@@ -110,6 +110,8 @@ class RelayClient:
         self.duplicates_dropped = 0
         #: Envelopes the codec could not open (tampered, replayed, no session): dropped.
         self.undecryptable = 0
+        #: Messages kept unopened and unacknowledged until a changed account key is trusted.
+        self.held_for_trust = 0
 
     async def __aenter__(self) -> RelayClient:
         await self.start()
@@ -267,11 +269,12 @@ class RelayClient:
         """Acknowledge messages: they are removed from the local inbox (idempotent)."""
         await asyncio.to_thread(self._state.remove_from_inbox, messages)
 
-    def _store(self, envelopes: Sequence[relay_pb2.Envelope]) -> tuple[int, int]:
+    def _store(self, envelopes: Sequence[relay_pb2.Envelope]) -> tuple[int, int, set[bytes]]:
         """Open the new envelopes and commit them to the inbox (runs off the loop).
 
         The codec's state changes and the inbox commit in one transaction: a crash
-        loses neither a message nor a key. Returns (new messages, undecryptable).
+        loses neither a message nor a key. Returns (new messages, undecryptable, the ids
+        of messages held unopened: they must not be acknowledged, see AwaitingTrust).
         """
         with self._state.transaction():
             fresh: dict[tuple[Address, bytes], ReceivedMessage] = {}
@@ -282,25 +285,29 @@ class RelayClient:
                 key = (message.sender, message.message_id)
                 if key not in fresh and not self._state.was_received(*key):
                     fresh[key] = message
-            opened, failed = [], 0
+            opened, failed, held = [], 0, set()
             for m in fresh.values():
                 try:
                     opened.append(replace(m, content=self._codec.open(m.sender, m.content)))
+                except AwaitingTrust as exc:
+                    held.add(m.message_id)
+                    log.warning("kept message %s: %s", m.message_id.hex(), exc.message)
                 except CryptoError as exc:
                     failed += 1
                     log.warning(
                         "dropped message %s from %s: %s", m.message_id.hex(), m.sender, exc.message
                     )
-            return self._state.accept(opened), failed
+            return self._state.accept(opened), failed, held
 
     async def _deliver(self, session: Session, deliver: relay_pb2.Deliver) -> None:
         await self._codec.prepare([(from_pb(e.sender), e.content) for e in deliver.envelopes])
-        new, failed = await asyncio.to_thread(self._store, deliver.envelopes)
+        new, failed, held = await asyncio.to_thread(self._store, deliver.envelopes)
         self.undecryptable += failed
-        self.duplicates_dropped += len(deliver.envelopes) - new - failed
+        self.held_for_trust += len(held)
+        self.duplicates_dropped += len(deliver.envelopes) - new - failed - len(held)
         if new:
             self._inbox_changed.set()
-        ids = [e.message_id for e in deliver.envelopes]
+        ids = [e.message_id for e in deliver.envelopes if e.message_id not in held]
         await session.write(relay_pb2.ClientFrame(ack=relay_pb2.AckBatch(message_ids=ids)))
 
     # -- the session loop ---------------------------------------------------------------

@@ -29,7 +29,12 @@ from typing import Any
 from relay.model import Address, registration_id
 from relay.sdk.crypto import pqxdh
 from relay.sdk.crypto.bundle import InitialMessage
-from relay.sdk.crypto.errors import CryptoError, DuplicateMessage, MalformedMessage
+from relay.sdk.crypto.errors import (
+    AwaitingTrust,
+    CryptoError,
+    DuplicateMessage,
+    MalformedMessage,
+)
 from relay.sdk.crypto.ratchet import Ratchet
 from relay.sdk.crypto.wire import Reader, field
 from relay.sdk.directory import DeviceBundle
@@ -131,6 +136,12 @@ class E2eeCodec:
         self._on_prekeys_used = on_prekeys_used
         #: Identity keys the directory vouched for, by sender (filled by prepare).
         self._vouched: dict[Address, bytes] = {}
+        #: Senders whose user's account key changed and is not trusted yet (see hold).
+        self._held: set[Address] = set()
+
+    def hold(self, sender: Address) -> None:
+        """Keep prekey messages of ``sender`` unopened: its account key awaits trust."""
+        self._held.add(sender)
 
     # -- sessions -----------------------------------------------------------------------
 
@@ -191,6 +202,7 @@ class E2eeCodec:
         """Look up the senders of prekey messages in the key directory (on the loop)."""
         for sender, content in messages:
             if content[:1] == bytes([PREKEY_MESSAGE]) and sender not in self._vouched:
+                self._held.discard(sender)
                 key = await self._lookup(sender)
                 if key is not None:
                     self._vouched[sender] = key
@@ -243,6 +255,11 @@ class E2eeCodec:
         if known:  # the initiator resends its header until we answer: same session
             return self._try_sessions(sender, sessions, message)
         vouched = self._vouched.get(sender)
+        if vouched is None and sender in self._held:
+            raise AwaitingTrust(
+                f"a message from {sender}, whose account key changed: it is kept until the new "
+                f"key is trusted (`relayctl trust {sender.user}`)"
+            )
         if vouched is None or vouched != initial.identity.signing_key:
             self._vouched.pop(sender, None)  # look it up again next time
             raise UntrustedIdentity(

@@ -87,12 +87,18 @@ def normalize_code(code: str) -> str:
 
 
 def _seal_context(
-    request_id: bytes, tenant: str, user: str, identity_key: bytes, link_key: bytes
+    request_id: bytes,
+    *,
+    tenant: str,
+    user: str,
+    identity_key: bytes,
+    identity_dh_key: bytes,
+    link_key: bytes,
 ) -> bytes:
     return (
         SEAL_LABEL
         + request_id
-        + authproof.link_request_transcript(tenant, user, identity_key, b"", link_key)
+        + authproof.link_request_transcript(tenant, user, identity_key, identity_dh_key, link_key)
     )
 
 
@@ -103,12 +109,20 @@ def seal_account_key(
     tenant: str,
     user: str,
     identity_key: bytes,
+    identity_dh_key: bytes,
     link_key: bytes,
 ) -> bytes:
     """The account key sealed to a link request's ``link_key`` (see the module docstring)."""
     ephemeral = primitives.x25519_generate()
     shared = primitives.x25519(ephemeral, link_key)
-    context = _seal_context(request_id, tenant, user, identity_key, link_key)
+    context = _seal_context(
+        request_id,
+        tenant=tenant,
+        user=user,
+        identity_key=identity_key,
+        identity_dh_key=identity_dh_key,
+        link_key=link_key,
+    )
     key = primitives.hkdf_sha256(shared, request_id, context, 32)
     nonce = os.urandom(12)
     sealed = primitives.aead_encrypt(key, nonce, account_private, context)
@@ -123,13 +137,21 @@ def open_account_key(
     tenant: str,
     user: str,
     identity_key: bytes,
+    identity_dh_key: bytes,
 ) -> bytes:
     """Inverse of :func:`seal_account_key`; raises a CryptoError if it is not authentic."""
     if len(sealed) < 32 + 12 + 16:
         raise Unauthenticated("the sealed account key is too short")
     link_key = primitives.x25519_public(link_private)
     shared = primitives.x25519(link_private, sealed[:32])
-    context = _seal_context(request_id, tenant, user, identity_key, link_key)
+    context = _seal_context(
+        request_id,
+        tenant=tenant,
+        user=user,
+        identity_key=identity_key,
+        identity_dh_key=identity_dh_key,
+        link_key=link_key,
+    )
     key = primitives.hkdf_sha256(shared, request_id, context, 32)
     return primitives.aead_decrypt(key, sealed[32:44], sealed[44:], context)
 
@@ -219,6 +241,7 @@ async def wait_for_approval(
             tenant=pending.tenant,
             user=pending.user,
             identity_key=identity.public_key,
+            identity_dh_key=identity.dh_public_key,
         )
     except CryptoError as exc:
         raise Unauthenticated(f"the sealed account key does not open: {exc.message}") from exc
@@ -271,7 +294,7 @@ async def approve_link(
     if match is None:
         raise NotFound(
             f"no link request with code {wanted} waits for {address.tenant}/{address.user}: "
-            "check the code on the new device (requests expire after 10 minutes)"
+            "check the code on the new device (requests expire: link again if it is old)"
         )
     current = accounts.check(waiting.device_list)
     new_entry = ListedDevice.of(waiting.next_device, match.identity_key)
@@ -282,6 +305,7 @@ async def approve_link(
         tenant=address.tenant,
         user=address.user,
         identity_key=match.identity_key,
+        identity_dh_key=match.identity_dh_key,
         link_key=match.link_key,
     )
     linked = await directory.approve_link(identity, address, match.request_id, new_list, sealed)

@@ -27,9 +27,9 @@ from types import TracebackType
 import grpc
 
 from relay.accounts import DeviceList
-from relay.errors import FailedPrecondition, NotFound, RelayError
+from relay.errors import FailedPrecondition, NotFound, RelayError, Unauthenticated
 from relay.model import Address, DeviceListMismatch, Outcome
-from relay.sdk.accounts import Accounts, NewDeviceCallback
+from relay.sdk.accounts import AccountKeyChanged, Accounts, NewDeviceCallback
 from relay.sdk.backoff import Backoff
 from relay.sdk.client import RelayClient
 from relay.sdk.crypto.errors import CryptoError, MalformedMessage
@@ -203,6 +203,12 @@ class SecureClient:
         try:
             device_list = await self.verified_list(device.tenant, device.user)
         except NotFound:
+            return None
+        except AccountKeyChanged:
+            self.codec.hold(device)  # its messages wait for `trust`, unopened and unacked
+            return None
+        except Unauthenticated as exc:  # a forged or rolled-back list: nothing to trust
+            log.warning("no identity for %s: %s", device, exc.message)
             return None
         entry = device_list.find(device.device)
         return None if entry is None else entry.identity_key

@@ -13,11 +13,11 @@ import pytest
 
 from keyserver.app import KeyserverApp
 from keyserver.cassandra_store import cassandra_key_stores
-from keyserver.client import REMOVE_DEVICE_METHOD, sign_request_metadata
+from keyserver.client import REMOVE_DEVICE_METHOD
 from keyserver.model import OneTimePrekey
 from relay.clock import FakeClock
 from relay.common.cassandra.session import CassandraSession
-from relay.common.convert import address_from_pb, address_to_pb
+from relay.common.convert import address_from_pb, address_to_pb, device_list_to_pb
 from relay.config import CassandraConfig
 from relay.model import Address
 from relaypb.keys.v1 import keys_pb2 as pb
@@ -38,9 +38,15 @@ from tests.keyserver.conformance import (
     pqks,
     spk,
 )
-from tests.keyserver.keys import DeviceKeys
+from tests.keyserver.keys import Account, DeviceKeys
 from tests.keyserver.wire import config as wire_config
+from tests.keyserver.wire import device_list as wire_device_list
+from tests.keyserver.wire import fetch as wire_fetch
+from tests.keyserver.wire import identity_key as wire_identity_key
+from tests.keyserver.wire import link as wire_link
+from tests.keyserver.wire import list_devices as wire_list_devices
 from tests.keyserver.wire import register as wire_register
+from tests.keyserver.wire import sign as wire_sign
 
 pytestmark = pytest.mark.services
 
@@ -176,7 +182,7 @@ async def test_racing_publishes_and_claims_hand_each_key_out_once(
 async def test_key_directory_on_cassandra_end_to_end(
     fresh: CassandraSession, cassandra_config: CassandraConfig, tmp_path: Path
 ) -> None:
-    """The gRPC key directory on the Cassandra backend: PQ handout, fallback, removal."""
+    """The gRPC key directory on Cassandra: accounts, linking, PQ handout, removal."""
     clock = FakeClock()
     cfg = wire_config(
         tmp_path,
@@ -187,25 +193,36 @@ async def test_key_directory_on_cassandra_end_to_end(
             "cassandra.request_timeout_seconds": 30.0,
         },
     )
-    phone, laptop = DeviceKeys(), DeviceKeys()
+    account, phone, laptop = Account(), DeviceKeys(), DeviceKeys()
     async with (
         KeyserverApp(cfg, clock) as app,
         grpc.aio.insecure_channel(app.address) as channel,
     ):
         stub = keys_pb2_grpc.KeyDirectoryStub(channel)
-        one = await wire_register(stub, phone, one_time=[1], one_time_pq=[1, 2])
-        two = await wire_register(stub, laptop)
-        fetch = pb.FetchPrekeyBundlesRequest(tenant="acme", user="alice", devices=[1])
-        got = [(await stub.FetchPrekeyBundles(fetch)).bundles[0] for _ in range(3)]
+        one = await wire_register(stub, phone, one_time=[1], one_time_pq=[1, 2], account=account)
+        two = await wire_link(stub, clock, account, phone, one, laptop)
+        assert two == Address("acme", "alice", 2)
+        got = [(await wire_fetch(stub, clock, phone, one, devices=[1]))[0] for _ in range(3)]
         assert [b.pq_prekey.key_id for b in got] == [1, 2, 1_000_000]
         assert [b.pq_prekey_last_resort for b in got] == [False, False, True]
         assert [b.HasField("one_time_prekey") for b in got] == [True, False, False]
-        request = pb.RemoveDeviceRequest(device=address_to_pb(two))
-        md = sign_request_metadata(REMOVE_DEVICE_METHOD, one, phone.signing, request, clock)
+        without = account.without(2)
+        request = pb.RemoveDeviceRequest(
+            device=address_to_pb(two), device_list=device_list_to_pb(without)
+        )
+        md = wire_sign(clock, phone, one, REMOVE_DEVICE_METHOD, request)
         await stub.RemoveDevice(request, metadata=md)
-        listed = await stub.ListDevices(pb.ListDevicesRequest(tenant="acme", user="alice"))
-        assert [address_from_pb(d.address) for d in listed.devices] == [one]
+        account.commit(without)
+        listed = await wire_list_devices(stub, clock, phone, one)
+        assert [address_from_pb(d.address) for d in listed] == [one]
+        stored = await wire_device_list(stub, clock, phone, one)
+        assert stored == device_list_to_pb(without)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.GetIdentityKey(pb.GetIdentityKeyRequest(device=address_to_pb(two)))
+            await wire_identity_key(stub, clock, phone, one, two)
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-        assert await wire_register(stub, DeviceKeys()) == Address("acme", "alice", 3)
+        # A new device is linked, not registered, and gets a number never used.
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await wire_register(stub, DeviceKeys())
+        assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        third = await wire_link(stub, clock, account, phone, one, DeviceKeys())
+        assert third == Address("acme", "alice", 3)

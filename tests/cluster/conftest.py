@@ -88,10 +88,14 @@ async def cassandra_keyspace() -> str:
 
 
 @pytest.fixture
-async def cluster_overrides(cassandra_keyspace: str) -> dict[str, Any]:
-    """Config overrides of a cluster: Cassandra storage, Redis presence, isolated names."""
+async def cluster_overrides(cassandra_keyspace: str, tmp_path: Path) -> dict[str, Any]:
+    """Config overrides of a cluster: Cassandra storage, Redis presence, isolated names.
+
+    Every process shares one relay nodes' key file (their credential to the key directory).
+    """
     require("Redis", REDIS_PORT)
     return {
+        "keyserver.relay_key_file": str(tmp_path / "relay-node.key"),
         "presence.backend": "redis",
         "presence.redis_url": REDIS_URL,
         "presence.key_prefix": f"test-{uuid.uuid4().hex[:8]}:",

@@ -179,3 +179,36 @@ class QueueConformance:
         assert [e.message_id for e in await read_all(queue, BOB)] == [
             e.message_id for e in envs[1100:]
         ]
+
+    async def test_purge_empties_only_that_device(self, queue: MessageQueue) -> None:
+        mine = [env(BOB) for _ in range(5)]
+        theirs = [env(BOB2) for _ in range(2)]
+        await queue.append(mine + theirs, [NOW + 1000] * 7, BIG)
+        assert await queue.ack(BOB, [mine[0].message_id]) == 1
+        assert await queue.purge(BOB) == 4
+        assert await read_all(queue, BOB) == []
+        assert await queue.ack(BOB, [e.message_id for e in mine]) == 0  # nothing left to ack
+        assert [e.message_id for e in await read_all(queue, BOB2)] == [e.message_id for e in theirs]
+
+    async def test_purge_is_idempotent(self, queue: MessageQueue) -> None:
+        assert await queue.purge(BOB) == 0  # a device never seen
+        await queue.append([env(), env()], [NOW + 1000] * 2, BIG)
+        assert await queue.purge(BOB) == 2
+        assert await queue.purge(BOB) == 0
+        assert await read_all(queue, BOB) == []
+
+    async def test_concurrent_purges_of_one_device(self, queue: MessageQueue) -> None:
+        envs = [env() for _ in range(50)]
+        await queue.append(envs, [NOW + 1000] * 50, BIG)
+        counts = await asyncio.gather(*(queue.purge(BOB) for _ in range(4)))
+        # Each may count what another deleted at the same time, never more than was there.
+        assert sum(counts) >= 50 and max(counts) <= 50
+        assert await read_all(queue, BOB) == []
+        assert await queue.purge(BOB) == 0
+
+    async def test_a_queue_works_again_after_a_purge(self, queue: MessageQueue) -> None:
+        await queue.append([env(), env()], [NOW + 1000] * 2, BIG)
+        await queue.purge(BOB)
+        again = env()
+        assert (await queue.append([again], [NOW + 1000], BIG))[0].outcome is Outcome.STORED
+        assert [e.message_id for e in await read_all(queue, BOB)] == [again.message_id]

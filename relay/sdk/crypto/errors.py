@@ -9,7 +9,8 @@
         ├── MalformedMessage        wrong length, type byte or version
         ├── DecryptError            authentication failed: tampered, forged or wrong key
         ├── DuplicateMessage        this message key was already used (replay)
-        └── TooManySkipped          the message would skip more keys than allowed
+        ├── TooManySkipped          the message would skip more keys than allowed
+        └── AwaitingTrust           the sender's account key changed: kept, not opened
 
 None of them is retryable: the same bytes fail the same way.
 """
@@ -63,3 +64,13 @@ class TooManySkipped(CryptoError):
     """Accepting the message would derive more skipped message keys than allowed."""
 
     reason = "TOO_MANY_SKIPPED"
+
+
+class AwaitingTrust(CryptoError):
+    """The sender's user has a new account key that this device has not accepted yet.
+
+    The message is neither opened nor acknowledged: it stays queued on the relay and is
+    opened on a later session, once the new key is trusted (``relayctl trust USER``).
+    """
+
+    reason = "AWAITING_TRUST"

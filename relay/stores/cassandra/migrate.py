@@ -21,8 +21,9 @@ from importlib import resources
 from relay.common.cassandra.session import CassandraSession
 from relay.config import CassandraConfig, ConfigError
 
-_NAME_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.cql$")
-_KEYSPACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
+#: Both matched whole (``fullmatch``: ``$`` would let a trailing newline through).
+_NAME_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.cql")
+_KEYSPACE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,47}")
 
 SCHEMA_MIGRATIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -82,7 +83,7 @@ def load_migrations() -> list[Migration]:
     folder = resources.files("relay.stores.cassandra").joinpath("migrations")
     found: list[Migration] = []
     for entry in folder.iterdir():
-        match = _NAME_RE.match(entry.name)
+        match = _NAME_RE.fullmatch(entry.name)
         if match is None:
             continue
         statements = tuple(split_statements(entry.read_text(encoding="utf-8")))
@@ -95,7 +96,7 @@ def load_migrations() -> list[Migration]:
 
 
 def _keyspace(config: CassandraConfig) -> str:
-    if not _KEYSPACE_RE.match(config.keyspace):
+    if not _KEYSPACE_RE.fullmatch(config.keyspace):
         raise ConfigError(
             f"cassandra.keyspace: {config.keyspace!r} is invalid: use a letter, then up to "
             "47 letters, digits or '_'"

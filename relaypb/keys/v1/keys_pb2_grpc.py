@@ -31,7 +31,8 @@ class KeyDirectoryStub:
     existing user without the approval of one of its devices); CompleteLink answers
     only to the holder of a request id.
     - Every other method needs credentials: a device-signed request (metadata
-    x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+    x-relay-device, x-relay-time-ms, x-relay-nonce-bin, x-relay-signature-bin;
+    keyserver/client.py), or
     for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
     """
 
@@ -109,7 +110,8 @@ class KeyDirectoryServicer:
     existing user without the approval of one of its devices); CompleteLink answers
     only to the holder of a request id.
     - Every other method needs credentials: a device-signed request (metadata
-    x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+    x-relay-device, x-relay-time-ms, x-relay-nonce-bin, x-relay-signature-bin;
+    keyserver/client.py), or
     for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
     """
 
@@ -281,7 +283,8 @@ class KeyDirectory:
     existing user without the approval of one of its devices); CompleteLink answers
     only to the holder of a request id.
     - Every other method needs credentials: a device-signed request (metadata
-    x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+    x-relay-device, x-relay-time-ms, x-relay-nonce-bin, x-relay-signature-bin;
+    keyserver/client.py), or
     for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
     """
 

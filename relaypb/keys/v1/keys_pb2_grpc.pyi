@@ -32,7 +32,8 @@ class KeyDirectoryStub:
       existing user without the approval of one of its devices); CompleteLink answers
       only to the holder of a request id.
     - Every other method needs credentials: a device-signed request (metadata
-      x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+      x-relay-device, x-relay-time-ms, x-relay-nonce-bin, x-relay-signature-bin;
+      keyserver/client.py), or
       for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
     """
 
@@ -84,7 +85,8 @@ class KeyDirectoryAsyncStub(KeyDirectoryStub):
       existing user without the approval of one of its devices); CompleteLink answers
       only to the holder of a request id.
     - Every other method needs credentials: a device-signed request (metadata
-      x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+      x-relay-device, x-relay-time-ms, x-relay-nonce-bin, x-relay-signature-bin;
+      keyserver/client.py), or
       for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
     """
 
@@ -132,7 +134,8 @@ class KeyDirectoryServicer(metaclass=_abc_1.ABCMeta):
       existing user without the approval of one of its devices); CompleteLink answers
       only to the holder of a request id.
     - Every other method needs credentials: a device-signed request (metadata
-      x-relay-device, x-relay-time-ms, x-relay-signature-bin; keyserver/client.py), or
+      x-relay-device, x-relay-time-ms, x-relay-nonce-bin, x-relay-signature-bin;
+      keyserver/client.py), or
       for reads a tenant API key or the relay nodes' key (`authorization: Bearer <key>`).
     """
 
