@@ -273,6 +273,35 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """TLS of this process's servers and the servers it calls (``[tls]``).
+
+    ``cert_file``/``key_file``: the PEM certificate chain and key every listener of
+    this process serves (relay device port, node links, key directory). With
+    ``client_ca_file`` the node-link listener requires client certificates signed by it
+    (mutual TLS). ``ca_file``: the CA that verifies the servers this process calls (the
+    key directory, peer nodes); empty means the system roots. Binding a non-loopback
+    address without TLS is refused unless ``allow_plaintext`` says it is deliberate.
+    Files are read again when they change (and on SIGHUP).
+    """
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+    ca_file: str = ""
+    allow_plaintext: bool = False
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("tls: cert_file and key_file go together (both, or neither)")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this process serves TLS."""
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKeyConfig:
     """A tenant API key for server-side senders. The key itself is read from ``key_file``."""
 
@@ -302,6 +331,7 @@ class Config:
     presence: PresenceConfig = field(default_factory=PresenceConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     api_keys: tuple[ApiKeyConfig, ...] = ()
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 C = TypeVar("C")

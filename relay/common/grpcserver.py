@@ -67,6 +67,8 @@ def _stack_lines(task: asyncio.Future[Any]) -> list[str]:
 class GrpcServer:
     """Serve ``services`` on ``listen`` (``host:port``; port 0 picks a free port).
 
+    With ``credentials`` (relay.common.tls.server_credentials) the port serves TLS.
+
     ``services`` pairs each ``add_XServicer_to_server`` function with its servicer and
     full service name. ``grpc.health.v1`` reports SERVING for each while running, and
     server reflection lists them.
@@ -79,8 +81,10 @@ class GrpcServer:
         *,
         grace_seconds: float = 5.0,
         options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self._listen = listen
+        self._credentials = credentials
         self._services = services
         self._grace = grace_seconds
         self._options = [
@@ -111,7 +115,10 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        self.port = server.add_insecure_port(self._listen)
+        if self._credentials is None:
+            self.port = server.add_insecure_port(self._listen)
+        else:
+            self.port = server.add_secure_port(self._listen, self._credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self._listen}")
         await server.start()
