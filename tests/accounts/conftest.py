@@ -51,8 +51,8 @@ def account_keyspace() -> Iterator[str]:
     yield config.keyspace
 
 
-def overrides(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, Any]:
-    """Config overrides for ``backend`` with the token tenant ``acme``."""
+def overrides(tmp_path: Path, keyspace: str | None = None) -> dict[str, Any]:
+    """Config overrides with the token tenant ``acme``; on Cassandra with ``keyspace``."""
     key_file = tmp_path / "acme-token.pub"
     key_file.write_text(TENANT_KEY.public_key().public_bytes_raw().hex())
     settings: dict[str, Any] = {
@@ -64,11 +64,11 @@ def overrides(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> d
             }
         ],
     }
-    if backend == "cassandra":
+    if keyspace is not None:
         settings |= {
             "storage.backend": "cassandra",
             "cassandra.port": CASSANDRA_PORT,
-            "cassandra.keyspace": request.getfixturevalue("account_keyspace"),
+            "cassandra.keyspace": keyspace,
         }
     return settings
 
@@ -78,7 +78,8 @@ async def srv(
     request: pytest.FixtureRequest, start_servers: StartServers, tmp_path: Path
 ) -> Servers:
     """A relay node and key directory on the backend of the parameter."""
-    return await start_servers(**overrides(request.param, tmp_path, request))
+    keyspace = request.getfixturevalue("account_keyspace") if request.param == "cassandra" else None
+    return await start_servers(**overrides(tmp_path, keyspace))
 
 
 @pytest.fixture

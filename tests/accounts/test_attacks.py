@@ -169,7 +169,7 @@ async def test_anonymous_reads_are_refused_and_drains_are_rate_limited(
                 ),
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as raised:
-                    await call(request)  # type: ignore[operator]
+                    await call(request)  # type: ignore[arg-type]
                 assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
             with pytest.raises(PermissionDenied, match="tenant 'default'"):
                 await signed_in(directory, alice).fetch_bundles("default", user)

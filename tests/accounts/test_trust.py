@@ -24,7 +24,7 @@ from relay.sdk.accounts import (
     safety_number,
 )
 from relay.sdk.secure import SecureClient
-from tests.accounts.conftest import TENANT_KEY, TOKEN_TENANT
+from tests.accounts.conftest import TENANT_KEY, TOKEN_TENANT, overrides
 from tests.conftest import Servers, StartServers
 from tests.e2ee.helpers import take
 from tests.sdk.helpers import add_device
@@ -191,3 +191,49 @@ def test_checks_refuse_forged_old_and_changed_lists(tmp_path: Path) -> None:
             accounts.check(changed)
         accounts.trust(changed)
         assert accounts.check(changed) == changed
+
+
+async def test_messages_from_a_reset_peer_wait_unopened_until_trusted(
+    start_servers: StartServers, tmp_path: Path, user: str
+) -> None:
+    srv = await start_servers(**overrides(tmp_path))
+    bob_name = f"{user}-bob"
+    alice = DeviceState.open(tmp_path / "alice")
+    old_bob = DeviceState.open(tmp_path / "bob")
+    new_bob = DeviceState.open(tmp_path / "new-bob")
+    try:
+        async with grpc.aio.insecure_channel(srv.keys_address) as channel:
+            directory = KeyDirectoryClient(channel)
+            await register_device(
+                alice, directory, TOKEN_TENANT, user, registration_token=mint(user)
+            )
+            await register_device(
+                old_bob, directory, TOKEN_TENANT, bob_name, registration_token=mint(bob_name)
+            )
+        async with SecureClient(old_bob, srv.relay_address, srv.keys_address) as client:
+            await client.send(user, b"from the old bob")
+        async with SecureClient(alice, srv.relay_address, srv.keys_address) as reader:
+            assert [m.body for m in await take(reader, 1)] == [b"from the old bob"]
+        async with grpc.aio.insecure_channel(srv.keys_address) as channel:
+            await register_device(
+                new_bob,
+                KeyDirectoryClient(channel),
+                TOKEN_TENANT,
+                bob_name,
+                registration_token=mint(bob_name, "reset"),
+                reset=True,
+            )
+        async with SecureClient(new_bob, srv.relay_address, srv.keys_address) as client:
+            await client.send(user, b"from the new bob")
+        async with SecureClient(alice, srv.relay_address, srv.keys_address) as reader:
+            await reader.wait_queue_empty()
+            assert reader.relay.held_for_trust == 1 and reader.relay.undecryptable == 0
+            await reader.trust(bob_name)
+        # Held, not acknowledged: the next session gets it again and now opens it.
+        async with SecureClient(alice, srv.relay_address, srv.keys_address) as reader:
+            [message] = await take(reader, 1)
+            assert message.body == b"from the new bob"
+            assert message.sender == Address(TOKEN_TENANT, bob_name, 2)
+    finally:
+        for state in (alice, old_bob, new_bob):
+            state.close()
