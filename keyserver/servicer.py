@@ -110,7 +110,9 @@ def _bearer(context: Context[Req, Resp]) -> str | None:
     return key.strip()
 
 
-def _headers(context: Context[Req, Resp]) -> dict[str, str | bytes]:
+def _headers(
+    context: Context[Req, Resp], needs: str = "this method needs a signed request"
+) -> dict[str, str | bytes]:
     headers: dict[str, str | bytes] = {}
     wanted = (
         authproof.REQUEST_DEVICE_HEADER,
@@ -124,7 +126,7 @@ def _headers(context: Context[Req, Resp]) -> dict[str, str | bytes]:
             headers[key] = value
     for key in wanted:
         if key not in headers:
-            raise Unauthenticated(f"missing header {key}: this method needs a signed request")
+            raise Unauthenticated(f"missing header {key}: {needs}")
     return headers
 
 
@@ -140,11 +142,23 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         key = _bearer(context)
         if key is not None:
             return self._core.authenticate_bearer(key)
-        device = await self._authenticate(method, body, context)
+        device = await self._authenticate(
+            method,
+            body,
+            context,
+            "reads need a request signed by a device of the tenant, or a bearer key "
+            "('authorization: Bearer <key>')",
+        )
         return await self._core.device_reader(device)
 
-    async def _authenticate(self, method: str, body: bytes, context: Context[Req, Resp]) -> Address:
-        headers = _headers(context)
+    async def _authenticate(
+        self,
+        method: str,
+        body: bytes,
+        context: Context[Req, Resp],
+        needs: str = "this method needs a signed request",
+    ) -> Address:
+        headers = _headers(context, needs)
         device = headers[authproof.REQUEST_DEVICE_HEADER]
         time = headers[authproof.REQUEST_TIME_HEADER]
         signature = headers[authproof.REQUEST_SIGNATURE_HEADER]
