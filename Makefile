@@ -7,7 +7,7 @@ PIP_CACHE ?= $(HOME)/.cache/e2ee-relay/pip
 export PIP_CACHE_DIR := $(PIP_CACHE)
 CODE := $(wildcard relay keyserver tests loadtest)
 
-.PHONY: install proto run lint typecheck unit test bench migrate services services-stop services-status clean help
+.PHONY: install proto run run-tls lint typecheck unit test bench migrate services services-stop services-status clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +33,9 @@ proto: install  ## regenerate relaypb/ from proto/
 
 run: install  ## run the relay (127.0.0.1:50051) and key directory (127.0.0.1:50052) on the embedded default
 	$(BIN)/relayd run --data-dir $${RELAY_DATA_DIR:-./data}
+
+run-tls: install  ## `make run` over TLS with dev certificates (./data/certs); relayctl --tls-ca data/certs/ca.pem
+	BIN=$(BIN) bash scripts/run-tls.sh
 
 lint: install  ## ruff
 	$(BIN)/ruff check $(CODE)

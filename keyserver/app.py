@@ -20,6 +20,7 @@ from keyserver.sqlite_store import KEYS_DB, SCHEMA, sqlite_key_stores
 from relay.clock import Clock, SystemClock
 from relay.common.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
 from relay.common.sqlite_worker import SqliteWorker
+from relay.common.tls import check_listen, server_credentials
 from relay.config import Config, ConfigError, load_or_create_key, relay_key_path
 from relaypb.keys.v1 import keys_pb2_grpc
 
@@ -32,8 +33,9 @@ class KeyserverApp:
 
     On entry it opens the key store (``embedded``: ``<data_dir>/keys.db``), builds the
     core (time from ``clock``, the system clock by default) and serves it on
-    ``config.keyserver.listen``; on exit it stops the server (open calls get
-    ``config.node.grace_seconds``), then closes the store.
+    ``config.keyserver.listen``, over TLS when ``[tls]`` has a certificate (plaintext
+    only on loopback, or with ``tls.allow_plaintext``); on exit it stops the server
+    (open calls get ``config.node.grace_seconds``), then closes the store.
     """
 
     def __init__(
@@ -66,6 +68,13 @@ class KeyserverApp:
         return self._server
 
     async def __aenter__(self) -> KeyserverApp:
+        listen = self._config.keyserver.listen
+        # Before anything opens: plaintext off loopback is refused (or warned).
+        credentials = (
+            server_credentials(self._config.tls, require_client_auth=False)
+            if check_listen("keyserver.listen", listen, self._config.tls)
+            else None
+        )
         async with AsyncExitStack() as stack:
             stores = await self._open_stores(stack)
             events = self._events
@@ -90,9 +99,10 @@ class KeyserverApp:
             )
             servicer = KeyDirectoryServicer(core)
             server = GrpcServer(
-                self._config.keyserver.listen,
+                listen,
                 [(keys_pb2_grpc.add_KeyDirectoryServicer_to_server, servicer, SERVICE_NAME)],
                 grace_seconds=self._config.node.grace_seconds,
+                credentials=credentials,
             )
             await stack.enter_async_context(server)
             self._server = server

@@ -31,6 +31,7 @@ from relay.common.convert import (
     device_list_to_pb,
 )
 from relay.common.status import unary
+from relay.common.tls import BEARER_NEEDS_TLS, call_is_protected
 from relay.errors import InvalidArgument, Unauthenticated
 from relay.model import Address
 from relaypb.keys.v1 import keys_pb2 as pb
@@ -98,7 +99,10 @@ def _bundle_pb(bundle: model.PrekeyBundle) -> pb.PrekeyBundle:
 
 
 def _bearer(context: Context[Req, Resp]) -> str | None:
-    """The bearer key of the call, if it carries an ``authorization`` header."""
+    """The bearer key of the call, if it carries an ``authorization`` header.
+
+    Refused unless the call came over TLS or from this machine (see BEARER_NEEDS_TLS).
+    """
     values = [v for k, v in context.invocation_metadata() or () if k == AUTHORIZATION_HEADER]
     if not values:
         return None
@@ -107,6 +111,8 @@ def _bearer(context: Context[Req, Resp]) -> str | None:
     scheme, _, key = values[0].partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthenticated(f"header {AUTHORIZATION_HEADER} must be 'Bearer <key>'")
+    if not call_is_protected(context):
+        raise Unauthenticated(BEARER_NEEDS_TLS)
     return key.strip()
 
 

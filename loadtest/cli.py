@@ -52,6 +52,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         f"(default: {c.DEFAULT_KEYS})",
     )
     g.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default="",
+        help="PEM file of the CA that signed the targets' TLS certificates (default: the "
+        "system's CAs; plaintext to loopback targets without it)",
+    )
+    g.add_argument(
         "--cross-node",
         action="store_true",
         help="send to recipients on any node (only if the nodes route between each other); "
@@ -209,6 +216,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     return LoadConfig(
         targets=tuple(args.target or (c.DEFAULT_TARGET,)),
         keys=tuple(args.keys or (c.DEFAULT_KEYS,)),
+        tls_ca=args.tls_ca,
         devices=args.devices,
         connections=args.connections,
         workers=args.workers,

@@ -41,6 +41,9 @@ class LoadConfig:
     targets: tuple[str, ...] = (DEFAULT_TARGET,)
     #: Key directories: one for all targets, or one per target (same order).
     keys: tuple[str, ...] = (DEFAULT_KEYS,)
+    #: CA (PEM) verifying the targets' and key directories' TLS certificates; empty:
+    #: the system's CAs, and plaintext to loopback (relay.common.tls.secure_or_plain_channel).
+    tls_ca: str = ""
     devices: int = DEFAULT_DEVICES
     connections: int = DEFAULT_CONNECTIONS
     workers: int = DEFAULT_WORKERS

@@ -29,6 +29,7 @@ from loadtest.receiver import Receiver
 from loadtest.streams import DeviceStream
 from loadtest.traffic import Sender
 from loadtest.wire import BatchEncoder, encode_address
+from relay.common.tls import secure_or_plain_channel
 from relaypb.relay.v1 import relay_pb2
 
 M = TypeVar("M")
@@ -109,7 +110,9 @@ class Worker:
         mine = [d for d in range(cfg.devices) if cfg.owner_of(d) == self.index]
         for node, target in enumerate(cfg.targets):
             self.channels[node] = [
-                grpc.aio.insecure_channel(target, options=[*CHANNEL_OPTIONS, ("loadtest.ch", i)])
+                secure_or_plain_channel(
+                    target, ca_file=cfg.tls_ca, options=[*CHANNEL_OPTIONS, ("loadtest.ch", i)]
+                )
                 for i in range(cfg.connections_per_node())
             ]
         t0 = time.perf_counter()
@@ -194,7 +197,8 @@ class Worker:
             if not users:
                 continue
             options = [*CHANNEL_OPTIONS, ("loadtest.keys", node)]
-            async with grpc.aio.insecure_channel(cfg.key_target(node), options=options) as ch:
+            target = cfg.key_target(node)
+            async with secure_or_plain_channel(target, ca_file=cfg.tls_ca, options=options) as ch:
                 for ident in await register_all(ch, cfg.tenant, users, cfg.register_concurrency):
                     self.identities[ident.index] = ident
 

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 DEFAULT_RELAY_LISTEN = "127.0.0.1:50051"
 DEFAULT_KEYSERVER_LISTEN = "127.0.0.1:50052"
+#: Node links: loopback, a free port per process (peers learn it through presence).
+DEFAULT_LINK_LISTEN = "127.0.0.1:0"
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_MAX_ENVELOPE_BYTES = 256 * 1024
 DEFAULT_MAX_QUEUE_DEPTH = 10_000
@@ -40,12 +42,27 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
-    """This relay node: its id (in challenges and presence) and where it listens."""
+    """This relay node: its id (in challenges and presence) and where it listens.
+
+    ``listen`` serves devices and service senders (``relaypb.relay.v1.Relay``) only.
+    Node-to-node links (``relaypb.node.v1.NodeLink``, used with ``presence.backend =
+    "redis"``) have a listener of their own, ``link_listen``, never the device port. Its
+    default, ``127.0.0.1:0``, is loopback on a free port per process: nodes on one host
+    find each other through presence, and several processes per host never share it.
+    Nodes on several hosts set a reachable ``link_listen`` (e.g. ``0.0.0.0:50053``)
+    with ``[tls]`` configured: the link listener then requires mutual TLS, each node's
+    certificate naming its node id (``relayd dev-certs``); without TLS a non-loopback
+    ``link_listen`` is refused unless ``tls.allow_plaintext``. ``link_advertise`` is
+    the address peers dial, as published in presence (default: the bound
+    ``link_listen`` address; set it when listening on ``0.0.0.0``).
+    """
 
     id: str = "relay-1"
     listen: str = DEFAULT_RELAY_LISTEN
-    #: Address other relay nodes use to reach this one (default: the bound listen address).
-    advertise: str = ""
+    #: Node-link listener (mutual TLS when [tls] is set): see the class docstring.
+    link_listen: str = DEFAULT_LINK_LISTEN
+    #: Address other relay nodes dial for links (default: the bound link_listen address).
+    link_advertise: str = ""
     #: Prometheus /metrics on host:port; empty: off.
     metrics_listen: str = ""
     #: Seconds a stopping server gives open calls to finish.
@@ -220,12 +237,29 @@ class CassandraConfig:
     request_timeout_seconds: float = 5.0
     #: Concurrent statements per batch of writes.
     write_concurrency: int = 64
+    #: TLS to the cluster, on when set: the PEM CA that verifies the nodes' certificates.
+    ssl_ca_file: str = ""
+    #: Client certificate and key (PEM) for a cluster that asks for one; both or neither.
+    ssl_cert_file: str = ""
+    ssl_key_file: str = ""
+    #: Check that a node's certificate names the address it was reached by (IP or DNS).
+    ssl_check_hostname: bool = True
 
     def __post_init__(self) -> None:
         if self.consistency not in CONSISTENCY_LEVELS:
             raise ConfigError(
                 f"cassandra.consistency: {self.consistency!r} is unknown "
                 f"(known: {', '.join(CONSISTENCY_LEVELS)})"
+            )
+        if bool(self.ssl_cert_file) != bool(self.ssl_key_file):
+            raise ConfigError(
+                "cassandra.ssl_cert_file, cassandra.ssl_key_file: a client certificate "
+                "needs both (or neither)"
+            )
+        if self.ssl_cert_file and not self.ssl_ca_file:
+            raise ConfigError(
+                "cassandra.ssl_ca_file: TLS is on only with a CA file; set it to use "
+                "cassandra.ssl_cert_file"
             )
 
 
@@ -243,6 +277,11 @@ class PresenceConfig:
     node_ttl_seconds: float = 10.0
     #: How long a node caches where a device is.
     cache_seconds: float = 1.0
+    #: For a ``rediss://`` URL (TLS): the PEM CA that verifies Redis (empty: the system
+    #: roots) and an optional client certificate and key (both or neither).
+    redis_ca_file: str = ""
+    redis_cert_file: str = ""
+    redis_key_file: str = ""
 
     def __post_init__(self) -> None:
         if self.backend not in PRESENCE_BACKENDS:
@@ -250,6 +289,21 @@ class PresenceConfig:
                 f"presence.backend: {self.backend!r} is unknown "
                 f"(known: {', '.join(PRESENCE_BACKENDS)})"
             )
+        if bool(self.redis_cert_file) != bool(self.redis_key_file):
+            raise ConfigError(
+                "presence.redis_cert_file, presence.redis_key_file: a client certificate "
+                "needs both (or neither)"
+            )
+        tls_files = {
+            "redis_ca_file": self.redis_ca_file,
+            "redis_cert_file": self.redis_cert_file,
+        }
+        for name, value in tls_files.items():
+            if value and not self.redis_url.startswith("rediss://"):
+                raise ConfigError(
+                    f"presence.{name}: used only with TLS, but presence.redis_url is not "
+                    "a rediss:// URL"
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,9 +355,18 @@ class TlsConfig:
         return bool(self.cert_file)
 
 
+#: Shortest API key accepted: 32 characters, as 32 random bytes make at least 43
+#: (``relayd gen-api-key`` writes ``secrets.token_urlsafe(32)``).
+MIN_API_KEY_CHARS = 32
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKeyConfig:
-    """A tenant API key for server-side senders. The key itself is read from ``key_file``."""
+    """A tenant API key for server-side senders. The key itself is read from ``key_file``.
+
+    A key is a bearer secret: at least MIN_API_KEY_CHARS characters of randomness
+    (``relayd gen-api-key`` makes one), accepted only over TLS or loopback.
+    """
 
     tenant: str
     name: str
@@ -315,8 +378,12 @@ class ApiKeyConfig:
             key = Path(self.key_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"api_keys[{self.name}].key_file: {exc}") from exc
-        if len(key) < 16:
-            raise ConfigError(f"api_keys[{self.name}].key_file: key shorter than 16 characters")
+        if len(key) < MIN_API_KEY_CHARS:
+            raise ConfigError(
+                f"api_keys[{self.name}].key_file: the key in {self.key_file} is shorter than "
+                f"{MIN_API_KEY_CHARS} characters; make one of 32 random bytes with "
+                "`relayd gen-api-key`"
+            )
         return hashlib.sha256(key.encode()).digest()
 
 

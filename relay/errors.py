@@ -14,6 +14,8 @@
     │   ├── LimitExceeded           RESOURCE_EXHAUSTED, names the limit and its value
     │   └── SessionDisplaced        ABORTED: a newer session of the same device took over
     └── Unavailable                 UNAVAILABLE: a backend is down; retryable
+        └── TlsFailure              no TLS session: a certificate did not verify, or one
+                                    side spoke plaintext (client side only)
 
 Driver errors are translated at the adapter seam (``raise Unavailable(...) from exc``).
 Servicers map ``error.status`` to a gRPC status code; nothing here imports grpc.
@@ -139,3 +141,15 @@ class Unavailable(RelayError):
     status = Status.UNAVAILABLE
     reason = "UNAVAILABLE"
     retryable = True
+
+
+class TlsFailure(Unavailable):
+    """No TLS session with a server (raised on the client side).
+
+    The server's certificate did not verify against the CA the client trusts, does not
+    name the host the client asked for, or one side spoke plaintext; the message names
+    the server and the CA file. Retrying helps only once a certificate or a setting
+    changed (a rotation in progress).
+    """
+
+    reason = "TLS_HANDSHAKE_FAILED"

@@ -55,6 +55,13 @@ class RelayMetrics:
             ["peer"],
             registry=self.registry,
         )
+        self.link_refused = Counter(
+            "relay_link_refused_total",
+            "Node-link items refused or ignored: peer_identity (certificate names another "
+            "node), displace_epoch (not the epoch presence holds), repoll_rate (over budget)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.presence_failures = Counter(
             "relay_presence_failures_total",
             "Failed presence heartbeats (Redis unreachable)",

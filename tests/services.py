@@ -14,6 +14,19 @@ SCRIPT = ROOT / "scripts" / "services" / "services.sh"
 REDIS_PORT = int(os.environ.get("REDIS_PORT", "6379"))
 CASSANDRA_PORT = int(os.environ.get("CASSANDRA_PORT", "9042"))
 REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/0"
+#: The TLS-only Redis and Cassandra port of `make services` (SERVICES_TLS=1, the default).
+REDIS_TLS_PORT = int(os.environ.get("REDIS_TLS_PORT", "6380"))
+CASSANDRA_TLS_PORT = int(os.environ.get("CASSANDRA_TLS_PORT", "9142"))
+REDIS_TLS_URL = f"rediss://127.0.0.1:{REDIS_TLS_PORT}/0"
+
+
+def _run_dir() -> Path:
+    cache = Path(os.environ.get("RELAY_CACHE_DIR") or Path.home() / ".cache" / "e2ee-relay")
+    return Path(os.environ.get("RELAY_RUN_DIR") or cache / "run")
+
+
+#: The dev certificates services.sh made for them: ca.pem, client.pem/.key, ...
+TLS_DIR = Path(os.environ.get("RELAY_TLS_DIR") or _run_dir() / "tls")
 
 
 def listening(port: int) -> bool:
@@ -30,6 +43,16 @@ def require(name: str, port: int) -> None:
     if os.environ.get("RELAY_REQUIRE_SERVICES") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_tls(name: str, port: int) -> None:
+    """Like :func:`require`, for a TLS port: its dev certificates must be there too."""
+    require(name, port)
+    if not (TLS_DIR / "ca.pem").is_file():
+        message = f"no dev certificates in {TLS_DIR} for {name}: run `make services`"
+        if os.environ.get("RELAY_REQUIRE_SERVICES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
 
 
 def control(command: str) -> None:

@@ -20,6 +20,7 @@ from relay import authproof
 from relay.accounts import ListedDevice, build_list
 from relay.clock import SystemClock
 from relay.common.convert import address_from_pb, address_to_pb, device_list_to_pb
+from relay.common.tls import secure_or_plain_channel
 from relay.model import Address
 from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
 from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
@@ -78,12 +79,20 @@ def signed_metadata(
     )
 
 
-async def register(keys_target: str, user: str, tenant: str = "default") -> Device:
+def channel_to(target: str, tls_ca: str = "") -> grpc.aio.Channel:
+    """A channel to ``target``: TLS verified with ``tls_ca`` if given, else plaintext."""
+    return secure_or_plain_channel(target, ca_file=tls_ca, tls=bool(tls_ca))
+
+
+async def register(
+    keys_target: str, user: str, tenant: str = "default", *, tls_ca: str = ""
+) -> Device:
     """A new device of ``user`` with real keys and proofs.
 
     The first device of a user creates its account (a new account key, the first signed
     list); a further one is linked the way devices link: a link request, approved with
-    the next signed list by the first device (signed requests in real time).
+    the next signed list by the first device (signed requests in real time). With
+    ``tls_ca`` the key directory is reached over TLS verified with that CA.
     """
     sk = Ed25519PrivateKey.generate()
     dh = X25519PrivateKey.generate()
@@ -99,7 +108,7 @@ async def register(keys_target: str, user: str, tenant: str = "default") -> Devi
         key_id=2, public_key=pq, signature=sk.sign(authproof.pq_prekey_transcript(pq))
     )
     account = _ACCOUNTS.get((keys_target, tenant, user))
-    async with grpc.aio.insecure_channel(keys_target) as channel:
+    async with channel_to(keys_target, tls_ca) as channel:
         stub = keys_pb2_grpc.KeyDirectoryStub(channel)
         if account is None:
             private = Ed25519PrivateKey.generate()

@@ -50,8 +50,8 @@ def test_errors_name_the_key(tmp_path: Path, text: str, path: str) -> None:
 
 def test_api_key_file_is_read_and_kept_as_digest(tmp_path: Path) -> None:
     key = tmp_path / "k"
-    key.write_text("short\n")
-    with pytest.raises(ConfigError, match="shorter than 16"):
+    key.write_text("a" * 31 + "\n")
+    with pytest.raises(ConfigError, match=r"shorter than 32 characters.*relayd gen-api-key"):
         ApiKeyConfig("t", "svc", str(key)).key_digest()
-    key.write_text("a-long-enough-api-key\n")
+    key.write_text("a-long-enough-api-key-0123456789\n")
     assert len(ApiKeyConfig("t", "svc", str(key)).key_digest()) == 32

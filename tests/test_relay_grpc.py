@@ -118,6 +118,7 @@ async def test_second_session_displaces_first(servers: Servers, channel: grpc.ai
     assert info.value.code() == grpc.StatusCode.ABORTED
     detail = error_info(info.value)
     assert detail is not None and detail.reason == "SESSION_DISPLACED"
+    assert detail.metadata["session_epoch"] == str(second.ready.session_epoch)
     await second.until_queue_empty()
     a = await connect(channel, alice, receive=False)
     await a.send(envelope(bob.address, b"to the new one"))
@@ -172,7 +173,7 @@ async def test_service_sender_with_api_key(
 
     key_file = os.path.join(tmp_path, "api.key")
     with open(key_file, "w") as f:
-        f.write("s3cret-service-key-0123456789\n")
+        f.write("s3cret-service-key-0123456789abcdef\n")
     servers = await start_servers(**{"limits.max_batch_envelopes": 2})
     # A second relay node on the same data, with an API key ([[api_keys]] in a config file).
     cfg = dataclasses.replace(
@@ -181,7 +182,7 @@ async def test_service_sender_with_api_key(
     bob = await register(servers.keys_address, "bob")
     async with RelayApp(cfg) as relay, grpc.aio.insecure_channel(relay.address) as channel:
         stub = relay_pb2_grpc.RelayStub(channel)
-        auth = (("authorization", "Bearer s3cret-service-key-0123456789"),)
+        auth = (("authorization", "Bearer s3cret-service-key-0123456789abcdef"),)
         reply = await stub.Send(
             relay_pb2.SendRequest(envelopes=[envelope(bob.address, b"invoice")]), metadata=auth
         )
@@ -404,7 +405,7 @@ async def test_device_lists_of_another_tenant_refuse_the_whole_request(
 ) -> None:
     key_file = os.path.join(tmp_path, "api.key")
     with open(key_file, "w") as f:
-        f.write("s3cret-service-key-0123456789\n")
+        f.write("s3cret-service-key-0123456789abcdef\n")
     servers = await start_servers(**{"limits.max_batch_envelopes": 2})
     cfg = dataclasses.replace(
         servers.config, api_keys=(ApiKeyConfig("default", "billing", str(key_file)),)
@@ -431,7 +432,7 @@ async def test_device_lists_of_another_tenant_refuse_the_whole_request(
         assert [r.outcome for r in ok.results] == [relay_pb2.OUTCOME_STORED]
         # A service sender may only name its own tenant too.
         stub = relay_pb2_grpc.RelayStub(channel)
-        auth = (("authorization", "Bearer s3cret-service-key-0123456789"),)
+        auth = (("authorization", "Bearer s3cret-service-key-0123456789abcdef"),)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Send(
                 relay_pb2.SendRequest(

@@ -11,23 +11,28 @@ Expected failures print one line on stderr and exit 1 (2 for usage errors).
 
 from __future__ import annotations
 
+import os
+
+# gRPC's C core logs each failed TLS handshake on stderr (read once, when it loads):
+# relayctl says what failed in one line of its own. GRPC_VERBOSITY=INFO shows them.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-import grpc
-
 from relay.clock import SystemClock
-from relay.errors import AlreadyExists, RelayError, Unavailable
+from relay.config import ConfigError
+from relay.errors import AlreadyExists, RelayError, TlsFailure, Unavailable
 from relay.model import Address
 from relay.sdk import DeviceState, ExponentialBackoff, KeyDirectoryClient, register_device
 from relay.sdk.accounts import Accounts, account_public, safety_number
+from relay.sdk.channels import endpoint, open_channel
 from relay.sdk.device import remove_device
 from relay.sdk.keys import DEFAULT_ONE_TIME_PREKEYS
 from relay.sdk.linking import approve_link, request_link, wait_for_approval
@@ -50,6 +55,7 @@ EXAMPLES = """examples:
   relayctl --home /tmp/bob2 link bob         (shows a code; then on bob's first device:)
   relayctl --home /tmp/bob approve CODE
   relayctl --home /tmp/alice safety-number bob
+  relayctl --tls-ca data/certs/ca.pem --home /tmp/bob init bob   (servers on TLS: make run-tls)
 """
 
 
@@ -79,6 +85,15 @@ def _open_registered(args: argparse.Namespace) -> tuple[DeviceState, Address]:
             return state, address
         state.close()
     raise CliError(f"{home} holds no registered device: run `relayctl --home {home} init USER`")
+
+
+@contextlib.asynccontextmanager
+async def _directory(args: argparse.Namespace) -> AsyncIterator[KeyDirectoryClient]:
+    """A client of the key directory at --keys, over TLS with --tls-ca unless plain loopback."""
+    async with open_channel(args.keys, tls_ca=args.tls_ca) as channel:
+        yield KeyDirectoryClient(
+            channel, target=endpoint("key directory", args.keys, tls_ca=args.tls_ca)
+        )
 
 
 def _tenant(args: argparse.Namespace, own: Address | None = None) -> str:
@@ -135,8 +150,7 @@ async def cmd_init(args: argparse.Namespace) -> None:
     home: Path = args.home
     tenant = _tenant(args)
     with _fresh_home(args), DeviceState.open(home) as state:
-        async with grpc.aio.insecure_channel(args.keys) as channel:
-            directory = KeyDirectoryClient(channel, target=args.keys)
+        async with _directory(args) as directory:
             try:
                 address = await register_device(
                     state,
@@ -165,8 +179,7 @@ async def cmd_link(args: argparse.Namespace) -> None:
     home: Path = args.home
     tenant = _tenant(args)
     with _fresh_home(args), DeviceState.open(home) as state:
-        async with grpc.aio.insecure_channel(args.keys) as channel:
-            directory = KeyDirectoryClient(channel, target=args.keys)
+        async with _directory(args) as directory:
             ticket = await request_link(
                 state, directory, tenant, args.user, one_time_prekeys=args.prekeys
             )
@@ -186,8 +199,7 @@ async def cmd_approve(args: argparse.Namespace) -> None:
     """Approve the new device that shows CODE (from `relayctl link`) as one of this user's."""
     state, _ = _open_registered(args)
     with state:
-        async with grpc.aio.insecure_channel(args.keys) as channel:
-            directory = KeyDirectoryClient(channel, target=args.keys)
+        async with _directory(args) as directory:
             address = await approve_link(state, directory, args.code)
     print(f"approved {address}")
 
@@ -199,7 +211,9 @@ async def cmd_trust(args: argparse.Namespace) -> None:
     """
     state, own = _open_registered(args)
     with state:
-        async with SecureClient(state, args.relay, args.keys, receive=False) as client:
+        async with SecureClient(
+            state, args.relay, args.keys, receive=False, tls_ca=args.tls_ca
+        ) as client:
             device_list = await client.trust(args.user)
     print(
         f"trusting the account key of {own.tenant}/{args.user} ({len(device_list.devices)} devices)"
@@ -220,8 +234,7 @@ async def cmd_safety_number(args: argparse.Namespace) -> None:
         pinned = accounts.pinned_key(own.tenant, args.user)
         identity = state.identity()
         assert identity is not None
-        async with grpc.aio.insecure_channel(args.keys) as channel:
-            directory = KeyDirectoryClient(channel, target=args.keys)
+        async with _directory(args) as directory:
             directory.sign_as(identity, own)
             current = await directory.device_list(own.tenant, args.user)
         if not current.verifies():
@@ -257,6 +270,7 @@ async def cmd_send(args: argparse.Namespace) -> None:
                     receive=False,
                     backoff=backoff,
                     on_new_device=_new_device,
+                    tls_ca=args.tls_ca,
                 ) as client:
                     receipt = await client.send(args.user, args.text.encode())
         except TimeoutError:
@@ -286,7 +300,12 @@ async def cmd_listen(args: argparse.Namespace) -> None:
         try:
             async with asyncio.timeout(args.timeout):
                 async with SecureClient(
-                    state, args.relay, args.keys, backoff=backoff, on_new_device=_new_device
+                    state,
+                    args.relay,
+                    args.keys,
+                    backoff=backoff,
+                    on_new_device=_new_device,
+                    tls_ca=args.tls_ca,
                 ) as client:
                     backoff.connected = True
                     print(f"listening as {own} on {args.relay}", file=sys.stderr, flush=True)
@@ -332,7 +351,12 @@ async def cmd_chat(args: argparse.Namespace) -> None:
     with state:
         backoff = _FirstConnectBackoff()
         async with SecureClient(
-            state, args.relay, args.keys, backoff=backoff, on_new_device=_new_device
+            state,
+            args.relay,
+            args.keys,
+            backoff=backoff,
+            on_new_device=_new_device,
+            tls_ca=args.tls_ca,
         ) as client:
             backoff.connected = True
             print(
@@ -375,8 +399,7 @@ async def cmd_devices(args: argparse.Namespace) -> None:
     with state:
         identity = state.identity()
         assert identity is not None
-        async with grpc.aio.insecure_channel(args.keys) as channel:
-            directory = KeyDirectoryClient(channel, target=args.keys)
+        async with _directory(args) as directory:
             directory.sign_as(identity, own)
             device_list = Accounts(state, on_new_device=_new_device).check(
                 await directory.device_list(own.tenant, args.user)
@@ -408,10 +431,8 @@ async def cmd_remove_device(args: argparse.Namespace) -> None:
     """
     state, _ = _open_registered(args)
     with state:
-        async with grpc.aio.insecure_channel(args.keys) as channel:
-            target = await remove_device(
-                state, KeyDirectoryClient(channel, target=args.keys), args.device
-            )
+        async with _directory(args) as directory:
+            target = await remove_device(state, directory, args.device)
     print(f"removed {target}")
 
 
@@ -443,6 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         default=os.environ.get("RELAY_KEYS_ADDR", DEFAULT_KEYS),
         help=f"key directory HOST:PORT (env RELAY_KEYS_ADDR, default {DEFAULT_KEYS})",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=os.environ.get("RELAY_TLS_CA", ""),
+        help="PEM file of the CA that signed the relay's and key directory's TLS "
+        "certificates (env RELAY_TLS_CA; `relayd dev-certs` makes ca.pem). Without it: "
+        "the system's trusted CAs for other hosts, plaintext for loopback",
     )
     parser.add_argument(
         "--tenant",
@@ -522,17 +551,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run relayctl; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.home = Path(args.home).expanduser()
+    if args.tls_ca and not Path(args.tls_ca).is_file():
+        parser.error(f"--tls-ca {args.tls_ca}: no such file (the CA's PEM certificate)")
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(args.fn(args))
     except KeyboardInterrupt:
         return 130
-    except (CliError, RelayError, OSError) as exc:
+    except (CliError, RelayError, OSError, ConfigError) as exc:
         message = " ".join(str(exc).split())
-        if isinstance(exc, Unavailable):
+        if isinstance(exc, ConfigError):  # an unreadable --tls-ca file
+            message = f"--tls-ca {args.tls_ca}: {message}"
+        elif isinstance(exc, TlsFailure):
+            if not args.tls_ca:
+                message = f"{message} (give the CA with --tls-ca FILE)"
+        elif isinstance(exc, Unavailable):
             message = f"{message} ({HINT})"
         print(f"relayctl: error: {message}", file=sys.stderr)
         return 1

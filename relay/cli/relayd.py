@@ -7,6 +7,10 @@ relayd config      print the effective configuration
 relayd migrate     apply the Cassandra schema migrations
 relayd gen-tenant-key PREFIX   make a tenant signing key for registration tokens
 relayd mint-token  mint a registration token (what a tenant's backend does)
+relayd gen-api-key make a tenant API key and print its [[api_keys]] stanza
+relayd dev-certs DIR   make a local CA and TLS certificates for every hop (not production)
+
+SIGHUP makes a running relayd read its TLS certificate and key files again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
+import secrets
 import signal
 import sys
 from collections.abc import Sequence
@@ -26,6 +32,8 @@ from typing import Any
 from relay.config import Config, ConfigError, load
 
 log = logging.getLogger("relayd")
+#: Random bytes of a key made by ``relayd gen-api-key``.
+API_KEY_BYTES = 32
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +91,116 @@ def _parser() -> argparse.ArgumentParser:
     mint.add_argument(
         "--reset", action="store_true", help="a token to reset the user's account instead"
     )
+    api = sub.add_parser(
+        "gen-api-key",
+        help="make a tenant API key (32 random bytes) and print its [[api_keys]] stanza",
+        description="Make a tenant API key for a server-side sender: the unary Send, and "
+        "reads of the tenant from the key directory. Printed (or written, 0600, to --out) "
+        "with the config stanza; the servers keep only its SHA-256. It is accepted only "
+        "over TLS or loopback.",
+    )
+    api.add_argument("--tenant", required=True, help="the tenant the key sends for")
+    api.add_argument("--name", required=True, help="the service's name (user service:NAME)")
+    api.add_argument("--out", type=Path, metavar="FILE", help="write the key to FILE (0600)")
+    certs = sub.add_parser(
+        "dev-certs",
+        help="make a local CA and TLS certificates for every hop (tests, quick start)",
+        description="Write a local CA (ca.pem) and certificates signed by it to DIR: one "
+        "per relay node (node-ID.pem, naming the node id, for links), the key directory "
+        "(keys.pem), a client (client.pem) and each --service. For development, tests "
+        "and the helm chart's self-signed mode, never production. Prints the [tls] stanza.",
+    )
+    certs.add_argument("dir", type=Path, metavar="DIR", help="directory to write to")
+    nodes = certs.add_mutually_exclusive_group()
+    nodes.add_argument(
+        "--nodes", type=int, metavar="N", help="certificates for nodes relay-1 .. relay-N"
+    )
+    nodes.add_argument(
+        "--node-id",
+        action="append",
+        metavar="ID",
+        help="a certificate for node ID; repeat (default: relay-1)",
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="H",
+        help="another DNS name or IP address the certificates name (localhost, 127.0.0.1 "
+        "and ::1 always); repeat",
+    )
+    certs.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a certificate for service NAME, e.g. redis, cassandra; repeat",
+    )
+    certs.add_argument("--days", type=int, help="validity in days (default 30)")
     return parser
+
+
+def run_gen_api_key(args: argparse.Namespace) -> int:
+    """``relayd gen-api-key``: a new key, printed or written, and its config stanza."""
+    key = secrets.token_urlsafe(API_KEY_BYTES)
+    if args.out is None:
+        print(key)
+        key_file = "/path/to/this-key-file"
+        print("# put the key above in a file of its own (mode 0600), then:", file=sys.stderr)
+    else:
+        key_file = str(args.out)
+        try:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            print(f"relayd gen-api-key: {exc}", file=sys.stderr)
+            return 1
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        print(f"# wrote the key to {args.out} (0600); config of relay nodes and key directory:")
+    print("[[api_keys]]")
+    print(f"tenant = {json.dumps(args.tenant)}")
+    print(f"name = {json.dumps(args.name)}")
+    print(f"key_file = {json.dumps(key_file)}")
+    return 0
+
+
+def run_dev_certs(args: argparse.Namespace) -> int:
+    """``relayd dev-certs DIR``: a local CA and certificates, then the [tls] stanza."""
+    from relay.common.devcerts import DEFAULT_DAYS, make_dev_certs  # noqa: PLC0415
+
+    if args.nodes is not None:
+        node_ids = [f"relay-{i}" for i in range(1, args.nodes + 1)]
+    else:
+        node_ids = args.node_id or ["relay-1"]
+    try:
+        made = make_dev_certs(
+            args.dir,
+            node_ids=node_ids,
+            hosts=args.host,
+            services=args.service,
+            days=args.days or DEFAULT_DAYS,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"relayd dev-certs: {exc}", file=sys.stderr)
+        return 1
+    print(f"# wrote a CA and certificates to {made.directory} (for development only)")
+    print(f"# clients: relayctl --tls-ca {made.ca}   (or RELAY_TLS_CA={made.ca})")
+    for node, files in made.nodes.items():
+        print(f"# relay node {node} (and relayd run):")
+        print("[tls]")
+        print(f"cert_file = {json.dumps(str(files.cert))}")
+        print(f"key_file = {json.dumps(str(files.key))}")
+        print(f"client_ca_file = {json.dumps(str(made.ca))}  # node links: mutual TLS")
+        print(f"ca_file = {json.dumps(str(made.ca))}  # verifies the key directory and peers")
+    if made.keys is not None:
+        print("# the key directory on its own (relayd keyserver):")
+        print("[tls]")
+        print(f"cert_file = {json.dumps(str(made.keys.cert))}")
+        print(f"key_file = {json.dumps(str(made.keys.key))}")
+    for name, files in made.services.items():
+        print(f"# service {name}: {files.cert}, {files.key}")
+    return 0
 
 
 def run_token_tool(args: argparse.Namespace) -> int:
@@ -137,6 +254,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load(args.config, overrides)
 
 
+def _reload_tls() -> None:
+    """SIGHUP: every TLS server of this process reads its files at its next handshake."""
+    from relay.common.tls import reload_all  # noqa: PLC0415
+
+    reload_all()
+    log.info("SIGHUP: TLS certificates and keys are read again at the next handshake")
+
+
 async def serve(config: Config, command: str) -> None:
     """Run the servers ``command`` names until SIGINT or SIGTERM."""
     from keyserver.app import KeyserverApp  # noqa: PLC0415 - only what is run is imported
@@ -149,6 +274,7 @@ async def serve(config: Config, command: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload_tls)
     # Both in one process (``run``): removals reach the relay node in-process, unless
     # presence is in Redis, where both use Redis pub/sub (other relay nodes hear it too).
     local = command == "run" and config.presence.backend != "redis"
@@ -189,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("gen-tenant-key", "mint-token"):
         return run_token_tool(args)
+    if args.command == "gen-api-key":
+        return run_gen_api_key(args)
+    if args.command == "dev-certs":
+        return run_dev_certs(args)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -6,7 +6,8 @@ never for production keys. ``make_dev_certs(DIR, node_ids=[...])`` writes, all P
 - ``ca.pem`` (and ``ca.key``): the CA every other certificate is signed by;
 - ``node-<id>.pem`` / ``.key`` for each relay node: server and client use (node links
   are mutual TLS), SAN DNS ``localhost`` and the ``hosts`` given, IP ``127.0.0.1`` and
-  ``::1``, and the URI ``urn:e2ee-relay:node:<id>`` naming the node id;
+  ``::1`` (``loopback=False``: the ``hosts`` only), and the URI
+  ``urn:e2ee-relay:node:<id>`` naming the node id;
 - ``keys.pem`` / ``.key``: the key directory (server);
 - ``client.pem`` / ``.key``: a client certificate (e.g. for Cassandra and Redis);
 - ``service-<name>.pem`` / ``.key`` for each of ``services`` (e.g. ``redis``, ``cassandra``).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,14 +77,15 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def _san(hosts: Sequence[str], uris: Sequence[str] = ()) -> x509.SubjectAlternativeName:
+def _san(
+    hosts: Sequence[str], uris: Sequence[str] = (), *, loopback: bool = True
+) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
-    for host in ("localhost", *hosts):
+    for host in ("localhost", *hosts, "127.0.0.1", "::1") if loopback else hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
-    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
     names += [x509.UniformResourceIdentifier(u) for u in uris]
     return x509.SubjectAlternativeName(list(dict.fromkeys(names)))
 
@@ -92,7 +95,9 @@ class _Ca:
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.days = days
         now = dt.datetime.now(dt.UTC)
-        self.name = _name("e2ee-relay dev CA")
+        # A name of its own per CA (and key identifiers below): a client trusting the old
+        # and the new CA during a rotation must tell them apart.
+        self.name = _name(f"e2ee-relay dev CA {secrets.token_hex(4)}")
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(self.name)
@@ -102,6 +107,9 @@ class _Ca:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False
+            )
             .add_extension(
                 x509.KeyUsage(
                     digital_signature=True,
@@ -139,6 +147,10 @@ class _Ca:
             .not_valid_after(now + dt.timedelta(days=self.days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(san, critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
             .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
             .sign(self.key, hashes.SHA256())
         )
@@ -155,8 +167,15 @@ def make_dev_certs(
     hosts: Sequence[str] = (),
     services: Sequence[str] = (),
     days: int = DEFAULT_DAYS,
+    loopback: bool = True,
 ) -> DevCerts:
-    """Write a CA and certificates for the nodes, key directory, a client and services."""
+    """Write a CA and certificates for the nodes, key directory, a client and services.
+
+    ``loopback=False`` leaves ``localhost``, ``127.0.0.1`` and ``::1`` out of the server
+    certificates (then they name ``hosts`` only; tests of a host name that does not match).
+    """
+    if not loopback and not hosts:
+        raise ValueError("loopback=False needs at least one of hosts")
     directory.mkdir(parents=True, exist_ok=True)
     ca = _Ca(days)
     ca_path, ca_key = directory / "ca.pem", directory / "ca.key"
@@ -164,12 +183,17 @@ def make_dev_certs(
     ca_path.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
     both = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
     nodes = {
-        node: ca.issue(directory, f"node-{node}", node, _san(hosts, [NODE_URI_PREFIX + node]), both)
+        node: ca.issue(
+            directory,
+            f"node-{node}",
+            node,
+            _san(hosts, [NODE_URI_PREFIX + node], loopback=loopback),
+            both,
+        )
         for node in node_ids
     }
-    keys = ca.issue(directory, "keys", "key directory", _san(hosts), both)
+    san = _san(hosts, loopback=loopback)
+    keys = ca.issue(directory, "keys", "key directory", san, both)
     client = ca.issue(directory, "client", "client", _san(()), (ExtendedKeyUsageOID.CLIENT_AUTH,))
-    issued = {
-        name: ca.issue(directory, f"service-{name}", name, _san(hosts), both) for name in services
-    }
+    issued = {name: ca.issue(directory, f"service-{name}", name, san, both) for name in services}
     return DevCerts(directory, ca_path, ca_key, nodes, keys, client, issued)

@@ -8,6 +8,10 @@ Two carriers, one shape (``keyserver.ports.DeviceEvents`` to publish,
 - :class:`RedisDeviceEvents`: Redis pub/sub on ``{presence.key_prefix}device-removed``,
   for a cluster (every relay node listens; every key directory process publishes).
 
+A ``rediss://`` URL is TLS with the ``presence.redis_*_file`` settings (build it with
+:meth:`RedisDeviceEvents.from_config`); Redis failures are logged with the reason
+spelled out (a certificate that did not verify says so).
+
 Pub/sub is fire and forget: a relay node that is cut off from Redis at that moment
 misses the event. What it then still holds expires on its own: the identity-key cache
 after ``keyserver.identity_cache_seconds``, and the device's signed requests and reads
@@ -18,11 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from relay.authproof import parse_address
+from relay.common.store_tls import describe_redis_error, redis_client_kwargs, redis_where
+from relay.config import PresenceConfig
 from relay.model import Address
 
 log = logging.getLogger(__name__)
@@ -67,11 +74,30 @@ class LocalDeviceEvents:
 class RedisDeviceEvents:
     """Device events over Redis pub/sub (see the module docstring)."""
 
-    def __init__(self, redis_url: str, key_prefix: str) -> None:
+    def __init__(
+        self, redis_url: str, key_prefix: str, *, presence: PresenceConfig | None = None
+    ) -> None:
+        """Publish and listen on ``redis_url``; TLS settings from ``presence`` if given.
+
+        ``presence`` supplies ``redis_ca_file``/``redis_cert_file``/``redis_key_file``
+        for a ``rediss://`` URL (without it, the system roots verify the server).
+        """
         import redis.asyncio as aioredis  # noqa: PLC0415 - Redis is optional (cluster extra)
 
-        self._redis = aioredis.Redis.from_url(redis_url)
+        self._config = dataclasses.replace(
+            presence or PresenceConfig(), redis_url=redis_url, key_prefix=key_prefix
+        )
+        self._where = redis_where(self._config)
+        self._redis = aioredis.Redis.from_url(redis_url, **redis_client_kwargs(self._config))
         self._channel = f"{key_prefix}{REMOVED_CHANNEL}"
+
+    @classmethod
+    def from_config(cls, presence: PresenceConfig) -> RedisDeviceEvents:
+        """Device events on ``presence.redis_url`` with its TLS settings."""
+        return cls(presence.redis_url, presence.key_prefix, presence=presence)
+
+    def _describe(self, exc: BaseException) -> str:
+        return f"Redis at {self._where}: {describe_redis_error(self._config, exc, self._where)}"
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -84,7 +110,7 @@ class RedisDeviceEvents:
         try:
             await self._redis.publish(self._channel, str(device))
         except RedisError as exc:
-            log.warning("could not announce the removal of %s: %s", device, exc)
+            log.warning("could not announce the removal of %s: %s", device, self._describe(exc))
 
     @contextlib.asynccontextmanager
     async def subscribe(self, listener: Listener) -> AsyncIterator[None]:
@@ -119,7 +145,7 @@ class RedisDeviceEvents:
                             continue
                         await self._deliver(listener, message.get("data"))
             except RedisError as exc:
-                log.warning("device events: Redis failed (%s); resubscribing", exc)
+                log.warning("device events: %s; resubscribing", self._describe(exc))
                 await asyncio.sleep(1.0)  # a pause before reconnecting, not synchronisation
 
     @staticmethod

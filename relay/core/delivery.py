@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from relay.clock import Clock
 from relay.config import LimitsConfig
+from relay.core.peers import PeerInbox
 from relay.core.ports import IdentityKeys, MessageQueue, NodeLinks, Presence
 from relay.core.presence_local import LocalPresence, NoLinks
 from relay.core.routing import Router
@@ -95,6 +96,8 @@ class Relay:
             else limits.session_repoll_seconds
         )
         self.router = Router(node_id, self._registry, self._presence, self._links)
+        #: What peer nodes send over their links, checked before it is acted on.
+        self.peers = PeerInbox(self.router, self._registry, self._presence, clock, metrics)
         self._queue_limits = QueueLimits(limits.max_queue_depth, limits.max_queue_bytes)
         #: Devices removed while this node ran, oldest first (bounded).
         self._removed: OrderedDict[Address, None] = OrderedDict()

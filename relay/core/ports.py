@@ -92,10 +92,18 @@ class Presence(Protocol):
         """Locations of those ``devices`` that are online on a live node (may be cached)."""
         ...
 
+    async def current(self, device: Address) -> Location | None:
+        """``device``'s entry as the presence store holds it now, or None if it has none.
+
+        Never answered from a cache, and whether or not the entry's node is alive: this
+        is the authority on which session of the device is the newest (its epoch).
+        """
+        ...
+
     async def heartbeat(
         self, node_id: str, advertise: str, sessions: Sequence[tuple[Address, int]]
     ) -> bool:
-        """Refresh this node's liveness and its sessions' entries.
+        """Refresh this node's liveness, its link address (``advertise``) and its sessions.
 
         Returns False if the presence store had lost this node's state (e.g. a restart),
         so sessions may have missed wake-ups and should re-read their queues.
@@ -103,7 +111,7 @@ class Presence(Protocol):
         ...
 
     async def node_address(self, node_id: str) -> str | None:
-        """The advertised address of a live node, or None if it is not alive."""
+        """Where a live node's link listener is reached (its ``advertise``), or None if dead."""
         ...
 
 

@@ -12,6 +12,7 @@ class LocalPresence:
 
     def __init__(self) -> None:
         self._epochs: dict[Address, int] = {}
+        self._entries: dict[Address, Location] = {}
 
     async def claim(
         self, device: Address, node_id: str, now_ms: int
@@ -19,14 +20,21 @@ class LocalPresence:
         """A new epoch; there is never a previous location on another node."""
         epoch = max(self._epochs.get(device, 0) + 1, now_ms * 1000)
         self._epochs[device] = epoch
+        self._entries[device] = Location(node_id, epoch)
         return epoch, None
 
     async def release(self, device: Address, node_id: str, epoch: int) -> None:
-        """Nothing to forget: the session registry is the presence here."""
+        """Forget the entry if it is still the one with ``epoch`` (the epoch counter stays)."""
+        if self._entries.get(device) == Location(node_id, epoch):
+            del self._entries[device]
 
     async def locate(self, devices: Sequence[Address]) -> dict[Address, Location]:
         """No device is on another node."""
         return {}
+
+    async def current(self, device: Address) -> Location | None:
+        """The entry of the device's newest session here, if it is open."""
+        return self._entries.get(device)
 
     async def heartbeat(
         self, node_id: str, advertise: str, sessions: Sequence[tuple[Address, int]]

@@ -74,12 +74,18 @@ class Router:
         for session, group in by_session.items():
             session.push(group)
 
-    def displace(self, device: Address, epoch: int) -> None:
-        """Another node opened a newer session of ``device``: end an older one here."""
+    def displace(self, device: Address, epoch: int) -> bool:
+        """End ``device``'s session here if it is older than ``epoch``; return whether it was.
+
+        The caller has established that a session of ``epoch`` exists (the claim made
+        here, or presence for a peer's word: see ``relay.core.peers``).
+        """
         session = self._registry.get(device)
-        if session is not None and session.epoch < epoch:
-            session.displace()
-            self._registry.detach(session)
+        if session is None or session.epoch >= epoch:
+            return False
+        session.displace(epoch)
+        self._registry.detach(session)
+        return True
 
     def reread_all(self) -> None:
         """Every session here re-reads its queue (wake-ups may have been lost)."""

@@ -111,12 +111,18 @@ class Session:
         self._reread = True
         self._wake.set()
 
-    def displace(self) -> None:
-        """End the session because a newer one of the device took over (SessionDisplaced)."""
+    def displace(self, by_epoch: int) -> None:
+        """End the session: a newer one of the device, of epoch ``by_epoch``, took over.
+
+        The SessionDisplaced error names ``by_epoch`` (metadata ``session_epoch``) so that
+        the device can tell it from its own session's epoch (``Ready.session_epoch``):
+        only a newer one makes not reconnecting the right response.
+        """
         self.end(
             SessionDisplaced(
-                f"session of {self.address} was displaced by a newer session of the "
-                "same device; not reconnecting is the right response"
+                f"session {self.epoch} of {self.address} was displaced by a newer session "
+                f"({by_epoch}) of the same device; not reconnecting is the right response",
+                metadata={"session_epoch": str(by_epoch), "device": str(self.address)},
             )
         )
 
@@ -237,7 +243,7 @@ class SessionRegistry:
         old = self._sessions.get(session.address)
         self._sessions[session.address] = session
         if old is not None:
-            old.displace()
+            old.displace(session.epoch)
         return old
 
     def detach(self, session: Session) -> None:

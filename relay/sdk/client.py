@@ -27,17 +27,18 @@ from typing import NoReturn
 
 import grpc
 
-from relay.errors import RelayError, Unavailable
+from relay.errors import RelayError, SessionDisplaced, Unavailable
 from relay.model import Address
 from relay.sdk.backoff import Backoff, ExponentialBackoff
+from relay.sdk.channels import endpoint, open_channel
 from relay.sdk.codec import Codec, PlaintextCodec
 from relay.sdk.crypto.errors import AwaitingTrust, CryptoError
 from relay.sdk.directory import from_pb
 from relay.sdk.keys import Identity
 from relay.sdk.outbox import BatchResult, Outbox, OutgoingMessage, SendReceipt, sealed_envelope
-from relay.sdk.session import CHANNEL_OPTIONS, Session
+from relay.sdk.session import Session
 from relay.sdk.state import DeviceState, ReceivedMessage
-from relay.sdk.status import from_rpc_error, is_retryable
+from relay.sdk.status import Endpoint, from_rpc_error, is_retryable
 from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,20 @@ class RelayClient:
 
     ``target`` is ``host:port`` (the client makes and closes its channel), a list of
     them (relay nodes of one cluster: each reconnect after a failure tries the next),
-    or a ``grpc.aio.Channel`` owned by the caller. ``receive=False`` opens a send-only
+    or a ``grpc.aio.Channel`` owned by the caller. The channels it makes use TLS as
+    :mod:`relay.sdk.channels` says: verified with the CA in ``tls_ca`` (PEM; empty: the
+    system's trusted CAs), plaintext only to loopback without a ``tls_ca`` unless
+    ``tls`` forces it either way. ``receive=False`` opens a send-only
     session that displaces nobody. ``backoff`` paces reconnects (and may give up).
     Use as ``async with RelayClient(...) as client``: entering waits for the first
     Ready; failures surface as relay.errors exceptions (``Unauthenticated``,
     ``SessionDisplaced``, ``DeviceRemoved`` (final, like a displacement: never
     reconnected), and ``Unavailable`` once ``backoff`` gives up).
+
+    A displacement is final only when the relay says a newer receiving session of this
+    device took over: its SESSION_DISPLACED names that session's epoch, above the one
+    this session got in Ready. Any other displacement (no epoch, not a newer one) is
+    reconnected with backoff like a lost connection.
     """
 
     def __init__(
@@ -70,6 +79,8 @@ class RelayClient:
         backoff: Backoff | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        tls_ca: str = "",
+        tls: bool | None = None,
     ) -> None:
         identity, address = state.identity(), state.address()
         if identity is None or address is None:
@@ -86,9 +97,8 @@ class RelayClient:
             if not targets:
                 raise ValueError("RelayClient needs at least one relay target")
             self._own_channel = True
-            self._channels = [
-                (grpc.aio.insecure_channel(t, options=CHANNEL_OPTIONS), t) for t in targets
-            ]
+            self._channels = [(open_channel(t, tls_ca=tls_ca, tls=tls), t) for t in targets]
+        self._tls_ca, self._tls = tls_ca, tls
         self._current = 0
         self._channel, self._target = self._channels[0]
         self._stub = relay_pb2_grpc.RelayStub(self._channel)
@@ -320,9 +330,18 @@ class RelayClient:
             try:
                 await self._serve(session)
             except grpc.aio.AioRpcError as exc:
-                error = from_rpc_error(exc, target=f"relay {self._target}")
-                if not is_retryable(exc):
+                error = from_rpc_error(exc, target=self._endpoint())
+                own = session.ready.session_epoch if session.ready is not None else None
+                if not is_retryable(exc, session_epoch=own):
                     fatal = error
+                elif isinstance(error, SessionDisplaced):
+                    log.warning(
+                        "relay %s ended session %s as displaced without naming a newer one "
+                        "(%s); reconnecting",
+                        self._target,
+                        own,
+                        error.metadata.get("session_epoch", "no epoch"),
+                    )
             except TimeoutError:
                 error = Unavailable(f"relay {self._target} did not complete the handshake")
             except Unavailable as exc:  # the stream ended without an error status
@@ -343,6 +362,12 @@ class RelayClient:
             if not await self._backoff(failures):
                 self._fail(error)
                 return
+
+    def _endpoint(self) -> Endpoint:
+        """The current relay node, as error messages name it."""
+        if not self._own_channel:
+            return Endpoint("relay")
+        return endpoint("relay", self._target, tls_ca=self._tls_ca, tls=self._tls)
 
     def _next_target(self) -> None:
         """Move to the next relay node of the list (any node serves any device)."""

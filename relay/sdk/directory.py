@@ -42,7 +42,7 @@ from relay.sdk.crypto.bundle import (
 )
 from relay.sdk.crypto.errors import BadSignature
 from relay.sdk.keys import Identity
-from relay.sdk.status import from_rpc_error
+from relay.sdk.status import Endpoint, from_rpc_error
 from relaypb.common.v1 import address_pb2
 from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
 
@@ -136,20 +136,22 @@ class KeyDirectoryClient:
     Device-signed calls (publish, status, remove, links) are signed with the identity
     passed in. Reads (bundles, devices, lists, identity keys) need credentials too: the
     device set with :meth:`sign_as` (registering does it), or a tenant API key
-    (``bearer_key``) for a service.
+    (``bearer_key``) for a service. ``target`` names the directory in error messages:
+    its ``host:port``, or an Endpoint that also says how the channel reaches it (TLS,
+    which CA), so that a failed TLS handshake says which certificate did not verify.
     """
 
     def __init__(
         self,
         channel: grpc.aio.Channel,
         *,
-        target: str = "",
+        target: str | Endpoint = "",
         clock: Clock | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         bearer_key: str = "",
     ) -> None:
         self._stub = keys_pb2_grpc.KeyDirectoryStub(channel)
-        self._target = target or "key directory"
+        self._target = target if isinstance(target, Endpoint) else Endpoint("key directory", target)
         self._clock = clock or SystemClock()
         self._timeout = timeout
         self._bearer = bearer_key
@@ -173,7 +175,7 @@ class KeyDirectoryClient:
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, target=f"key directory {self._target}") from exc
+            raise from_rpc_error(exc, target=self._target) from exc
 
     async def register(
         self,

@@ -31,6 +31,7 @@ from relay.errors import FailedPrecondition, NotFound, RelayError, Unauthenticat
 from relay.model import Address, DeviceListMismatch, Outcome
 from relay.sdk.accounts import AccountKeyChanged, Accounts, NewDeviceCallback
 from relay.sdk.backoff import Backoff
+from relay.sdk.channels import endpoint, open_channel
 from relay.sdk.client import RelayClient
 from relay.sdk.crypto.errors import CryptoError, MalformedMessage
 from relay.sdk.crypto.wire import Reader, field
@@ -38,8 +39,8 @@ from relay.sdk.device import replenish_prekeys
 from relay.sdk.directory import KeyDirectoryClient, to_pb
 from relay.sdk.e2ee import E2eeCodec
 from relay.sdk.keys import new_message_id
-from relay.sdk.session import CHANNEL_OPTIONS
 from relay.sdk.state import DeviceState, ReceivedMessage
+from relay.sdk.status import Endpoint
 from relaypb.relay.v1 import relay_pb2
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,9 @@ class SecureClient:
     """An end-to-end encrypted session of the registered device in ``state``.
 
     ``relay`` is a relay target (or list) as for :class:`RelayClient`; ``keys`` the key
-    directory's ``host:port`` (or a channel the caller owns). On entry the client tops
+    directory's ``host:port`` (or a channel the caller owns). The channels it makes to
+    both use TLS verified with the CA in ``tls_ca`` unless they are plain loopback (see
+    :mod:`relay.sdk.channels`; ``tls`` forces it either way). On entry the client tops
     up this device's prekeys if the directory says they run low, and again whenever
     a received prekey message used some.
     """
@@ -130,6 +133,8 @@ class SecureClient:
         receive: bool = True,
         backoff: Backoff | None = None,
         on_new_device: NewDeviceCallback | None = None,
+        tls_ca: str = "",
+        tls: bool | None = None,
     ) -> None:
         identity, address = state.identity(), state.address()
         if identity is None or address is None:
@@ -140,19 +145,21 @@ class SecureClient:
         self._identity = identity
         self._state = state
         self._own_keys_channel = isinstance(keys, str)
-        self._keys_channel = (
-            grpc.aio.insecure_channel(keys, options=CHANNEL_OPTIONS)
-            if isinstance(keys, str)
-            else keys
-        )
-        self.directory = KeyDirectoryClient(self._keys_channel)
+        if isinstance(keys, str):
+            self._keys_channel = open_channel(keys, tls_ca=tls_ca, tls=tls)
+            where = endpoint("key directory", keys, tls_ca=tls_ca, tls=tls)
+        else:
+            self._keys_channel, where = keys, Endpoint("key directory")
+        self.directory = KeyDirectoryClient(self._keys_channel, target=where)
         self.directory.sign_as(identity, address)
         self._replenish = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.codec = E2eeCodec(
             state, identity, self._identity_key, on_prekeys_used=self._prekeys_used
         )
-        self.relay = RelayClient(state, relay, receive=receive, codec=self.codec, backoff=backoff)
+        self.relay = RelayClient(
+            state, relay, receive=receive, codec=self.codec, backoff=backoff, tls_ca=tls_ca, tls=tls
+        )
         self._replenisher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> SecureClient:

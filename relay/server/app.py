@@ -9,12 +9,10 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any
 
-import grpc
-from prometheus_client import start_http_server
-
 from relay.clock import Clock, SystemClock
 from relay.common.device_events import DeviceEventSource, RedisDeviceEvents
 from relay.common.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
+from relay.common.tls import check_listen, secure_or_plain_channel, server_credentials
 from relay.config import Config, load_or_create_key, relay_key_path
 from relay.core.auth import ApiKeys, DeviceAuthenticator, ServiceSender
 from relay.core.delivery import Relay
@@ -25,6 +23,7 @@ from relay.metrics import RelayMetrics
 from relay.model import Address
 from relay.server.identity_keys import GrpcIdentityKeys
 from relay.server.links import GrpcNodeLinks, NodeLinkServicer
+from relay.server.metrics_http import start_metrics_server
 from relay.server.servicer import RelayServicer
 from relay.stores.sqlite_queue import SqliteQueue
 from relaypb.node.v1 import node_pb2_grpc
@@ -46,6 +45,10 @@ def api_keys_from_config(config: Config) -> ApiKeys:
 class RelayApp:
     """A running relay node. ``async with RelayApp(config) as app:`` serves on ``app.port``.
 
+    With Redis presence (a cluster) it also serves node links on a listener of their
+    own, ``node.link_listen`` (``app.link_address``): mutual TLS when ``[tls]`` is set,
+    else plaintext on loopback only. The device port never serves node links.
+
     Device removals come from ``events`` if given (``relayd run``: the key directory in
     the same process shares one LocalDeviceEvents), else from Redis pub/sub when
     ``presence.backend`` is ``redis``; with neither (a lone embedded relay node), a
@@ -65,6 +68,8 @@ class RelayApp:
         self.metrics = RelayMetrics()
         self._stack = contextlib.AsyncExitStack()
         self._server: GrpcServer | None = None
+        self._link_server: GrpcServer | None = None
+        #: Where peers reach this node's link listener (published in presence).
         self._advertise = ""
         self.relay: Relay | None = None
 
@@ -80,6 +85,13 @@ class RelayApp:
         assert self._server is not None
         return self._server.address
 
+    @property
+    def link_address(self) -> str:
+        """``host:port`` of the node-link listener (after start; only with Redis presence)."""
+        if self._link_server is None:
+            raise RuntimeError("this node has no link listener (presence.backend is local)")
+        return self._link_server.address
+
     async def __aenter__(self) -> RelayApp:
         try:
             await self._start()
@@ -93,7 +105,12 @@ class RelayApp:
         api_keys = api_keys_from_config(cfg)
         queue = await self._open_queue()
         presence = await self._open_presence()
-        channel = grpc.aio.insecure_channel(cfg.keyserver.target)
+        # Decided before anything listens: plaintext off loopback is refused (or warned).
+        device_tls = check_listen("node.listen", cfg.node.listen, cfg.tls)
+        metrics_tls = bool(cfg.node.metrics_listen) and check_listen(
+            "node.metrics_listen", cfg.node.metrics_listen, cfg.tls
+        )
+        channel = secure_or_plain_channel(cfg.keyserver.target, ca_file=cfg.tls.ca_file)
         self._stack.push_async_callback(channel.close)
         identities = GrpcIdentityKeys(
             channel,
@@ -103,8 +120,13 @@ class RelayApp:
             relay_key=load_or_create_key(relay_key_path(cfg)),
         )
         links: NodeLinks = NoLinks()
-        if cfg.presence.backend == "redis":
-            grpc_links = GrpcNodeLinks(cfg.node.id, presence, self.metrics)
+        clustered = cfg.presence.backend == "redis"
+        # Decided before anything listens: plaintext links off loopback are refused.
+        link_tls = clustered and check_listen("node.link_listen", cfg.node.link_listen, cfg.tls)
+        if clustered:
+            grpc_links = GrpcNodeLinks(
+                cfg.node.id, presence, self.metrics, tls=cfg.tls if link_tls else None
+            )
             self._stack.push_async_callback(grpc_links.close)
             links = grpc_links
         self.relay = Relay(
@@ -116,9 +138,7 @@ class RelayApp:
             node_id=cfg.node.id,
             presence=presence,
             links=links,
-            presence_cache_seconds=(
-                cfg.presence.cache_seconds if cfg.presence.backend == "redis" else 0.0
-            ),
+            presence_cache_seconds=cfg.presence.cache_seconds if clustered else 0.0,
         )
         # Listen before serving: no session opens here before removals are heard.
         await self._subscribe_device_events()
@@ -132,30 +152,54 @@ class RelayApp:
             node_id=cfg.node.id,
             auth_timeout_seconds=cfg.limits.auth_timeout_seconds,
         )
+        if clustered:
+            # Links first: peers can reach this node before presence names it.
+            self._link_server = GrpcServer(
+                cfg.node.link_listen,
+                [
+                    (
+                        node_pb2_grpc.add_NodeLinkServicer_to_server,
+                        NodeLinkServicer(self.relay.peers, authenticated=link_tls),
+                        LINK_SERVICE_NAME,
+                    )
+                ],
+                grace_seconds=cfg.node.grace_seconds,
+                # One node per port: a second process must not share (and split) it.
+                options=[("grpc.so_reuseport", 0)],
+                credentials=(
+                    server_credentials(cfg.tls, require_client_auth=True) if link_tls else None
+                ),
+            )
+            await self._stack.enter_async_context(self._link_server)
+            self._advertise = cfg.node.link_advertise or self._link_server.address
         self._server = GrpcServer(
             cfg.node.listen,
-            [
-                (relay_pb2_grpc.add_RelayServicer_to_server, servicer, SERVICE_NAME),
-                (
-                    node_pb2_grpc.add_NodeLinkServicer_to_server,
-                    NodeLinkServicer(self.relay.router),
-                    LINK_SERVICE_NAME,
-                ),
-            ],
+            [(relay_pb2_grpc.add_RelayServicer_to_server, servicer, SERVICE_NAME)],
             grace_seconds=cfg.node.grace_seconds,
+            credentials=(
+                server_credentials(cfg.tls, require_client_auth=False) if device_tls else None
+            ),
         )
         await self._stack.enter_async_context(self._server)
-        self._advertise = cfg.node.advertise or self._server.address
-        if cfg.presence.backend == "redis":
+        if clustered:
             # Announce this node before taking traffic, then keep it and its sessions alive.
             await self._heartbeat(presence)
             self._spawn(self._heartbeat_loop(presence), "heartbeat")
         self._spawn(self._purge_loop(), "purge")
         if cfg.node.metrics_listen:
-            host, _, port = cfg.node.metrics_listen.rpartition(":")
-            server, _thread = start_http_server(int(port), host, registry=self.metrics.registry)
-            self._stack.callback(server.shutdown)
+            metrics = start_metrics_server(
+                cfg.node.metrics_listen, self.metrics.registry, cfg.tls if metrics_tls else None
+            )
+            self._stack.callback(metrics.server_close)
+            self._stack.callback(metrics.shutdown)
         log.info("relay node %s serving on %s", cfg.node.id, self._server.address)
+        if self._link_server is not None:
+            log.info(
+                "node links on %s (%s), advertised as %s",
+                self._link_server.address,
+                "mutual TLS" if link_tls else "plaintext, loopback",
+                self._advertise,
+            )
 
     async def _subscribe_device_events(self) -> None:
         """Act on device removals announced by the key directory while the node runs."""

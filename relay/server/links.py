@@ -6,6 +6,13 @@ only append to a bounded buffer; a task per peer drains it into ``NodeBatch`` me
 already durable in the store, so a full buffer or a broken stream drops wake-ups, never
 envelopes; the first batch after a (re)connect says ``repoll_all`` so the peer's sessions
 re-read their queues.
+
+Links run on each node's link listener (``node.link_listen``), never on the device port.
+With ``[tls]`` configured they are mutual TLS: a node dials its peers with its own
+certificate (which names its node id, ``relay.common.tls.NODE_URI_PREFIX``) and the
+receiving servicer hands the certificate's node id to the core, which refuses a batch
+claiming another node (``relay.core.peers``). The servicer only translates; what to
+believe of a batch is decided in ``relay.core.peers.PeerInbox``.
 """
 
 from __future__ import annotations
@@ -20,8 +27,11 @@ from typing import Any
 import grpc
 
 from relay.common.convert import address_from_pb, address_to_pb, envelope_from_wire, envelope_to_pb
+from relay.common.status import abort
+from relay.common.tls import channel_credentials, node_id_from_auth_context
+from relay.config import ConfigError, TlsConfig
+from relay.core.peers import PeerInbox
 from relay.core.ports import Presence
-from relay.core.routing import Router
 from relay.errors import RelayError
 from relay.metrics import RelayMetrics
 from relay.model import Address, Pushed
@@ -82,7 +92,7 @@ class _Peer:
             self._ready.clear()
             log.info("node %s is not alive; %d wake-ups dropped", self.node_id, dropped)
             return
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with self._links.channel(target) as channel:
             call = node_pb2_grpc.NodeLinkStub(channel).Link()
             first = True
             while True:
@@ -102,13 +112,44 @@ class _Peer:
 
 
 class GrpcNodeLinks:
-    """NodeLinks over gRPC streams (see ``relay.core.ports.NodeLinks``)."""
+    """NodeLinks over gRPC streams (see ``relay.core.ports.NodeLinks``).
 
-    def __init__(self, node_id: str, presence: Presence, metrics: RelayMetrics) -> None:
+    With ``tls`` (its ``cert_file``/``key_file`` name this node's certificate), links
+    are mutual TLS, peers verified with ``tls.ca_file``; the files are read again at
+    every (re)connect, so a renewed certificate is used from the next link on.
+    Without, links are plaintext (the peers' link listeners are then on loopback).
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        presence: Presence,
+        metrics: RelayMetrics,
+        *,
+        tls: TlsConfig | None = None,
+    ) -> None:
         self.node_id = node_id
         self.presence = presence
         self.metrics = metrics
+        self._tls = tls
         self._peers: dict[str, _Peer] = {}
+        self._credentials = self._read_credentials() if tls is not None else None
+
+    def _read_credentials(self) -> grpc.ChannelCredentials:
+        assert self._tls is not None
+        return channel_credentials(
+            self._tls.ca_file, cert_file=self._tls.cert_file, key_file=self._tls.key_file
+        )
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        """A channel to a peer's link listener at ``target`` (mutual TLS if configured)."""
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(target)
+        try:
+            self._credentials = self._read_credentials()
+        except ConfigError as exc:  # e.g. a file half-written by a renewal: keep the last
+            log.warning("link TLS files could not be read again (%s); using the last ones", exc)
+        return grpc.aio.secure_channel(target, self._credentials)
 
     def _peer(self, node_id: str) -> _Peer:
         peer = self._peers.get(node_id)
@@ -138,27 +179,48 @@ class GrpcNodeLinks:
 
 
 class NodeLinkServicer(node_pb2_grpc.NodeLinkServicer):
-    """Receives other nodes' batches and hands them to the local router."""
+    """Receives other nodes' batches and hands them to the core's PeerInbox.
 
-    def __init__(self, router: Router) -> None:
-        self._router = router
+    ``authenticated``: the listener is mutual TLS, so every call's peer certificate was
+    verified; its node id (URI SAN) is what the core checks each batch's ``from_node``
+    against. Without, a batch's ``from_node`` is all there is (plaintext, loopback only).
+    """
+
+    def __init__(self, peers: PeerInbox, *, authenticated: bool) -> None:
+        self._peers = peers
+        self._authenticated = authenticated
 
     async def Link(
         self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> node_pb2.LinkSummary:
-        """Apply each batch as it arrives: re-reads first, then forwards, then displaces."""
+        """Apply each batch as it arrives: re-reads first, then forwards, then displaces.
+
+        A batch the core refuses (another node than the certificate's) ends the call
+        with its status (PERMISSION_DENIED); nothing of that batch is applied.
+        """
+        certified = None
+        if self._authenticated:
+            auth = {key: list(values) for key, values in context.auth_context().items()}
+            certified = node_id_from_auth_context(auth)
         count = 0
-        async for batch in request_iterator:
-            if batch.repoll_all:
-                self._router.reread_all()
-            if batch.forwards:
-                self._router.accept(
-                    [
-                        Pushed(envelope_from_wire(f.envelope), f.seq, f.prev_seq)
-                        for f in batch.forwards
-                    ]
+        try:
+            async for batch in request_iterator:
+                peer = self._peers.admit(
+                    batch.from_node, certified, authenticated=self._authenticated
                 )
-            for d in batch.displaces:
-                self._router.displace(address_from_pb(d.device), d.epoch)
-            count += 1
+                if batch.repoll_all:
+                    self._peers.repoll_all(peer)
+                if batch.forwards:
+                    self._peers.accept(
+                        peer,
+                        [
+                            Pushed(envelope_from_wire(f.envelope), f.seq, f.prev_seq)
+                            for f in batch.forwards
+                        ],
+                    )
+                for d in batch.displaces:
+                    await self._peers.displace(peer, address_from_pb(d.device), d.epoch)
+                count += 1
+        except RelayError as exc:
+            await abort(context, exc)
         return node_pb2.LinkSummary(batches=count)

@@ -18,6 +18,7 @@ from relay.common.convert import (
     envelope_to_pb,
 )
 from relay.common.status import abort, unary
+from relay.common.tls import BEARER_NEEDS_TLS, call_is_protected
 from relay.core.auth import ApiKeys, DeviceAuthenticator
 from relay.core.delivery import Relay, SendOutcome
 from relay.core.sessions import Deliver, QueueEmpty, Session
@@ -221,6 +222,10 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         bearer = str(metadata.get("authorization", ""))
         key = bearer.removeprefix("Bearer ").strip() if bearer.startswith("Bearer ") else None
         try:
+            if key is not None and not call_is_protected(context):
+                # The key crossed the network in the clear already; refusing it here
+                # keeps clients from relying on that (and says so at the first try).
+                raise Unauthenticated(BEARER_NEEDS_TLS)
             sender = self._api_keys.authenticate(key)
         except Unauthenticated:
             self._metrics.auth_failures.inc()

@@ -4,12 +4,17 @@ Keys (``{p}`` is ``presence.key_prefix``, ``relay:`` by default):
 
 - ``{p}presence:<tenant>/<user>/<device>``: hash ``node``, ``epoch``; expires after
   ``presence.device_ttl_seconds`` unless the node's heartbeat refreshes it.
-- ``{p}node:<node id>``: the node's advertised address; expires after
+- ``{p}node:<node id>``: where other nodes reach the node's link listener
+  (``node.link_advertise``, by default the bound ``node.link_listen``); expires after
   ``presence.node_ttl_seconds``, so a dead node's devices count as offline at once.
 
 Redis only answers where a device is; envelopes never pass through it. Every multi-step
 update is a Lua script (atomic); lookups are pipelined. Where a device is online is
 cached for ``presence.cache_seconds``; "offline" is never cached.
+
+A ``rediss://`` URL is TLS, verified with ``presence.redis_ca_file`` (the system roots
+if empty), presenting ``presence.redis_cert_file`` if set; a failed handshake is an
+``Unavailable`` that says which certificate did not verify (``relay.common.store_tls``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from relay.common.store_tls import describe_redis_error, redis_client_kwargs, redis_where
 from relay.config import PresenceConfig
 from relay.errors import Unavailable
 from relay.model import Address, Location
@@ -66,8 +72,12 @@ class RedisPresence(AsyncResource):
     def __init__(self, config: PresenceConfig) -> None:
         self._cfg = config
         self._prefix = config.key_prefix
+        self._where = redis_where(config)
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            config.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
+            config.redis_url,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+            **redis_client_kwargs(config),
         )
         self._claim = self._redis.register_script(CLAIM)
         self._release = self._redis.register_script(RELEASE)
@@ -84,7 +94,10 @@ class RedisPresence(AsyncResource):
         try:
             return await coro
         except (RedisError, OSError) as exc:
-            raise Unavailable(f"presence store (Redis) failed to {what}: {exc}") from exc
+            reason = describe_redis_error(self._cfg, exc, self._where)
+            raise Unavailable(
+                f"presence store (Redis at {self._where}) failed to {what}: {reason}"
+            ) from exc
 
     async def claim(
         self, device: Address, node_id: str, now_ms: int
@@ -146,6 +159,16 @@ class RedisPresence(AsyncResource):
         if len(self._cache) > 100_000:
             self._cache.clear()
         return found
+
+    async def current(self, device: Address) -> Location | None:
+        """See ``Presence.current``: one HMGET, bypassing (and not filling) the cache."""
+        node, epoch = await self._call(
+            f"read the entry of {device}",
+            self._redis.hmget(_key(self._prefix, device), "node", "epoch"),
+        )
+        if node is None or epoch is None:
+            return None
+        return Location(node.decode(), int(epoch))
 
     async def heartbeat(
         self, node_id: str, advertise: str, sessions: Sequence[tuple[Address, int]]

@@ -2,15 +2,23 @@
 # Local backing services for the e2ee relay: Redis and a single-node Cassandra,
 # installed and run without Docker. See docs/services.md.
 #
+# TLS as well (unless SERVICES_TLS=0): dev certificates (relay.common.devcerts, made
+# again when missing or within 30 days of expiry) in $RELAY_TLS_DIR, a second Redis
+# that speaks only TLS on $REDIS_TLS_PORT, and Cassandra's client encryption on a
+# second native port, $CASSANDRA_TLS_PORT (client certificate required). The
+# plaintext ports stay as they are.
+#
 # Usage: scripts/services/services.sh COMMAND
 #   start            install (cached) and start Redis and Cassandra, wait until both answer
 #   stop             stop both (SIGTERM via pidfile, SIGKILL after $STOP_TIMEOUT s)
 #   restart          stop, then start
 #   status           print each service up/down with its port (exit 0 all up, 3 otherwise)
-#   start-redis      / stop-redis      one service only
-#   start-cassandra  / stop-cassandra  one service only
+#   start-redis      / stop-redis      the plaintext Redis only
+#   start-redis-tls  / stop-redis-tls  the TLS Redis only
+#   start-cassandra  / stop-cassandra  one service only (both of its ports)
+#   certs            only make (or renew) the dev certificates
 #   fetch            only download the Cassandra jars into the cache
-#   wipe             stop both and delete their run dirs (data, logs): a clean node
+#   wipe             stop both and delete their run dirs (data, logs, certificates): a clean node
 #
 # Environment (all optional):
 #   RELAY_CACHE_DIR          download cache            (default: $HOME/.cache/e2ee-relay)
@@ -18,8 +26,12 @@
 #   RELAY_MAVEN_REPO         Maven local repository    (default: $RELAY_CACHE_DIR/m2)
 #   REDIS_PORT               Redis port on 127.0.0.1   (default: 6379)
 #   REDIS_READY_TIMEOUT      seconds to wait for PING  (default: 30)
+#   REDIS_TLS_PORT           TLS-only Redis port       (default: 6380)
+#   SERVICES_TLS             1: certificates and the TLS ports; 0: plaintext only (default: 1)
+#   RELAY_TLS_DIR            dev certificates          (default: $RELAY_RUN_DIR/tls)
 #   CASSANDRA_VERSION        org.apache.cassandra:cassandra-all version (default: 5.0.8)
 #   CASSANDRA_PORT           CQL native port           (default: 9042)
+#   CASSANDRA_TLS_PORT       CQL native port, TLS only (default: 9142)
 #   CASSANDRA_STORAGE_PORT   inter-node storage port   (default: 7000)
 #   CASSANDRA_READY_TIMEOUT  seconds to wait for CQL   (default: 180)
 #   CASSANDRA_HEAP_MIN       JVM -Xms                  (default: 256m)
@@ -49,8 +61,12 @@ RELAY_RUN_DIR=$(abspath "${RELAY_RUN_DIR:-$RELAY_CACHE_DIR/run}")
 RELAY_MAVEN_REPO=$(abspath "${RELAY_MAVEN_REPO:-$RELAY_CACHE_DIR/m2}")
 REDIS_PORT=${REDIS_PORT:-6379}
 REDIS_READY_TIMEOUT=${REDIS_READY_TIMEOUT:-30}
+REDIS_TLS_PORT=${REDIS_TLS_PORT:-6380}
+SERVICES_TLS=${SERVICES_TLS:-1}
+RELAY_TLS_DIR=$(abspath "${RELAY_TLS_DIR:-$RELAY_RUN_DIR/tls}")
 CASSANDRA_VERSION=${CASSANDRA_VERSION:-5.0.8}
 CASSANDRA_PORT=${CASSANDRA_PORT:-9042}
+CASSANDRA_TLS_PORT=${CASSANDRA_TLS_PORT:-9142}
 CASSANDRA_STORAGE_PORT=${CASSANDRA_STORAGE_PORT:-7000}
 CASSANDRA_READY_TIMEOUT=${CASSANDRA_READY_TIMEOUT:-180}
 CASSANDRA_HEAP_MIN=${CASSANDRA_HEAP_MIN:-256m}
@@ -67,6 +83,12 @@ MVN=${MVN:-mvn}
 readonly REDIS_DIR=$RELAY_RUN_DIR/redis
 readonly REDIS_PIDFILE=$REDIS_DIR/redis.pid
 readonly REDIS_LOG=$REDIS_DIR/redis.log
+readonly REDIS_TLS_DIR=$RELAY_RUN_DIR/redis-tls
+readonly REDIS_TLS_PIDFILE=$REDIS_TLS_DIR/redis.pid
+readonly REDIS_TLS_LOG=$REDIS_TLS_DIR/redis.log
+readonly TLS_CA=$RELAY_TLS_DIR/ca.pem
+readonly TLS_CLIENT_CERT=$RELAY_TLS_DIR/client.pem
+readonly TLS_CLIENT_KEY=$RELAY_TLS_DIR/client.key
 
 readonly CASS_HOME=$RELAY_CACHE_DIR/cassandra-$CASSANDRA_VERSION
 readonly CASS_LIB=$CASS_HOME/lib
@@ -177,6 +199,42 @@ stop_pid() {
   say "$name: stopped after $(since "$t0") s (pid $pid)"
 }
 
+# ---------------------------------------------------------------- certificates
+
+# TLS_STATE: unknown (not checked yet), on (certificates present), off (SERVICES_TLS=0
+# or they could not be made); CERTS_RENEWED=1 when this run made a new set.
+TLS_STATE=unknown
+CERTS_RENEWED=0
+
+# ensure_certs: make or renew the dev certificates once per run; sets TLS_STATE
+ensure_certs() {
+  [[ $TLS_STATE == unknown ]] || return 0
+  if [[ $SERVICES_TLS != 1 ]]; then
+    TLS_STATE=off
+    return 0
+  fi
+  local out rc=0 t0
+  t0=$(now)
+  out=$(exec 9>&- "$(python_bin)" "$SCRIPT_DIR/make_certs.py" --dir "$RELAY_TLS_DIR" 2>&1) || rc=$?
+  if ((rc != 0)); then
+    warn "tls: could not make the dev certificates in $RELAY_TLS_DIR: $out"
+    warn "tls: starting without the TLS ports (Redis $REDIS_TLS_PORT, Cassandra $CASSANDRA_TLS_PORT)"
+    TLS_STATE=off
+    return 0
+  fi
+  TLS_STATE=on
+  if [[ $out == *regenerated* ]]; then
+    CERTS_RENEWED=1
+    say "tls: made dev certificates in $RELAY_TLS_DIR in $(since "$t0") s (ca.pem, service-redis, service-cassandra, client)"
+  fi
+}
+
+# tls_probe PROTOCOL PORT: a TLS handshake (dev CA, client certificate) and one request
+tls_probe() {
+  "$(python_bin)" "$SCRIPT_DIR/tls_probe.py" --protocol "$1" --host "$HOST" --port "$2" \
+    --ca "$TLS_CA" --cert "$TLS_CLIENT_CERT" --key "$TLS_CLIENT_KEY" 9>&-
+}
+
 # ---------------------------------------------------------------- redis
 
 redis_ping() {
@@ -259,6 +317,59 @@ start_redis() {
 
 stop_redis() { stop_pid redis "$REDIS_PIDFILE" redis-server "$REDIS_PORT"; }
 
+redis_tls_ping() { tls_probe redis "$REDIS_TLS_PORT" 2>/dev/null; }
+
+# The TLS Redis: a second redis-server, TLS only (--port 0), client certificates
+# verified when presented (--tls-auth-clients optional).
+start_redis_tls() {
+  local pid t0 deadline
+  ensure_certs
+  [[ $TLS_STATE == on ]] || return 0
+  mkdir -p "$REDIS_TLS_DIR"
+  if pid=$(read_pid "$REDIS_TLS_PIDFILE" redis-server); then
+    if ((CERTS_RENEWED)); then
+      say "redis-tls: new certificates; restarting pid $pid"
+      stop_redis_tls
+    elif redis_tls_ping; then
+      say "redis-tls: already running on $HOST:$REDIS_TLS_PORT (pid $pid)"
+      return 0
+    fi
+  elif redis_tls_ping; then
+    say "redis-tls: already answering on $HOST:$REDIS_TLS_PORT (not started by this script; left alone)"
+    return 0
+  fi
+  if tcp_open "$REDIS_TLS_PORT"; then
+    die "redis-tls: port $HOST:$REDIS_TLS_PORT is taken by something that does not answer a TLS PING verified by $TLS_CA (set REDIS_TLS_PORT)"
+  fi
+  install_redis
+  rm -f "$REDIS_TLS_PIDFILE"
+  t0=$(now)
+  redis-server --daemonize yes --bind "$HOST" --port 0 --tls-port "$REDIS_TLS_PORT" \
+    --tls-cert-file "$RELAY_TLS_DIR/service-redis.pem" \
+    --tls-key-file "$RELAY_TLS_DIR/service-redis.key" \
+    --tls-ca-cert-file "$TLS_CA" --tls-auth-clients optional --protected-mode yes \
+    --pidfile "$REDIS_TLS_PIDFILE" --logfile "$REDIS_TLS_LOG" --dir "$REDIS_TLS_DIR" \
+    --save "" --appendonly no 9>&- </dev/null ||
+    die "redis-tls: redis-server failed to start (log: $REDIS_TLS_LOG)"
+  deadline=$((SECONDS + REDIS_READY_TIMEOUT))
+  while ! redis_tls_ping; do
+    if [[ -f $REDIS_TLS_PIDFILE ]] && ! read_pid "$REDIS_TLS_PIDFILE" redis-server >/dev/null; then
+      tail -n 60 "$REDIS_TLS_LOG" >&2 || true
+      die "redis-tls: redis-server exited during start-up (log: $REDIS_TLS_LOG)"
+    fi
+    if ((SECONDS >= deadline)); then
+      tail -n 60 "$REDIS_TLS_LOG" >&2 || true
+      tls_probe redis "$REDIS_TLS_PORT" || true
+      die "redis-tls: no TLS PONG on $HOST:$REDIS_TLS_PORT after ${REDIS_READY_TIMEOUT} s (log: $REDIS_TLS_LOG)"
+    fi
+    sleep 0.1
+  done
+  pid=$(read_pid "$REDIS_TLS_PIDFILE" redis-server || echo '?')
+  say "redis-tls: ready on $HOST:$REDIS_TLS_PORT after $(since "$t0") s (pid $pid, CA $TLS_CA)"
+}
+
+stop_redis_tls() { stop_pid redis-tls "$REDIS_TLS_PIDFILE" redis-server "$REDIS_TLS_PORT"; }
+
 # ---------------------------------------------------------------- cassandra
 
 fetch_cassandra() {
@@ -305,10 +416,48 @@ write_cassandra_conf() {
   tpl=${tpl//@STORAGE_PORT@/$CASSANDRA_STORAGE_PORT}
   tpl=${tpl//@NATIVE_PORT@/$CASSANDRA_PORT}
   tpl=${tpl//@DATA_DIR@/$CASS_DIR}
+  tpl=${tpl//@CLIENT_ENCRYPTION@/$(client_encryption)}
   printf '%s\n' "$tpl" >"$CASS_CONF/cassandra.yaml"
   cp "$SCRIPT_DIR/logback.xml" "$CASS_CONF/logback.xml"
   # java @argfiles have no comments: strip them.
   grep -Ev '^[[:space:]]*(#|$)' "$SCRIPT_DIR/jvm17-server.options" >"$CASS_CONF/jvm.args"
+}
+
+# The cassandra.yaml lines for client encryption: a second native port that speaks
+# only TLS, with the PEM files of $RELAY_TLS_DIR, client certificates required. The
+# plaintext port stays plaintext (Cassandra serves it UNENCRYPTED when the two differ).
+client_encryption() {
+  if [[ $TLS_STATE != on ]]; then
+    printf '%s\n' "# client encryption: off (SERVICES_TLS=0 or no dev certificates)"
+    return
+  fi
+  cat <<EOF
+native_transport_port_ssl: $CASSANDRA_TLS_PORT
+client_encryption_options:
+  enabled: true
+  optional: false
+  ssl_context_factory:
+    class_name: org.apache.cassandra.security.PEMBasedSslContextFactory
+  keystore: $RELAY_TLS_DIR/cassandra-keystore.pem
+  truststore: $TLS_CA
+  require_client_auth: true
+EOF
+}
+
+# wait_cassandra_tls PID: wait for the TLS port to answer OPTIONS; exit 1 if it does not
+wait_cassandra_tls() {
+  local pid=$1 deadline
+  [[ $TLS_STATE == on ]] || return 0
+  deadline=$((SECONDS + 30))
+  while ! tls_probe cql "$CASSANDRA_TLS_PORT" 2>/dev/null; do
+    if ((SECONDS >= deadline)) || ! pid_alive "$pid"; then
+      tail -n 60 "$CASS_LOG" >&2 || true
+      tls_probe cql "$CASSANDRA_TLS_PORT" || true
+      die "cassandra: plaintext CQL is up but the TLS port $HOST:$CASSANDRA_TLS_PORT does not answer (log: $CASS_LOG)"
+    fi
+    sleep 0.2
+  done
+  say "cassandra: TLS on $HOST:$CASSANDRA_TLS_PORT (client certificate required, CA $TLS_CA)"
 }
 
 # wait_cassandra PID T0: wait for CQL; on failure show the log and exit 1
@@ -321,6 +470,7 @@ wait_cassandra() {
   case $rc in
     0)
       say "cassandra: ready on $HOST:$CASSANDRA_PORT after $(since "$t0") s (release $out, pid $pid, log $CASS_LOG)"
+      wait_cassandra_tls "$pid"
       return 0
       ;;
     2) warn "cassandra: the JVM (pid $pid) exited during start-up; last 60 lines of $CASS_LOG:" ;;
@@ -338,15 +488,24 @@ wait_cassandra() {
 start_cassandra() {
   local pid t0 jamm rc=0
   mkdir -p "$CASS_DIR"
+  ensure_certs
   if pid=$(read_pid "$CASS_PIDFILE" CassandraDaemon); then
-    if "$(python_bin)" "$SCRIPT_DIR/cassandra_ready.py" --host "$HOST" --port "$CASSANDRA_PORT" \
+    if ! "$(python_bin)" "$SCRIPT_DIR/cassandra_ready.py" --host "$HOST" --port "$CASSANDRA_PORT" \
       --timeout 5 >/dev/null 2>&1 9>&-; then
+      say "cassandra: pid $pid is still starting; waiting for it"
+      wait_cassandra "$pid" "$(now)"
+      return 0
+    fi
+    if [[ $TLS_STATE == on ]] && ((CERTS_RENEWED)); then
+      say "cassandra: new certificates; restarting pid $pid so that its TLS port serves them"
+      stop_cassandra
+    elif [[ $TLS_STATE == on ]] && ! tls_probe cql "$CASSANDRA_TLS_PORT" 2>/dev/null; then
+      say "cassandra: pid $pid has no TLS port $CASSANDRA_TLS_PORT (started by an older services.sh); restarting it"
+      stop_cassandra
+    else
       say "cassandra: already running on $HOST:$CASSANDRA_PORT (pid $pid)"
       return 0
     fi
-    say "cassandra: pid $pid is still starting; waiting for it"
-    wait_cassandra "$pid" "$(now)"
-    return 0
   fi
   rm -f "$CASS_PIDFILE"
   if tcp_open "$CASSANDRA_PORT"; then
@@ -360,6 +519,9 @@ start_cassandra() {
   fi
   if tcp_open "$CASSANDRA_STORAGE_PORT"; then
     die "cassandra: storage port $HOST:$CASSANDRA_STORAGE_PORT is taken (set CASSANDRA_STORAGE_PORT)"
+  fi
+  if [[ $TLS_STATE == on ]] && tcp_open "$CASSANDRA_TLS_PORT"; then
+    die "cassandra: TLS port $HOST:$CASSANDRA_TLS_PORT is taken (set CASSANDRA_TLS_PORT)"
   fi
   command -v "$JAVA" >/dev/null 2>&1 || die "cassandra: '$JAVA' not found; apt-get install openjdk-17-jre-headless"
   fetch_cassandra
@@ -397,6 +559,15 @@ status() {
     say "redis:     down $HOST:$REDIS_PORT"
     rc=3
   fi
+  if [[ $SERVICES_TLS == 1 ]]; then
+    if [[ -f $TLS_CA ]] && redis_tls_ping; then
+      pid=$(read_pid "$REDIS_TLS_PIDFILE" redis-server || echo 'not ours')
+      say "redis-tls: up   $HOST:$REDIS_TLS_PORT (pid $pid, CA $TLS_CA)"
+    else
+      say "redis-tls: down $HOST:$REDIS_TLS_PORT"
+      rc=3
+    fi
+  fi
   if tcp_open "$CASSANDRA_PORT" &&
     release=$("$(python_bin)" "$SCRIPT_DIR/cassandra_ready.py" --host "$HOST" \
       --port "$CASSANDRA_PORT" --timeout 5 2>/dev/null); then
@@ -409,27 +580,39 @@ status() {
     say "cassandra: down $HOST:$CASSANDRA_PORT"
     rc=3
   fi
+  if [[ $SERVICES_TLS == 1 ]]; then
+    if [[ -f $TLS_CA ]] && tls_probe cql "$CASSANDRA_TLS_PORT" 2>/dev/null; then
+      say "cassandra: up   $HOST:$CASSANDRA_TLS_PORT (TLS, client certificate required)"
+    else
+      say "cassandra: down $HOST:$CASSANDRA_TLS_PORT (TLS)"
+      rc=3
+    fi
+  fi
   return "$rc"
 }
 
 wipe() {
   stop_cassandra
+  stop_redis_tls
   stop_redis
   [[ -n $RELAY_RUN_DIR && $RELAY_RUN_DIR != / ]] || die "refusing to wipe RELAY_RUN_DIR='$RELAY_RUN_DIR'"
-  rm -rf "$CASS_DIR" "$REDIS_DIR"
-  say "wiped $CASS_DIR and $REDIS_DIR (downloads in $RELAY_CACHE_DIR kept)"
+  rm -rf "$CASS_DIR" "$REDIS_DIR" "$REDIS_TLS_DIR" "$RELAY_TLS_DIR"
+  say "wiped $CASS_DIR, $REDIS_DIR, $REDIS_TLS_DIR and $RELAY_TLS_DIR (downloads in $RELAY_CACHE_DIR kept)"
 }
 
 usage() {
   cat <<EOF
-usage: ${0##*/} {start|stop|restart|status|start-redis|stop-redis|start-cassandra|stop-cassandra|fetch|wipe}
-  start     install (cached) and start Redis ($HOST:$REDIS_PORT) and Cassandra ($HOST:$CASSANDRA_PORT)
+usage: ${0##*/} {start|stop|restart|status|start-redis|stop-redis|start-redis-tls|stop-redis-tls|start-cassandra|stop-cassandra|certs|fetch|wipe}
+  start     install (cached) and start Redis ($HOST:$REDIS_PORT, TLS $HOST:$REDIS_TLS_PORT)
+            and Cassandra ($HOST:$CASSANDRA_PORT, TLS $HOST:$CASSANDRA_TLS_PORT)
   stop      stop both services
   restart   stop, then start
-  status    show whether each service answers (exit 0 if both up, 3 otherwise)
-  start-redis | stop-redis | start-cassandra | stop-cassandra   one service only
+  status    show whether each service answers (exit 0 if all up, 3 otherwise)
+  start-redis | stop-redis | start-redis-tls | stop-redis-tls | start-cassandra | stop-cassandra
+            one service only
+  certs     only make (or renew) the dev certificates in $RELAY_TLS_DIR
   fetch     only download the Cassandra $CASSANDRA_VERSION jars into $RELAY_CACHE_DIR
-  wipe      stop both and delete their data and logs under $RELAY_RUN_DIR
+  wipe      stop both and delete their data, logs and certificates under $RELAY_RUN_DIR
 Environment variables are documented at the top of this script and in docs/services.md.
 EOF
 }
@@ -440,18 +623,22 @@ main() {
     start)
       take_lock
       start_redis
+      start_redis_tls
       start_cassandra
       ;;
     stop)
       take_lock
       stop_cassandra
+      stop_redis_tls
       stop_redis
       ;;
     restart)
       take_lock
       stop_cassandra
+      stop_redis_tls
       stop_redis
       start_redis
+      start_redis_tls
       start_cassandra
       ;;
     status) status ;;
@@ -462,6 +649,20 @@ main() {
     stop-redis)
       take_lock
       stop_redis
+      ;;
+    start-redis-tls)
+      take_lock
+      start_redis_tls
+      ;;
+    stop-redis-tls)
+      take_lock
+      stop_redis_tls
+      ;;
+    certs)
+      take_lock
+      ensure_certs
+      [[ $TLS_STATE == on ]] || die "tls: no certificates (SERVICES_TLS=$SERVICES_TLS)"
+      say "tls: dev certificates in $RELAY_TLS_DIR"
       ;;
     start-cassandra)
       take_lock

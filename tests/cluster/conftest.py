@@ -16,7 +16,8 @@ import pytest
 
 from keyserver.app import KeyserverApp
 from relay.common.cassandra.session import CassandraSession
-from relay.config import CassandraConfig, Config
+from relay.common.devcerts import DevCerts, make_dev_certs
+from relay.config import CassandraConfig, Config, TlsConfig
 from relay.errors import Unavailable
 from relay.server.app import RelayApp
 from relay.stores.cassandra.migrate import migrate
@@ -36,6 +37,8 @@ class Cluster:
     nodes: list[RelayApp]
     stack: AsyncExitStack
     stopped: set[int] = field(default_factory=set)
+    #: Dev certificates when every hop is TLS and node links are mutual TLS.
+    certs: DevCerts | None = None
 
     @property
     def keys_address(self) -> str:
@@ -45,10 +48,27 @@ class Cluster:
     def addresses(self) -> list[str]:
         return [n.address for n in self.nodes]
 
-    def node_config(self, i: int) -> Config:
-        return dataclasses.replace(
+    @property
+    def tls_ca(self) -> str:
+        """The CA file that verifies every server of the cluster ("" without TLS)."""
+        return str(self.certs.ca) if self.certs is not None else ""
+
+    def node_config(self, i: int, *, certificate_of: str = "") -> Config:
+        """Node ``relay-<i>``; with TLS it presents the certificate of ``certificate_of``
+        (default: its own)."""
+        config = dataclasses.replace(
             self.config, node=dataclasses.replace(self.config.node, id=f"relay-{i}")
         )
+        if self.certs is None:
+            return config
+        files = self.certs.nodes[certificate_of or f"relay-{i}"]
+        tls = TlsConfig(
+            cert_file=str(files.cert),
+            key_file=str(files.key),
+            client_ca_file=str(self.certs.ca),
+            ca_file=str(self.certs.ca),
+        )
+        return dataclasses.replace(config, tls=tls)
 
 
 _KEYSPACES: list[str] = []
@@ -116,6 +136,31 @@ async def cluster(cluster_overrides: dict[str, Any], tmp_path: Path) -> AsyncIte
             cfg, keyserver=dataclasses.replace(cfg.keyserver, target=keys.address)
         )
         cluster = Cluster(cfg, keys, [], stack)
+        for i in range(3):
+            cluster.nodes.append(await stack.enter_async_context(RelayApp(cluster.node_config(i))))
+        yield cluster
+
+
+@pytest.fixture
+async def tls_cluster(cluster_overrides: dict[str, Any], tmp_path: Path) -> AsyncIterator[Cluster]:
+    """:func:`cluster` with TLS on every hop and mutual TLS on node links.
+
+    Dev certificates (``relay.common.devcerts``) for nodes relay-0 .. relay-3, each
+    naming its node id; the key directory serves ``keys.pem``. relay-3 is not started:
+    a test may start a node presenting another node's certificate.
+    """
+    certs = make_dev_certs(tmp_path / "certs", node_ids=[f"relay-{i}" for i in range(4)])
+    assert certs.keys is not None
+    cfg = test_config(tmp_path / "data", **cluster_overrides)
+    keys_tls = TlsConfig(
+        cert_file=str(certs.keys.cert), key_file=str(certs.keys.key), ca_file=str(certs.ca)
+    )
+    async with AsyncExitStack() as stack:
+        keys = await stack.enter_async_context(KeyserverApp(dataclasses.replace(cfg, tls=keys_tls)))
+        cfg = dataclasses.replace(
+            cfg, keyserver=dataclasses.replace(cfg.keyserver, target=keys.address)
+        )
+        cluster = Cluster(cfg, keys, [], stack, certs=certs)
         for i in range(3):
             cluster.nodes.append(await stack.enter_async_context(RelayApp(cluster.node_config(i))))
         yield cluster

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from relay.common.status import error_info
 from relaypb.relay.v1 import relay_pb2
 from tests.cluster.conftest import Cluster
 from tests.support import connect, envelope, register
@@ -62,6 +63,10 @@ async def test_displacement_across_nodes(cluster: Cluster) -> None:
             await old.frame()
         assert info.value.code() == grpc.StatusCode.ABORTED
         assert new.ready.session_epoch > old.ready.session_epoch
+        # The old node checked the displacement against presence, and says who took over.
+        detail = error_info(info.value)
+        assert detail is not None and detail.reason == "SESSION_DISPLACED"
+        assert detail.metadata["session_epoch"] == str(new.ready.session_epoch)
         a = await connect(ch1, alice, receive=False)
         await a.send(envelope(bob.address, b"to node 2"))
         (got,) = await new.receive(1)

@@ -17,7 +17,7 @@ from relay.errors import (
     Unavailable,
 )
 from relay.sdk.backoff import ExponentialBackoff
-from relay.sdk.status import error_for, is_retryable
+from relay.sdk.status import displaced_by_newer, error_for, is_retryable
 
 
 async def test_backoff_is_exponential_with_full_jitter_and_a_cap() -> None:
@@ -77,6 +77,21 @@ def test_which_stream_endings_reconnect() -> None:
     # An INTERNAL the relay itself sent (with its ErrorInfo) is not retried.
     relay_internal = RelayError("bug")
     assert not is_retryable(_rpc_error(grpc.StatusCode.INTERNAL, "bug", relay_internal))
-    displaced = SessionDisplaced("newer session")
-    assert not is_retryable(_rpc_error(grpc.StatusCode.ABORTED, "newer session", displaced))
     assert not is_retryable(_rpc_error(grpc.StatusCode.UNAUTHENTICATED, "bad signature"))
+
+
+def test_a_displacement_is_final_only_for_a_newer_session() -> None:
+    newer = SessionDisplaced("newer session", metadata={"session_epoch": "101"})
+    ended = _rpc_error(grpc.StatusCode.ABORTED, "newer session", newer)
+    assert displaced_by_newer(ended, 100)
+    assert not is_retryable(ended, session_epoch=100)
+    # The same epoch, an older one, or a session that never got Ready: not proof.
+    assert is_retryable(ended, session_epoch=101)
+    assert is_retryable(ended, session_epoch=500)
+    assert is_retryable(ended)
+    # No epoch at all (or not a number), or no ErrorInfo: retried.
+    bare = _rpc_error(grpc.StatusCode.ABORTED, "x", SessionDisplaced("x"))
+    assert is_retryable(bare, session_epoch=1)
+    odd = SessionDisplaced("x", metadata={"session_epoch": "-5"})
+    assert is_retryable(_rpc_error(grpc.StatusCode.ABORTED, "x", odd), session_epoch=1)
+    assert not displaced_by_newer(_rpc_error(grpc.StatusCode.ABORTED, "no info"), 1)

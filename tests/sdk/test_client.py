@@ -179,6 +179,9 @@ async def test_displaced_session_is_not_reconnected(servers: Servers, tmp_path: 
                 with pytest.raises(SessionDisplaced):
                     await next_message(messages)
                 assert isinstance(first.error, SessionDisplaced)
+                # final because the relay names the newer session that took over
+                assert first.error.metadata["session_epoch"] == str(second.session_epoch)
+                assert second.session_epoch > first.session_epoch
                 with pytest.raises(SessionDisplaced):
                     await first.send(first.address, b"x")
                 await second.wait_queue_empty()

@@ -14,6 +14,13 @@ If Cassandra is down when the session opens, it logs a warning and stays usable:
 operation tries to connect again (at most once per ``RECONNECT_INTERVAL_SECONDS``) and
 raises ``Unavailable`` until the cluster answers. Once connected, the driver reconnects
 to nodes on its own.
+
+TLS is on when ``cassandra.ssl_ca_file`` is set (``relay.common.store_tls``): the
+driver gets an ``ssl.SSLContext`` that verifies each node against that CA (and the
+address it was reached by, unless ``ssl_check_hostname = false``) and presents
+``ssl_cert_file`` if set. A failed handshake is an ``Unavailable`` that says which
+node's certificate did not verify against which CA file, or that the host name did not
+match, or that the node wants or refused a client certificate.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from cassandra.query import (
 )
 
 from relay.common.cassandra.errors import OUTAGES, translate
+from relay.common.store_tls import cassandra_tls
 from relay.config import CassandraConfig, ConfigError
 from relay.errors import RelayError, Unavailable
 
@@ -90,6 +98,9 @@ def build_cluster(config: CassandraConfig) -> Cluster:
     auth = None
     if config.username:
         auth = PlainTextAuthProvider(config.username, read_password(config))
+    tls = cassandra_tls(config)
+    # The driver checks host names against each node's address when the context says so.
+    ssl_context = tls.context() if tls is not None else None
     return Cluster(
         protocol_version=PROTOCOL_VERSION,
         contact_points=list(config.contact_points),
@@ -98,7 +109,24 @@ def build_cluster(config: CassandraConfig) -> Cluster:
         auth_provider=auth,
         connect_timeout=config.request_timeout_seconds,
         control_connection_timeout=config.request_timeout_seconds,
+        ssl_context=ssl_context,
     )
+
+
+def describe_connect_error(config: CassandraConfig, exc: BaseException, where: str) -> str:
+    """Why connecting to ``where`` failed: the TLS reason if there is one, else ``exc``."""
+    tls = cassandra_tls(config)
+    if tls is not None:
+        errors = getattr(exc, "errors", None)  # NoHostAvailable: endpoint -> error
+        for endpoint, error in (errors or {}).items():
+            if isinstance(error, BaseException):
+                reason = tls.explain(error, str(endpoint))
+                if reason is not None:
+                    return reason
+        reason = tls.explain(exc, where)
+        if reason is not None:
+            return reason
+    return f"{type(exc).__name__}: {exc}"
 
 
 def partition_batches(
@@ -197,12 +225,16 @@ class CassandraSession:
                 return
             if time.monotonic() - self._last_attempt < RECONNECT_INTERVAL_SECONDS:
                 last = self._last_error
+                reason = (
+                    describe_connect_error(self.config, last, where)
+                    if last is not None
+                    else "no attempt yet"
+                )
                 raise Unavailable(
-                    f"cassandra is unavailable for {op}: cannot connect to {where} "
-                    f"({type(last).__name__}: {last})"
+                    f"cassandra is unavailable for {op}: cannot connect to {where} ({reason})"
                 ) from last
+            cluster = build_cluster(self.config)  # ConfigError (e.g. a TLS file) raises
             self._last_attempt = time.monotonic()
-            cluster = build_cluster(self.config)
             try:
                 session = await asyncio.to_thread(cluster.connect)
             except (*OUTAGES, cassandra.RequestValidationException) as exc:
@@ -210,9 +242,9 @@ class CassandraSession:
                 await asyncio.to_thread(cluster.shutdown)
                 if isinstance(exc, cassandra.RequestValidationException):
                     raise translate(exc, op) from exc
+                reason = describe_connect_error(self.config, exc, where)
                 raise Unavailable(
-                    f"cassandra is unavailable for {op}: cannot connect to {where} "
-                    f"({type(exc).__name__}: {exc})"
+                    f"cassandra is unavailable for {op}: cannot connect to {where} ({reason})"
                 ) from exc
             session.default_fetch_size = FETCH_SIZE
             self._cluster, self._session = cluster, session
