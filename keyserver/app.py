@@ -83,9 +83,7 @@ class KeyserverApp:
                     RedisDeviceEvents,
                 )
 
-                redis_events = RedisDeviceEvents(
-                    self._config.presence.redis_url, self._config.presence.key_prefix
-                )
+                redis_events = RedisDeviceEvents.from_config(self._config.presence)
                 stack.push_async_callback(redis_events.close)
                 events = redis_events
             limits = directory_limits(self._config)

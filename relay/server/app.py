@@ -206,7 +206,7 @@ class RelayApp:
         cfg = self.config
         events = self._events
         if events is None and cfg.presence.backend == "redis":
-            redis_events = RedisDeviceEvents(cfg.presence.redis_url, cfg.presence.key_prefix)
+            redis_events = RedisDeviceEvents.from_config(cfg.presence)
             self._stack.push_async_callback(redis_events.close)
             events = redis_events
         if events is not None:
