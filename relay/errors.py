@@ -129,7 +129,11 @@ class LimitExceeded(ClientError):
 
 
 class SessionDisplaced(ClientError):
-    """A newer receiving session of the same device replaced this one. Do not reconnect."""
+    """A newer receiving session of the same device replaced this one. Do not reconnect.
+
+    ``metadata["session_epoch"]`` is the epoch of the session that took over; a client
+    believes the displacement (and stays away) only if it is above its own session's.
+    """
 
     status = Status.ABORTED
     reason = "SESSION_DISPLACED"

@@ -10,6 +10,7 @@ import grpc
 
 from relay.accounts import DeviceList, ListedDevice, build_list
 from relay.clock import SystemClock
+from relay.errors import AlreadyExists
 from relay.model import Address
 from relay.sdk import DeviceState, KeyDirectoryClient, register_device
 from relay.sdk.accounts import account_public, generate_account_key, sign_list
@@ -23,17 +24,24 @@ _FIRST_HOMES: dict[tuple[str, str], Path] = {}
 async def add_device(
     keys_address: str, state: DeviceState, user: str, *, one_time_prekeys: int = 3
 ) -> Address:
-    """Make ``state`` a new device of ``user``: the first creates the account, later ones
-    are linked the way a person links them (a link request approved on the first)."""
-    first = _FIRST_HOMES.get((keys_address, user))
+    """Make ``state`` a new device of ``user``, as a person would.
+
+    The first device of a user creates the account; if the user exists already (the
+    key directory says so), the device is linked: a link request, approved on the first
+    device this helper made for that user on that key directory.
+    """
     async with grpc.aio.insecure_channel(keys_address) as channel:
         directory = KeyDirectoryClient(channel)
-        if first is None or first == state.path.parent:
+        try:
             address = await register_device(
                 state, directory, "default", user, one_time_prekeys=one_time_prekeys
             )
+        except AlreadyExists:
+            pass
+        else:
             _FIRST_HOMES[(keys_address, user)] = state.path.parent
             return address
+        first = _FIRST_HOMES[(keys_address, user)]
         ticket = await request_link(
             state, directory, "default", user, one_time_prekeys=one_time_prekeys
         )
