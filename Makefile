@@ -7,7 +7,7 @@ PIP_CACHE ?= $(HOME)/.cache/e2ee-relay/pip
 export PIP_CACHE_DIR := $(PIP_CACHE)
 CODE := $(wildcard relay keyserver tests loadtest)
 
-.PHONY: install proto run run-tls lint typecheck unit test bench migrate services services-stop services-status clean help
+.PHONY: install proto run run-tls lint typecheck unit test fuzz bench migrate services services-stop services-status clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -50,6 +50,9 @@ unit: install  ## only the tests that need no external services
 
 test: install lint typecheck services  ## lint, typecheck, start Redis + Cassandra, the whole suite
 	RELAY_REQUIRE_SERVICES=1 $(BIN)/pytest -q
+
+fuzz: install  ## hostile input on every RPC of both services: 10,000 generated requests each (FUZZ_EXAMPLES)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-10000} $(BIN)/pytest -q -p no:randomly tests/fuzz
 
 bench: install  ## the benchmark of docs/benchmarks.md: writes bench/results/latest.json (ARGS: e.g. --only store)
 	$(BIN)/relay-loadtest bench $(ARGS)

@@ -13,6 +13,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from relay.common.decode_guard import DecodeGuard
+
 #: gRPC message size cap; envelopes are limited far below it by configuration.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -106,7 +108,7 @@ class GrpcServer:
 
     async def start(self) -> None:
         """Bind and start serving."""
-        server = grpc.aio.server(options=self._options)
+        server = grpc.aio.server(options=self._options, interceptors=[DecodeGuard()])
         names = []
         for add, servicer, name in self._services:
             add(servicer, server)

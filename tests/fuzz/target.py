@@ -47,7 +47,6 @@ from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
 from tests.conftest import test_config
 from tests.fuzz.messages import Hints
 from tests.fuzz.methods import Rpc, parse
-from tests.fuzz.roster import Member, enroll
 from tests.fuzz.payloads import (
     AUTHORIZATION,
     DEVICE,
@@ -61,6 +60,7 @@ from tests.fuzz.payloads import (
     Headers,
     SignedBy,
 )
+from tests.fuzz.roster import Member, enroll
 
 #: Seconds a call may take before it counts as a hang.
 CALL_TIMEOUT = 10.0
@@ -110,6 +110,7 @@ class SqliteState:
     def __init__(self, data_dir: Path) -> None:
         self._data_dir = data_dir
         self._connections: dict[Path, sqlite3.Connection] = {}
+        self._checked: dict[Path, bool] = {}  # path -> whether it is a SQLite database
         self._cache: dict[Path, tuple[int, dict[str, tuple[tuple[Any, ...], ...]]]] = {}
 
     def close(self) -> None:
@@ -120,13 +121,20 @@ class SqliteState:
 
     def files(self) -> list[Path]:
         """The SQLite databases in the data directory (by their file header)."""
-        found = []
-        for path in sorted(self._data_dir.iterdir()):
-            if path.is_file() and path.suffix not in {".wal", ".shm", ".journal"}:
-                with path.open("rb") as f:
-                    if f.read(16) == b"SQLite format 3\x00":
-                        found.append(path)
-        return found
+        return [path for path in sorted(self._data_dir.iterdir()) if self._is_database(path)]
+
+    def _is_database(self, path: Path) -> bool:
+        known = self._checked.get(path)
+        if known is not None:
+            return known
+        if not path.is_file() or path.suffix in {".wal", ".shm", ".journal"}:
+            self._checked[path] = False
+            return False
+        with path.open("rb") as f:
+            header = f.read(16)
+        if len(header) == 16:  # a shorter file may still become a database: look again
+            self._checked[path] = header == b"SQLite format 3\x00"
+        return header == b"SQLite format 3\x00"
 
     def snapshot(self) -> Snapshot:
         """Every row of every table of every database, as of now."""
@@ -153,6 +161,14 @@ class SqliteState:
         return tables
 
 
+#: Rows that are bookkeeping, not state. A device-signed request is remembered once its
+#: signature verifies, whatever the answer, for the 60 s it could be replayed: replay
+#: protection must not wait for the outcome (a request in flight could be replayed
+#: meanwhile). Registration tokens (kind 'token') are compared: only a registration
+#: that succeeds spends one.
+_BOOKKEEPING = {"once_only": "WHERE kind != 'request'"}
+
+
 def _read_tables(
     connection: sqlite3.Connection, prefix: str
 ) -> dict[str, tuple[tuple[Any, ...], ...]]:
@@ -167,7 +183,8 @@ def _read_tables(
         with closing(connection.execute(f"SELECT * FROM {quoted} LIMIT 0")) as cursor:
             width = len(cursor.description)
         order = ", ".join(str(i) for i in range(1, width + 1))
-        rows = connection.execute(f"SELECT * FROM {quoted} ORDER BY {order}")
+        where = _BOOKKEEPING.get(name, "")
+        rows = connection.execute(f"SELECT * FROM {quoted} {where} ORDER BY {order}")
         tables[f"{prefix}:{name}"] = tuple(rows)
     return tables
 
@@ -188,6 +205,36 @@ def describe(payload: bytes, parsed: Message | None, credentials: object) -> str
         f"as text: {text or '(empty message)'}\n"
         f"credentials: {str(credentials)[:500]}"
     )
+
+
+def check_answer(
+    rpc: Rpc,
+    outcome: Outcome,
+    before: Snapshot,
+    state: SqliteState,
+    payload: bytes,
+    credentials: object,
+) -> None:
+    """Assert the properties of one answer (see the module docstring).
+
+    ``before`` is the snapshot of ``state`` taken before the call.
+    """
+
+    def what() -> str:
+        parsed = rpc.parse_request(payload)
+        return f"{rpc.path} -> {outcome.code.name}: {outcome.details}\n" + describe(
+            payload, parsed, credentials
+        )
+
+    assert outcome.code not in BAD_CODES, what()
+    if outcome.code is grpc.StatusCode.OK:
+        assert outcome.response is not None
+        assert parse(rpc.response, outcome.response) is not None, (
+            f"the response does not parse as {rpc.response.full_name}\n{what()}"
+        )
+        return
+    changed = changed_tables(before, state.snapshot())
+    assert not changed, f"a refused request changed {changed}\n{what()}"
 
 
 def _address_pb(tenant: str, user: str, device: int) -> address_pb2.Address:
@@ -258,7 +305,7 @@ class Target:
         if isinstance(credentials, Headers):
             return tuple((k, _real_key(v)) for k, v in credentials.pairs)
         if isinstance(credentials, Bearer):
-            return ((AUTHORIZATION, f"Bearer {_real_key(credentials.token)}"),)
+            return ((AUTHORIZATION, "Bearer " + credentials.token.replace(VALID_API_KEY, API_KEY)),)
         return self.signed(rpc, payload, credentials)
 
     def signed(self, rpc: Rpc, payload: bytes, plan: SignedBy) -> tuple[Header, ...]:
@@ -291,40 +338,15 @@ class Target:
         """Call ``rpc`` with raw ``payload``; fail if the answer breaks a property."""
         metadata = self.metadata(rpc, payload, credentials)
         before = self.state.snapshot()
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]
         call = self.channel(rpc).unary_unary(rpc.path)
         try:
             response = await call(payload, metadata=metadata, timeout=CALL_TIMEOUT)
             outcome = Outcome(grpc.StatusCode.OK, "", response)
         except grpc.aio.AioRpcError as exc:
             outcome = Outcome(exc.code(), exc.details() or "")
-        self.check(rpc, outcome, before, payload, credentials)
+        check_answer(rpc, outcome, before, self.state, payload, credentials)
         return outcome
-
-    def check(
-        self,
-        rpc: Rpc,
-        outcome: Outcome,
-        before: Snapshot,
-        payload: bytes,
-        credentials: object,
-    ) -> None:
-        """Assert the properties of one answer (see the module docstring)."""
-
-        def what() -> str:
-            parsed = rpc.parse_request(payload)
-            return f"{rpc.path} -> {outcome.code.name}: {outcome.details}\n" + describe(
-                payload, parsed, credentials
-            )
-
-        assert outcome.code not in BAD_CODES, what()
-        if outcome.code is grpc.StatusCode.OK:
-            assert outcome.response is not None
-            assert parse(rpc.response, outcome.response) is not None, (
-                f"the response does not parse as {rpc.response.full_name}\n{what()}"
-            )
-            return
-        changed = changed_tables(before, self.state.snapshot())
-        assert not changed, f"a refused request changed {changed}\n{what()}"
 
     async def assert_serving(self) -> None:
         """Both servers answer health checks; the canary's signed call and session work."""
@@ -379,17 +401,21 @@ def _real_key(value: str | bytes) -> str | bytes:
     return value
 
 
-@asynccontextmanager
-async def running_target(data_dir: Path) -> AsyncIterator[Target]:
-    """Start both servers on ``data_dir``, register the roster, and yield the Target."""
+def _write_api_key(data_dir: Path) -> Path:
+    """Create ``data_dir`` and, next to it, the file holding ``API_KEY``."""
     data_dir.mkdir(parents=True, exist_ok=True)
     key_file = data_dir.parent / "api.key"
     key_file.write_text(API_KEY + "\n")
+    return key_file
+
+
+@asynccontextmanager
+async def running_target(data_dir: Path) -> AsyncIterator[Target]:
+    """Start both servers on ``data_dir``, register the roster, and yield the Target."""
+    key_file = _write_api_key(data_dir)
     clock = FakeClock()
     config = test_config(data_dir, **LIMITS)
-    config = dataclasses.replace(
-        config, api_keys=(ApiKeyConfig("other", "fuzz", str(key_file)),)
-    )
+    config = dataclasses.replace(config, api_keys=(ApiKeyConfig("other", "fuzz", str(key_file)),))
     async with AsyncExitStack() as stack:
         keys = await stack.enter_async_context(KeyserverApp(config, clock))
         config = dataclasses.replace(
@@ -406,4 +432,3 @@ async def running_target(data_dir: Path) -> AsyncIterator[Target]:
         target = Target(keys_channel, relay_channel, clock, state, roster)
         await target.assert_serving()
         yield target
-
