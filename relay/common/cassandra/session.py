@@ -38,7 +38,11 @@ from typing import Any, TypeVar
 import cassandra
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
-from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.policies import (
+    DCAwareRoundRobinPolicy,
+    ExponentialReconnectionPolicy,
+    TokenAwarePolicy,
+)
 from cassandra.query import (
     BatchStatement,
     BatchType,
@@ -62,6 +66,9 @@ log = logging.getLogger(__name__)
 RECONNECT_INTERVAL_SECONDS = 1.0
 #: Rows per page when a query's result is fetched page by page.
 FETCH_SIZE = 5000
+#: Reconnection to a node that went away: 0.5 s, doubling, at most 10 s apart.
+RECONNECT_BASE_SECONDS = 0.5
+RECONNECT_MAX_SECONDS = 10.0
 #: How long to wait for a query trace to be written (tests and diagnostics only).
 TRACE_WAIT_SECONDS = 10.0
 
@@ -110,6 +117,11 @@ def build_cluster(config: CassandraConfig) -> Cluster:
         connect_timeout=config.request_timeout_seconds,
         control_connection_timeout=config.request_timeout_seconds,
         ssl_context=ssl_context,
+        # The driver's default backs off to 10 minutes: after a long outage a node would
+        # stay unreachable long after Cassandra answers again.
+        reconnection_policy=ExponentialReconnectionPolicy(
+            RECONNECT_BASE_SECONDS, RECONNECT_MAX_SECONDS
+        ),
     )
 
 
