@@ -461,14 +461,14 @@ class SqliteLinkRequests:
         """Store ``link`` unless its user has ``max_pending`` pending requests already."""
 
         def txn(conn: sqlite3.Connection) -> bool:
-            conn.execute("DELETE FROM link_requests WHERE expires_at_ms <= ?", (now_ms,))
             (pending,) = conn.execute(
                 "SELECT COUNT(*) FROM link_requests WHERE tenant = ? AND user = ?"
-                " AND approved_device IS NULL",
-                (link.tenant, link.user),
+                " AND approved_device IS NULL AND expires_at_ms > ?",
+                (link.tenant, link.user, now_ms),
             ).fetchone()
             if pending >= max_pending:
-                return False
+                return False  # refused: nothing written, not even the clean-up below
+            conn.execute("DELETE FROM link_requests WHERE expires_at_ms <= ?", (now_ms,))
             spk, pq = link.signed_prekey, link.last_resort_pq_prekey
             conn.execute(
                 "INSERT INTO link_requests (request_id, tenant, user, identity_key,"
