@@ -31,6 +31,10 @@ DEFAULT_MAX_BATCH_ENVELOPES = 1000
 DEFAULT_AUTH_TIMEOUT_SECONDS = 30.0
 DEFAULT_DELIVERY_PAGE = 256
 DEFAULT_SESSION_REPOLL_SECONDS = 30.0
+DEFAULT_DIRECT_ACK_MS = 100
+DEFAULT_MAX_SESSION_INFLIGHT_ENVELOPES = 1024
+DEFAULT_MAX_SESSION_INFLIGHT_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_STREAM_INFLIGHT_BATCHES = 32
 DEFAULT_IDENTITY_CACHE_SECONDS = 60.0
 DEFAULT_GRACE_SECONDS = 5.0
 DEFAULT_LOW_WATER_MARK = 10
@@ -322,8 +326,31 @@ class LimitsConfig:
     #: A receiving session re-reads its queue this often as a safety net for wake-ups
     #: lost between nodes (a lost wake-up delays a stored envelope, never loses it).
     session_repoll_seconds: float = DEFAULT_SESSION_REPOLL_SECONDS
+    #: Direct path: how long a send waits for an online recipient's ack before the
+    #: envelope is stored instead (answer DELIVERED within it, STORED after). 0 turns the
+    #: direct path off (every envelope is stored before it is pushed).
+    direct_ack_ms: int = DEFAULT_DIRECT_ACK_MS
+    #: Envelopes (and their bytes) a receiving session holds for its device, pushed and
+    #: not yet acked; past either, sends to it take the store path and it reads them
+    #: from its queue when it catches up (a slow reader cannot grow the relay).
+    max_session_inflight_envelopes: int = DEFAULT_MAX_SESSION_INFLIGHT_ENVELOPES
+    max_session_inflight_bytes: int = DEFAULT_MAX_SESSION_INFLIGHT_BYTES
+    #: SendBatch frames one stream may have unanswered at once (pipelining); the relay
+    #: reads no further frames of that stream until one is answered.
+    max_stream_inflight_batches: int = DEFAULT_MAX_STREAM_INFLIGHT_BATCHES
     #: Devices a user may have at once (the key directory refuses a link past it).
     max_devices_per_user: int = 32
+
+    def __post_init__(self) -> None:
+        if self.direct_ack_ms < 0:
+            raise ConfigError("limits.direct_ack_ms must be >= 0 (0 turns the direct path off)")
+        for name in (
+            "max_session_inflight_envelopes",
+            "max_session_inflight_bytes",
+            "max_stream_inflight_batches",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"limits.{name} must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)

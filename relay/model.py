@@ -188,13 +188,16 @@ class Appended:
 class Pushed:
     """An envelope handed to a session directly (live), with its place in the queue.
 
-    ``seq`` is its queue seq (0 for ephemeral envelopes); ``prev_seq`` the seq of the
-    previous envelope from the same sender session to the same recipient (0: unknown).
+    ``seq`` is its queue seq (0 for ephemeral and direct envelopes); ``prev_seq`` the seq
+    of the previous envelope stored from the same sender stream to the same recipient (0:
+    unknown). ``direct``: not stored (yet); the sender waits for the recipient's ack (see
+    ``relay.core.sendorder``).
     """
 
     envelope: Envelope
     seq: int = 0
     prev_seq: int = 0
+    direct: bool = False
 
 
 @dataclass(frozen=True, slots=True)

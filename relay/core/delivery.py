@@ -1,9 +1,15 @@
 """The relay core: accept sends (durable before ack), open sessions, take acks.
 
-Contract (DESIGN.md section 3): a send is answered only once every stored copy is
-durable; an envelope with a message id seen before for the same recipient is a
-duplicate; ephemeral envelopes reach only an online session and are never stored;
-limits reject with their configuration name.
+Contract (DESIGN.md section 3): a send is answered only once every copy is acked by
+its recipient device or durable; an envelope with a message id seen before for the same
+recipient is a duplicate; ephemeral envelopes reach only an online session and are never
+stored; limits reject with their configuration name.
+
+The direct path: an envelope to a device with a receiving session on this node is pushed
+to it first and answered DELIVERED if the device acks it within ``limits.direct_ack_ms``;
+otherwise (no ack in time, the session ended, the session is full) it is stored and
+answered STORED. Which envelopes may go direct, so that each recipient sees each sender
+in send order, is decided by the sender stream's ``SendOrder`` (its docstring has the rule).
 
 A device removed from its user's device list (``Relay.device_removed``, told to every
 node) loses its sessions on every node, its cached keys and its queue at once.
@@ -12,18 +18,21 @@ node) loses its sessions on every node, its cached keys and its queue at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from relay.clock import Clock
 from relay.config import LimitsConfig
+from relay.core.direct import DirectBatch, DirectWait, WaitState
 from relay.core.peers import PeerInbox
 from relay.core.ports import IdentityKeys, MessageQueue, NodeLinks, Presence
 from relay.core.presence_local import LocalPresence, NoLinks
 from relay.core.routing import Router
+from relay.core.sendorder import Pair, SendOrder, Turn
 from relay.core.sessions import Session, SessionRegistry
 from relay.errors import (
     ClientError,
@@ -51,6 +60,19 @@ log = logging.getLogger(__name__)
 
 #: Removed devices a node remembers (to refuse a session or send racing the removal).
 MAX_REMEMBERED_REMOVALS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Planned:
+    """One envelope of a send after dispatch: direct (``wait`` set) or for the store."""
+
+    index: int
+    envelope: Envelope
+    expires: int
+    order: SendOrder
+    pair: Pair
+    wait: DirectWait | None = None
+    session: Session | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +121,7 @@ class Relay:
         #: What peer nodes send over their links, checked before it is acted on.
         self.peers = PeerInbox(self.router, self._registry, self._presence, clock, metrics)
         self._queue_limits = QueueLimits(limits.max_queue_depth, limits.max_queue_bytes)
+        self._direct_seconds = limits.direct_ack_ms / 1000
         #: Devices removed while this node ran, oldest first (bounded).
         self._removed: OrderedDict[Address, None] = OrderedDict()
 
@@ -108,20 +131,33 @@ class Relay:
         return self._registry
 
     async def send(
-        self, sender: Address, envelopes: Sequence[Envelope], session: Session | None = None
+        self,
+        sender: Address,
+        envelopes: Sequence[Envelope],
+        session: Session | None = None,
+        *,
+        turn: Turn | None = None,
     ) -> list[SendOutcome]:
         """Accept ``envelopes`` from ``sender``; one outcome per envelope, in order.
 
-        ``session`` is the sender's own session, if it sends on one: it lets recipients'
-        sessions prove the order of live envelopes from it (see ``Session``).
+        ``session`` is the sender's own session, if it sends on one: its ``SendOrder``
+        keeps this send in order with the session's others, and a receiving session's
+        sends may take the direct path. ``turn`` is this send's place in that order,
+        taken when its frame arrived (one is taken here otherwise).
 
         Raises LimitExceeded for a batch over ``max_batch_envelopes`` (nothing accepted)
         and Unavailable when the store is down (nothing acknowledged). Per-envelope
         problems are REJECTED outcomes carrying their error; the rest still go through.
         """
-        self._check_batch(len(envelopes), "envelopes")
-        with self._metrics.send_seconds.time():
-            outcomes = await self._send(sender, envelopes, session)
+        order = session.order if session is not None else SendOrder(direct=False)
+        if turn is None:
+            turn = order.turn()
+        try:
+            self._check_batch(len(envelopes), "envelopes")
+            with self._metrics.send_seconds.time():
+                outcomes = await self._send(sender, envelopes, order, turn)
+        finally:
+            turn.resolved()
         for out in outcomes:
             self._metrics.envelopes.labels(out.outcome.name.lower()).inc()
             if out.error is not None:
@@ -137,6 +173,8 @@ class Relay:
         registration_ids: Sequence[int],
         complete_for: Sequence[tuple[str, str]],
         session: Session | None = None,
+        *,
+        turn: Turn | None = None,
     ) -> tuple[list[SendOutcome], list[DeviceListMismatch]]:
         """:meth:`send` with Sesame device-list checks for the (tenant, user)s in ``complete_for``.
 
@@ -152,6 +190,25 @@ class Relay:
         the sender's (a device's or a service's: both send within their tenant only), and
         InvalidArgument if an entry is malformed or the registration ids do not match.
         """
+        if turn is None:
+            turn = (session.order if session is not None else SendOrder(direct=False)).turn()
+        try:
+            return await self._send_checked(
+                sender, envelopes, registration_ids, complete_for, session=session, turn=turn
+            )
+        finally:
+            turn.resolved()
+
+    async def _send_checked(
+        self,
+        sender: Address,
+        envelopes: Sequence[Envelope],
+        registration_ids: Sequence[int],
+        complete_for: Sequence[tuple[str, str]],
+        *,
+        session: Session | None,
+        turn: Turn,
+    ) -> tuple[list[SendOutcome], list[DeviceListMismatch]]:
         self._check_batch(len(envelopes), "envelopes")
         self._check_batch(len(complete_for), "complete_device_lists entries")
         for i, (tenant, user) in enumerate(complete_for):
@@ -175,13 +232,13 @@ class Relay:
         mismatches = [m for m in checks if m]
         refused = {(m.tenant, m.user): m for m in mismatches}
         if not refused:
-            return await self.send(sender, envelopes, session), []
+            return await self.send(sender, envelopes, session, turn=turn), []
         keep = [
             i
             for i, e in enumerate(envelopes)
             if (e.recipient.tenant, e.recipient.user) not in refused
         ]
-        accepted = await self.send(sender, [envelopes[i] for i in keep], session)
+        accepted = await self.send(sender, [envelopes[i] for i in keep], session, turn=turn)
         results: list[SendOutcome] = []
         sent = iter(accepted)
         kept = set(keep)
@@ -232,39 +289,35 @@ class Relay:
         return mismatch
 
     async def _send(
-        self, sender: Address, envelopes: Sequence[Envelope], session: Session | None
+        self, sender: Address, envelopes: Sequence[Envelope], order: SendOrder, turn: Turn
     ) -> list[SendOutcome]:
         now = self._clock.now_ms()
-        known = await self._registered({e.recipient for e in envelopes})
         results: list[SendOutcome | None] = [None] * len(envelopes)
-        stored: list[tuple[int, Envelope, int]] = []
         ephemeral: list[tuple[int, Envelope]] = []
-        for i, raw in enumerate(envelopes):
-            try:
-                env, ttl = self._check(i, sender, raw, known, now)
-            except ClientError as exc:
-                results[i] = SendOutcome(raw.message_id, raw.recipient, Outcome.REJECTED, exc)
-                continue
-            if env.ephemeral:
-                ephemeral.append((i, env))
-            else:
-                stored.append((i, env, now + ttl * 1000))
+        plan: list[_Planned] = []
+        batch = DirectBatch()
+        try:
+            known = await self._registered({e.recipient for e in envelopes})
+            accepted: list[tuple[int, Envelope, int]] = []
+            for i, raw in enumerate(envelopes):
+                try:
+                    env, ttl = self._check(i, sender, raw, known, now)
+                except ClientError as exc:
+                    results[i] = SendOutcome(raw.message_id, raw.recipient, Outcome.REJECTED, exc)
+                    continue
+                if env.ephemeral:
+                    ephemeral.append((i, env))
+                else:
+                    accepted.append((i, env, now + ttl * 1000))
+            await turn.dispatch_turn()
+            for i, env, expires in accepted:
+                plan.append(self._dispatch(order, batch, i, env, expires))
+        finally:
+            turn.dispatched()
+        await turn.resolve_turn()
         live: list[Pushed] = []
-        if stored:
-            appended = await self._queue.append(
-                [env for _, env, _ in stored], [exp for _, _, exp in stored], self._queue_limits
-            )
-            last_sent = session.last_sent_to if session is not None else {}
-            for (i, env, _), result in zip(stored, appended, strict=True):
-                error = None
-                if result.outcome is Outcome.REJECTED:
-                    error = self._queue_full(env.recipient, result.limit)
-                elif result.outcome is Outcome.STORED:
-                    live.append(Pushed(env, result.seq, last_sent.get(env.recipient, 0)))
-                    if session is not None:
-                        last_sent[env.recipient] = result.seq
-                results[i] = SendOutcome(env.message_id, env.recipient, result.outcome, error)
-            await self._purge_removed({env.recipient for _, env, _ in stored})
+        if plan:
+            live = await self._resolve(plan, batch, results)
         if ephemeral:
             live.extend(Pushed(env) for _, env in ephemeral)
         online = await self.router.route(live) if live else set()
@@ -272,6 +325,91 @@ class Relay:
             outcome = Outcome.DELIVERED if env.recipient in online else Outcome.RECIPIENT_OFFLINE
             results[i] = SendOutcome(env.message_id, env.recipient, outcome)
         return [r for r in results if r is not None]
+
+    def _dispatch(
+        self, order: SendOrder, batch: DirectBatch, i: int, env: Envelope, expires: int
+    ) -> _Planned:
+        """Push ``env`` direct if its pair allows it, else plan it for the store path."""
+        pair = order.pair(env.recipient)
+        session = self._registry.get(env.recipient) if self._direct_seconds > 0 else None
+        if session is not None and order.may_go_direct(pair, session):
+            wait = batch.add(env.message_id, len(env.content))
+            if session.offer_direct(env, wait):
+                pair.session = session
+                pair.outstanding += 1
+                return _Planned(i, env, expires, order, pair, wait, session)
+            wait.fail()
+        pair.clean = False
+        pair.storing += 1
+        return _Planned(i, env, expires, order, pair)
+
+    async def _resolve(
+        self, plan: list[_Planned], batch: DirectBatch, results: list[SendOutcome | None]
+    ) -> list[Pushed]:
+        """Wait for the direct envelopes' acks, store the rest in order; the pushes to make."""
+        if batch.waits:
+            await batch.wait(self._direct_seconds)
+        store: list[_Planned] = []
+        try:
+            for p in plan:
+                if p.wait is None:
+                    store.append(p)
+                    continue
+                p.pair.outstanding -= 1
+                if p.wait.state is WaitState.ACKED:
+                    results[p.index] = SendOutcome(
+                        p.envelope.message_id, p.envelope.recipient, Outcome.DELIVERED
+                    )
+                    self._metrics.copies_direct.inc()
+                else:
+                    p.pair.clean = False
+                    p.pair.storing += 1
+                    store.append(p)
+            if not store:
+                return []
+            return await self._store(store, results)
+        finally:
+            for p in plan:
+                if p.wait is not None and p.session is not None:
+                    p.session.settle(p.wait)
+
+    async def _store(
+        self, store: list[_Planned], results: list[SendOutcome | None]
+    ) -> list[Pushed]:
+        try:
+            appended = await self._queue.append(
+                [p.envelope for p in store], [p.expires for p in store], self._queue_limits
+            )
+        finally:
+            for p in store:
+                p.pair.storing -= 1
+        live: list[Pushed] = []
+        late: dict[Address, list[bytes]] = {}
+        for p, result in zip(store, appended, strict=True):
+            env = p.envelope
+            error = None
+            if result.outcome is Outcome.REJECTED:
+                error = self._queue_full(env.recipient, result.limit)
+            else:
+                p.pair.watching = env.message_id
+                if p.wait is not None and p.wait.late_ack:
+                    late.setdefault(env.recipient, []).append(env.message_id)
+                    p.order.acked_stored(env.recipient, env.message_id)
+                elif result.outcome is Outcome.STORED:
+                    live.append(Pushed(env, result.seq, p.pair.last_seq))
+                    there = self._registry.get(env.recipient)
+                    if there is not None:
+                        there.watch(env.message_id, p.order)
+                if result.outcome is Outcome.STORED:
+                    p.pair.last_seq = result.seq
+                    self._metrics.copies_stored.inc()
+            results[p.index] = SendOutcome(env.message_id, env.recipient, result.outcome, error)
+        for recipient, ids in late.items():
+            # Acked while it was being stored: the device holds it, drop the stored copy.
+            with contextlib.suppress(RelayError):
+                await self._queue.ack(recipient, ids)
+        await self._purge_removed({p.envelope.recipient for p in store})
+        return live
 
     async def _registered(self, recipients: set[Address]) -> set[Address]:
         valid = [r for r in recipients if _is_valid(r) and r not in self._removed]
@@ -352,6 +490,8 @@ class Relay:
             page_size=self._limits.delivery_page,
             repoll_seconds=self._limits.session_repoll_seconds,
             first_repoll_seconds=self._first_repoll,
+            max_inflight=self._limits.max_session_inflight_envelopes,
+            max_inflight_bytes=self._limits.max_session_inflight_bytes,
         )
         if receive:
             if self._registry.attach(session) is not None:
@@ -362,6 +502,20 @@ class Relay:
             self._registry.add_sender(session)
         self._metrics.sessions.labels("receive" if receive else "send").inc()
         return session
+
+    @contextlib.asynccontextmanager
+    async def session(self, address: Address, *, receive: bool) -> AsyncIterator[Session]:
+        """``open_session`` ... ``close_session``: the session is released however it ends.
+
+        Whatever happens once it is open (a failed write, a cancelled stream), leaving the
+        block ends the session (failing its direct waits) and releases its presence entry.
+        """
+        session = await self.open_session(address, receive=receive)
+        try:
+            yield session
+        finally:
+            session.close()
+            await self.close_session(session)
 
     async def close_session(self, session: Session) -> None:
         """Forget a session that ended, for whatever reason (never raises)."""
@@ -421,14 +575,21 @@ class Relay:
                 log.warning("purge of removed device %s after a send failed: %s", device, exc)
 
     async def ack(self, session: Session, message_ids: Sequence[bytes]) -> int:
-        """Remove acked envelopes from the session's own queue (never anyone else's)."""
+        """Take the device's acks: end direct waits, remove stored envelopes from its queue.
+
+        Only the session's own queue is touched (never anyone else's). Returns how many
+        stored envelopes were removed.
+        """
         for mid in message_ids:
             if len(mid) != MESSAGE_ID_BYTES:
                 raise InvalidArgument(
                     f"ack names a message_id of {len(mid)} bytes; ids have {MESSAGE_ID_BYTES}"
                 )
-        removed = await self._queue.ack(session.address, message_ids)
-        session.acked(message_ids)
+        stored = session.acked(message_ids)
+        if not stored:
+            return 0
+        removed = await self._queue.ack(session.address, stored)
+        session.removed(stored)
         self._metrics.acks.inc(removed)
         return removed
 

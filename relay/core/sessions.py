@@ -4,6 +4,13 @@ A receiving session first yields every stored envelope (in queue order, page by 
 then one QueueEmpty marker, then live envelopes as they are pushed to it (from this node
 or, over node links, from others), re-reading its queue whenever order cannot be proven.
 
+Envelopes pushed *direct* (not stored, ``offer_direct``) are delivered in the order they
+were offered, but never ahead of a pending re-read: whatever the queue holds from before
+comes first. Their senders wait for the device's ack (``relay.core.direct``); a session
+that ends fails every wait it holds at once, so those envelopes are stored. Pushed and
+unacked envelopes are bounded per session by count and bytes: past either, a direct
+offer is refused (the sender stores it) and stored pushes are left to the next re-read.
+
 Any session (receiving or send-only) can be ended from outside with the error its
 stream must close with: ``displace`` (a newer session of the device took over) or
 ``end`` (e.g. the device was removed). Whoever serves the session waits on ``ended``.
@@ -18,13 +25,18 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from relay.clock import Clock
+from relay.core.direct import DirectWait
 from relay.core.ports import MessageQueue
+from relay.core.sendorder import SendOrder
 from relay.errors import ClientError, SessionDisplaced
 from relay.model import Address, Envelope, Pushed
 
 #: Ephemeral envelopes buffered per session; older ones are dropped past it
 #: (they are typing indicators and the like, never stored by contract).
 MAX_EPHEMERAL_BUFFER = 256
+#: Store-path acks a session watches for its senders' order (``SendOrder``); past it a
+#: sender's pair simply stays on the store path a while longer.
+MAX_WATCHED_ACKS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +75,8 @@ class Session:
         page_size: int,
         repoll_seconds: float = 30.0,
         first_repoll_seconds: float | None = None,
+        max_inflight: int = 1024,
+        max_inflight_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.address = address
         self.epoch = epoch
@@ -76,6 +90,7 @@ class Session:
         )
         self._wake = asyncio.Event()
         self._end: ClientError | None = None
+        self._closed = False
         self._ended = asyncio.Event()
         self._reread = False
         self._pending: list[Pushed] = []
@@ -84,8 +99,15 @@ class Session:
         self._delivered: set[bytes] = set()
         #: Per sender: seq of the last envelope delivered from it.
         self._last_from: dict[Address, int] = {}
-        #: As a sender: seq of the last envelope stored per recipient (for prev_seq).
-        self.last_sent_to: dict[Address, int] = {}
+        #: The send order of this session's own sends (direct path for receiving ones).
+        self.order = SendOrder(direct=receive)
+        self._max_inflight = max_inflight
+        self._max_inflight_bytes = max_inflight_bytes
+        #: Direct envelopes offered and not resolved, by id; and their bytes.
+        self._direct: dict[bytes, DirectWait] = {}
+        self._direct_bytes = 0
+        #: Store-path envelopes whose ack a sender stream waits to see.
+        self._watched: dict[bytes, SendOrder] = {}
 
     @property
     def displaced(self) -> bool:
@@ -102,9 +124,42 @@ class Session:
         for item in items:
             if item.envelope.ephemeral:
                 self._ephemeral.append(item.envelope)
-            else:
+            elif len(self._pending) < self._max_inflight:
                 self._pending.append(item)
+            else:
+                self._reread = True  # it is stored: the re-read delivers it in order
         self._wake.set()
+
+    def offer_direct(self, envelope: Envelope, wait: DirectWait) -> bool:
+        """Take an envelope that is not stored, to deliver in offer order; False: refused.
+
+        Refused when the session has ended or holds its limit of unacked envelopes (by
+        count or bytes); the caller then stores it. Accepted, ``wait`` ends when the
+        device acks it (ACKED) or the session ends (FAILED).
+        """
+        if self._closed or envelope.message_id in self._direct:
+            return False
+        if (
+            len(self._direct) >= self._max_inflight
+            or self._direct_bytes + wait.size > self._max_inflight_bytes
+        ):
+            return False
+        self._direct[envelope.message_id] = wait
+        self._direct_bytes += wait.size
+        self._pending.append(Pushed(envelope, direct=True))
+        self._wake.set()
+        return True
+
+    def settle(self, wait: DirectWait) -> None:
+        """Forget a resolved direct envelope (its sender has acted on the outcome)."""
+        if self._direct.get(wait.message_id) is wait:
+            del self._direct[wait.message_id]
+            self._direct_bytes -= wait.size
+
+    def watch(self, message_id: bytes, order: SendOrder) -> None:
+        """Tell ``order`` when the device acks this stored envelope (see ``SendOrder``)."""
+        if len(self._watched) < MAX_WATCHED_ACKS:
+            self._watched[message_id] = order
 
     def reread(self) -> None:
         """Make the session re-read its queue (wake-ups may have been lost)."""
@@ -135,6 +190,18 @@ class Session:
             self._end = error
         self._ended.set()
         self._wake.set()
+        self.close()
+
+    def close(self) -> None:
+        """The session's stream is gone: fail its direct waits (their senders store them)."""
+        self._closed = True
+        for wait in self._direct.values():
+            wait.fail()
+        self._watched.clear()
+
+    def removed(self, message_ids: Sequence[bytes]) -> None:
+        """Acked ids are gone from the queue: a re-read cannot deliver them again."""
+        self._delivered.difference_update(message_ids)
 
     async def ended(self) -> None:
         """Wait until the session is ended from outside, then raise why."""
@@ -142,9 +209,24 @@ class Session:
         assert self._end is not None
         raise self._end
 
-    def acked(self, message_ids: Sequence[bytes]) -> None:
-        """Forget acked ids (they are gone from the queue)."""
-        self._delivered.difference_update(message_ids)
+    def acked(self, message_ids: Sequence[bytes]) -> list[bytes]:
+        """The device acked ``message_ids``; return those to remove from its queue.
+
+        Acks of direct envelopes end their waits (their senders answer DELIVERED, nothing
+        was stored: no queue work); acks of watched stored envelopes tell their senders.
+        """
+        stored: list[bytes] = []
+        for mid in message_ids:
+            wait = self._direct.get(mid)
+            if wait is not None:
+                self._delivered.discard(mid)
+                wait.acked()  # PENDING: delivered; FAILED: its sender acks the stored copy
+                continue
+            stored.append(mid)  # still "delivered" until the queue has removed it
+            order = self._watched.pop(mid, None)
+            if order is not None:
+                order.acked_stored(self.address, mid)
+        return stored
 
     async def events(self) -> AsyncIterator[SessionEvent]:
         """Yield stored envelopes, then QueueEmpty, then live envelopes, until ended.
@@ -166,7 +248,8 @@ class Session:
             wait = reread_at - loop.time()
             if wait > 0 and not self._wake.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
             if loop.time() >= reread_at:
                 self._reread = True  # the periodic safety net
             self._wake.clear()
@@ -183,19 +266,37 @@ class Session:
                 reread_at = loop.time() + self._repoll_seconds
                 async for deliver in self._read_queue():
                     yield deliver
+                if self._pending:
+                    self._wake.set()  # direct envelopes held back by the re-read
 
     def _raise_if_ended(self) -> None:
         if self._end is not None:
             raise self._end
 
     def _take_in_order(self) -> tuple[Envelope, ...]:
-        """Pending envelopes provably next in order; on any gap, ask for a re-read."""
+        """Pending envelopes provably next in order; on any gap, ask for a re-read.
+
+        Stored envelopes need proof (``prev_seq``) or wait for the re-read, which reads
+        them from the queue; direct ones are not in the queue, so they stay pending
+        until no re-read is due.
+        """
         out: list[Envelope] = []
+        held: list[Pushed] = []
         for item in self._pending:
             env = item.envelope
-            if env.message_id in self._delivered:
+            if item.direct:
+                if self._reread:
+                    held.append(item)  # the stored ones from before go first
+                elif env.message_id not in self._delivered:
+                    out.append(env)
+                    self._delivered.add(env.message_id)
                 continue
-            if item.prev_seq == 0 or self._last_from.get(env.sender) != item.prev_seq:
+            in_order = item.prev_seq != 0 and self._last_from.get(env.sender) == item.prev_seq
+            if env.message_id in self._delivered:
+                if in_order:
+                    self._last_from[env.sender] = item.seq  # delivered direct already
+                continue
+            if not in_order:
                 self._reread = True  # it is in the store: the read delivers it in order
                 continue
             if self._reread:
@@ -203,7 +304,7 @@ class Session:
             out.append(env)
             self._delivered.add(env.message_id)
             self._last_from[env.sender] = item.seq
-        self._pending.clear()
+        self._pending = held
         return tuple(out)
 
     async def _read_queue(self) -> AsyncIterator[Deliver]:
@@ -216,12 +317,12 @@ class Session:
             fresh = []
             for item in page.items:
                 env = item.envelope
+                if item.seq > self._last_from.get(env.sender, 0):
+                    self._last_from[env.sender] = item.seq
                 if env.message_id in self._delivered:
                     continue
                 fresh.append(env)
                 self._delivered.add(env.message_id)
-                if item.seq > self._last_from.get(env.sender, 0):
-                    self._last_from[env.sender] = item.seq
             if fresh:
                 yield Deliver(tuple(fresh))
             if not page.more:

@@ -21,6 +21,7 @@ from relay.common.status import abort, unary
 from relay.common.tls import BEARER_NEEDS_TLS, call_is_protected
 from relay.core.auth import ApiKeys, DeviceAuthenticator
 from relay.core.delivery import Relay, SendOutcome
+from relay.core.sendorder import Turn
 from relay.core.sessions import Deliver, QueueEmpty, Session
 from relay.errors import InvalidArgument, RelayError, Status, Unauthenticated
 from relay.metrics import RelayMetrics
@@ -77,6 +78,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         metrics: RelayMetrics,
         node_id: str,
         auth_timeout_seconds: float,
+        max_inflight_batches: int = 32,
     ) -> None:
         self._relay = relay
         self._auth = authenticator
@@ -84,6 +86,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         self._metrics = metrics
         self._node_id = node_id
         self._auth_timeout = auth_timeout_seconds
+        self._max_inflight = max_inflight_batches
 
     # Written with context.read/write rather than as a generator: a session writes from
     # two tasks (deliveries and send results), so the stub's generator type does not fit.
@@ -92,18 +95,18 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
     ) -> None:
         """One device session: handshake, then sends/acks up and deliveries down."""
         try:
-            session = await self._handshake(context)
+            address, receive = await self._handshake(context)
+            async with self._relay.session(address, receive=receive) as session:
+                await context.write(
+                    relay_pb2.ServerFrame(
+                        ready=relay_pb2.Ready(node_id=self._node_id, session_epoch=session.epoch)
+                    )
+                )
+                await self._serve(session, context, asyncio.Lock())
         except RelayError as exc:
             if exc.status is Status.UNAUTHENTICATED:
                 self._metrics.auth_failures.inc()
             await abort(context, exc)
-        lock = asyncio.Lock()
-        try:
-            await self._serve(session, context, lock)
-        except RelayError as exc:
-            await abort(context, exc)
-        finally:
-            await self._relay.close_session(session)
 
     async def _read(self, context: Ctx, what: str) -> relay_pb2.ClientFrame:
         try:
@@ -121,7 +124,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             )
         return frame
 
-    async def _handshake(self, context: Ctx) -> Session:
+    async def _handshake(self, context: Ctx) -> tuple[Address, bool]:
+        """Hello, challenge, auth: the authenticated device and whether it receives."""
         hello = (await self._read(context, "hello")).hello
         address = address_from_pb(hello.address).validate(field="hello.address")
         challenge = self._auth.challenge(address)
@@ -136,20 +140,16 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         )
         auth = (await self._read(context, "auth")).auth
         await self._auth.verify(challenge, auth.signature)
-        session = await self._relay.open_session(address, receive=hello.receive)
-        await context.write(
-            relay_pb2.ServerFrame(
-                ready=relay_pb2.Ready(node_id=self._node_id, session_epoch=session.epoch)
-            )
-        )
-        return session
+        return address, hello.receive
 
     async def _serve(self, session: Session, context: Ctx, lock: asyncio.Lock) -> None:
-        reader = asyncio.ensure_future(self._read_frames(session, context, lock))
+        # A send that failed other than with a RelayError (e.g. its write) ends the call.
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        reader = asyncio.ensure_future(self._read_frames(session, context, lock, failed))
         # Ended from outside (displaced, device removed): closes the stream at once,
         # even a send-only one, or one whose writer waits on a slow reader.
         ended = asyncio.ensure_future(session.ended())
-        tasks: set[asyncio.Future[None]] = {reader, ended}
+        tasks: set[asyncio.Future[None]] = {reader, ended, failed}
         if session.receive:
             tasks.add(asyncio.ensure_future(self._write_events(session, context, lock)))
         try:
@@ -163,38 +163,87 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         for task in done:
             task.result()  # re-raise a RelayError (e.g. displaced) to abort the call
 
-    async def _read_frames(self, session: Session, context: Ctx, lock: asyncio.Lock) -> None:
-        while True:
-            frame: object = await context.read()
-            if frame is grpc.aio.EOF:
-                return
-            assert isinstance(frame, relay_pb2.ClientFrame)
-            kind = frame.WhichOneof("frame")
-            if kind == "send":
-                batch = frame.send
-                try:
-                    outcomes, mismatches = await self._send(
-                        session.address, batch.envelopes, batch.complete_device_lists, session
+    async def _read_frames(
+        self,
+        session: Session,
+        context: Ctx,
+        lock: asyncio.Lock,
+        failed: asyncio.Future[None],
+    ) -> None:
+        """Read frames until EOF; sends are handled concurrently, in order (SendOrder).
+
+        At most ``limits.max_stream_inflight_batches`` sends are unanswered at once;
+        past it no further frame is read (the client is held back by flow control).
+        At EOF the unanswered sends are finished and answered before the call ends.
+        """
+        inflight: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(self._max_inflight)
+
+        def done(task: asyncio.Task[None]) -> None:
+            inflight.discard(task)
+            slots.release()
+            if not task.cancelled() and task.exception() is not None and not failed.done():
+                failed.set_exception(task.exception())  # type: ignore[arg-type]
+
+        try:
+            while True:
+                frame: object = await context.read()
+                if frame is grpc.aio.EOF:
+                    break
+                assert isinstance(frame, relay_pb2.ClientFrame)
+                kind = frame.WhichOneof("frame")
+                if kind == "send":
+                    await slots.acquire()
+                    turn = session.order.turn()  # in frame order, before any await
+                    task = asyncio.create_task(
+                        self._answer(session, frame.send, turn, context, lock)
                     )
-                    results = results_to_pb(outcomes)
-                except RelayError as exc:
-                    results = [_batch_failure(e, exc) for e in batch.envelopes]
-                    mismatches = []
-                reply = relay_pb2.ServerFrame(
-                    send_results=relay_pb2.SendResults(
-                        batch_id=batch.batch_id,
-                        results=results,
-                        device_list_mismatches=mismatches_to_pb(mismatches),
+                    inflight.add(task)
+                    task.add_done_callback(done)
+                elif kind == "ack":
+                    if not session.receive:
+                        raise InvalidArgument(
+                            "a send-only session (hello.receive=false) cannot ack"
+                        )
+                    await self._relay.ack(session, list(frame.ack.message_ids))
+                else:
+                    raise InvalidArgument(
+                        f"unexpected {kind or 'empty'} frame after authentication"
                     )
-                )
-                async with lock:
-                    await context.write(reply)
-            elif kind == "ack":
-                if not session.receive:
-                    raise InvalidArgument("a send-only session (hello.receive=false) cannot ack")
-                await self._relay.ack(session, list(frame.ack.message_ids))
-            else:
-                raise InvalidArgument(f"unexpected {kind or 'empty'} frame after authentication")
+            if inflight:
+                await asyncio.gather(*inflight)
+        finally:
+            for task in inflight:
+                task.cancel()
+
+    async def _answer(
+        self,
+        session: Session,
+        batch: relay_pb2.SendBatch,
+        turn: Turn,
+        context: Ctx,
+        lock: asyncio.Lock,
+    ) -> None:
+        """Handle one SendBatch of a stream and write its SendResults."""
+        try:
+            outcomes, mismatches = await self._send(
+                session.address, batch.envelopes, batch.complete_device_lists, session, turn
+            )
+            results = results_to_pb(outcomes)
+        except RelayError as exc:
+            results = [_batch_failure(e, exc) for e in batch.envelopes]
+            mismatches = []
+        finally:
+            turn.resolved()
+        reply = relay_pb2.ServerFrame(
+            send_results=relay_pb2.SendResults(
+                batch_id=batch.batch_id,
+                results=results,
+                device_list_mismatches=mismatches_to_pb(mismatches),
+            )
+        )
+        async with lock:
+            await context.write(reply)
 
     async def _write_events(self, session: Session, context: Ctx, lock: asyncio.Lock) -> None:
         async for event in session.events():
@@ -243,16 +292,18 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         envelopes: Sequence[relay_pb2.Envelope],
         complete_for: Sequence[relay_pb2.UserRef],
         session: Session | None = None,
+        turn: Turn | None = None,
     ) -> tuple[list[SendOutcome], list[DeviceListMismatch]]:
         envs = [envelope_from_pb(e, sender) for e in envelopes]
         if not complete_for:
-            return await self._relay.send(sender, envs, session), []
+            return await self._relay.send(sender, envs, session, turn=turn), []
         return await self._relay.send_checked(
             sender,
             envs,
             [e.recipient_registration_id for e in envelopes],
             [(u.tenant, u.user) for u in complete_for],
             session,
+            turn=turn,
         )
 
 

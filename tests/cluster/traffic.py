@@ -15,7 +15,7 @@ from relay.sdk import DeviceState, OutgoingMessage, RelayClient
 from relay.sdk.backoff import ExponentialBackoff
 from tests.sdk.helpers import provision
 
-ACKED = (Outcome.STORED, Outcome.DUPLICATE)
+ACKED = (Outcome.STORED, Outcome.DUPLICATE, Outcome.DELIVERED)
 
 
 @dataclass

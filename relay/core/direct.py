@@ -1,0 +1,98 @@
+"""Waiting for a recipient's ack of an envelope pushed before it was stored.
+
+A ``DirectWait`` is one envelope pushed to a receiving session (``Session.offer_direct``)
+and not stored. It ends in exactly one of two states: ACKED (the recipient device acked
+it: the send is answered DELIVERED, nothing is stored) or FAILED (no ack before the
+deadline, the session ended, or the push was refused: the envelope is stored and the
+send is answered STORED). An ack that arrives after FAILED is remembered
+(``late_ack``): the sender stores the envelope, then acks it in the queue, so the copy
+the device already holds is not delivered again.
+
+A ``DirectBatch`` gathers the waits of one SendBatch and resolves once every one of
+them has ended, or at its deadline (which fails those still pending).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+
+
+class WaitState(enum.Enum):
+    """Where a pushed envelope stands."""
+
+    PENDING = enum.auto()
+    ACKED = enum.auto()
+    FAILED = enum.auto()
+
+
+class DirectWait:
+    """One envelope pushed to a session, waiting for the device's ack."""
+
+    __slots__ = ("_batch", "late_ack", "message_id", "size", "state")
+
+    def __init__(self, batch: DirectBatch, message_id: bytes, size: int) -> None:
+        self._batch = batch
+        self.message_id = message_id
+        self.size = size
+        self.state = WaitState.PENDING
+        #: The device acked it after it had FAILED (it holds a copy: ack the stored one).
+        self.late_ack = False
+
+    def acked(self) -> None:
+        """The recipient device acked the envelope."""
+        if self.state is WaitState.PENDING:
+            self.state = WaitState.ACKED
+            self._batch.one_done()
+        elif self.state is WaitState.FAILED:
+            self.late_ack = True
+
+    def fail(self) -> None:
+        """No ack will count any more (deadline, session ended, push refused)."""
+        if self.state is WaitState.PENDING:
+            self.state = WaitState.FAILED
+            self._batch.one_done()
+
+
+class DirectBatch:
+    """The direct waits of one send; ``wait`` returns once all have ended."""
+
+    __slots__ = ("_future", "_pending", "_timer", "waits")
+
+    def __init__(self) -> None:
+        self.waits: list[DirectWait] = []
+        self._pending = 0
+        self._future: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, message_id: bytes, size: int) -> DirectWait:
+        """A new pending wait of this batch."""
+        wait = DirectWait(self, message_id, size)
+        self.waits.append(wait)
+        self._pending += 1
+        return wait
+
+    def one_done(self) -> None:
+        """A wait of this batch ended (called by ``DirectWait``)."""
+        self._pending -= 1
+        if self._pending == 0 and self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    async def wait(self, timeout_seconds: float) -> None:
+        """Wait until every wait has ended, failing those still pending after the timeout."""
+        if self._pending == 0:
+            return
+        loop = asyncio.get_running_loop()
+        self._future = loop.create_future()
+        self._timer = loop.call_later(timeout_seconds, self.expire)
+        try:
+            await self._future
+        finally:
+            self._timer.cancel()
+            self.expire()  # cancelled: nothing pending may still count as delivered
+
+    def expire(self) -> None:
+        """Fail every wait still pending."""
+        for wait in self.waits:
+            if wait.state is WaitState.PENDING:
+                wait.fail()

@@ -1,0 +1,143 @@
+"""The owner of one sender stream's send order: FIFO per (sender -> recipient device).
+
+Every stream a device sends on (and every unary ``Send``) has one ``SendOrder``. The
+relay handles the stream's batches concurrently (pipelined) but in two ordered steps,
+each taken in the order the batches arrived (``Turn``):
+
+1. **dispatch**: each envelope goes the *direct* path (pushed to the recipient's
+   receiving session now, not stored) or the *store* path (appended, then pushed);
+2. **resolve**: wait for the direct envelopes' acks (``limits.direct_ack_ms``), append
+   the store-path envelopes together with the direct ones that were not acked, in the
+   order they were sent, and answer.
+
+The rule that keeps a recipient device's view of one sender in send order, whatever the
+mix of paths: an envelope to recipient R may go direct only when
+
+- the stream sends on the device's receiving session (one per device, so no other stream
+  of it interleaves), and R has a receiving session on this node, and
+- the pair is *clean*: the latest envelope of the pair that took the store path has been
+  acked by R, as seen on this node (a device acks in queue order, so everything stored
+  before it has reached R too); a new stream starts unclean, so its first envelope to R
+  is stored and proves, once acked, that nothing older waits in R's queue, and
+- every direct envelope of the pair still unresolved went to that same session (so the
+  session's own FIFO orders them).
+
+Otherwise the envelope takes the store path and the pair is unclean until that
+envelope's ack is seen. Store-path envelopes of a pair are appended in send order (the
+resolve step is ordered), and a direct envelope that fails is appended before anything
+sent after it. A session delivers direct envelopes only when it has no queue re-read
+pending (``Session``), so stored envelopes from before come first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from relay.model import Address
+
+if TYPE_CHECKING:
+    from relay.core.sessions import Session
+
+#: Recipients whose pair state a stream keeps (the oldest idle ones are forgotten past it;
+#: a forgotten pair is unclean again, which costs speed, never order).
+MAX_PAIRS_PER_STREAM = 10_000
+
+
+@dataclass(slots=True)
+class Pair:
+    """What one sender stream knows about its envelopes to one recipient device."""
+
+    clean: bool = False
+    #: The latest stored envelope of the pair: its ack makes the pair clean again.
+    watching: bytes = b""
+    #: Store-path envelopes dispatched and not yet appended (the pair is not clean).
+    storing: int = 0
+    #: Where the unresolved direct envelopes of the pair went, and how many there are.
+    session: Session | None = None
+    outstanding: int = 0
+    #: Seq of the latest envelope stored to the recipient (``Pushed.prev_seq`` of the next).
+    last_seq: int = 0
+
+
+class Turn:
+    """One batch's place in its stream's order (taken before its first await)."""
+
+    __slots__ = ("_dispatched", "_prev_dispatched", "_prev_resolved", "_resolved")
+
+    def __init__(self, prev: Turn | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._prev_dispatched = prev._dispatched if prev is not None else None
+        self._prev_resolved = prev._resolved if prev is not None else None
+        self._dispatched: asyncio.Future[None] = loop.create_future()
+        self._resolved: asyncio.Future[None] = loop.create_future()
+
+    async def dispatch_turn(self) -> None:
+        """Wait until every earlier batch of the stream has dispatched."""
+        if self._prev_dispatched is not None and not self._prev_dispatched.done():
+            await self._prev_dispatched
+        self._prev_dispatched = None
+
+    def dispatched(self) -> None:
+        """This batch has dispatched (or given up): the next may."""
+        if not self._dispatched.done():
+            self._dispatched.set_result(None)
+
+    async def resolve_turn(self) -> None:
+        """Wait until every earlier batch of the stream has resolved."""
+        if self._prev_resolved is not None and not self._prev_resolved.done():
+            await self._prev_resolved
+        self._prev_resolved = None
+
+    def resolved(self) -> None:
+        """This batch has resolved (or given up): the next may."""
+        self.dispatched()
+        if not self._resolved.done():
+            self._resolved.set_result(None)
+
+
+class SendOrder:
+    """Send order of one sender stream (see the module docstring for the rule)."""
+
+    def __init__(self, *, direct: bool) -> None:
+        #: Whether this stream may use the direct path at all (receiving sessions only).
+        self.direct = direct
+        self._pairs: OrderedDict[Address, Pair] = OrderedDict()
+        self._last: Turn | None = None
+
+    def turn(self) -> Turn:
+        """The next batch's turn; take it in arrival order, before any await."""
+        self._last = turn = Turn(self._last)
+        return turn
+
+    def pair(self, recipient: Address) -> Pair:
+        """The state of the pair with ``recipient`` (new pairs start unclean)."""
+        pair = self._pairs.get(recipient)
+        if pair is None:
+            pair = self._pairs[recipient] = Pair()
+            if len(self._pairs) > MAX_PAIRS_PER_STREAM:
+                self._forget_idle()
+        else:
+            self._pairs.move_to_end(recipient)
+        return pair
+
+    def may_go_direct(self, pair: Pair, session: Session | None) -> bool:
+        """Whether the next envelope of ``pair`` may be pushed to ``session`` unstored."""
+        if not self.direct or session is None or not pair.clean or pair.storing:
+            return False
+        return pair.outstanding == 0 or pair.session is session
+
+    def acked_stored(self, recipient: Address, message_id: bytes) -> None:
+        """The recipient acked a store-path envelope of this stream."""
+        pair = self._pairs.get(recipient)
+        if pair is not None and pair.watching == message_id:
+            pair.clean = True
+            pair.watching = b""
+
+    def _forget_idle(self) -> None:
+        for recipient, pair in self._pairs.items():
+            if pair.outstanding == 0 and pair.storing == 0:
+                del self._pairs[recipient]
+                return
