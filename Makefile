@@ -7,7 +7,7 @@ PIP_CACHE ?= $(HOME)/.cache/e2ee-relay/pip
 export PIP_CACHE_DIR := $(PIP_CACHE)
 CODE := $(wildcard relay keyserver tests loadtest)
 
-.PHONY: install proto run run-tls lint typecheck unit test fuzz bench migrate services services-stop services-status clean help
+.PHONY: install proto run run-tls lint typecheck unit test helm-check container-check fuzz bench migrate services services-stop services-status clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -45,10 +45,19 @@ typecheck: install  ## mypy strict on the packages
 	$(BIN)/mypy
 	$(BIN)/mypy loadtest
 
+helm-check: install  ## helm lint + helm template (default, dev, production values), manifests validated offline
+	@start=$$(date +%s); \
+	$(BIN)/python scripts/tools/helm_check.py --helm "$$(bash scripts/tools/helm.sh)" --chart helm/e2ee-relay; \
+	rc=$$?; echo "helm-check took $$(( $$(date +%s) - start )) s"; exit $$rc
+
+container-check: install  ## hadolint the Dockerfile (no Docker engine needed)
+	$(BIN)/hadolint --failure-threshold info Dockerfile
+	@echo "container-check: Dockerfile is hadolint clean"
+
 unit: install  ## only the tests that need no external services
 	$(BIN)/pytest -q -m 'not services'
 
-test: install lint typecheck services  ## lint, typecheck, start Redis + Cassandra, the whole suite
+test: install lint typecheck helm-check container-check services  ## lint, typecheck, chart and container checks, start Redis + Cassandra, the whole suite
 	RELAY_REQUIRE_SERVICES=1 $(BIN)/pytest -q
 
 fuzz: install  ## hostile input on every RPC of both services: 10,000 generated requests each (FUZZ_EXAMPLES)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from contextlib import AsyncExitStack
 from types import TracebackType
+
+from prometheus_client import CollectorRegistry
 
 from keyserver.client import SERVICE_NAME
 from keyserver.directory import (
@@ -13,12 +16,19 @@ from keyserver.directory import (
     Policies,
     RegistrationPolicy,
 )
+from keyserver.metrics import KeyserverMetrics
 from keyserver.model import Reader
 from keyserver.ports import DeviceEvents, KeyStores
 from keyserver.servicer import KeyDirectoryServicer
 from keyserver.sqlite_store import KEYS_DB, SCHEMA, sqlite_key_stores
 from relay.clock import Clock, SystemClock
-from relay.common.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
+from relay.common.grpcserver import (
+    SHUTDOWN_MARGIN_SECONDS,
+    GrpcServer,
+    bounded_close,
+    drain_delay,
+)
+from relay.common.rpc_metrics import RpcMetrics
 from relay.common.sqlite_worker import SqliteWorker
 from relay.common.tls import check_listen, server_credentials
 from relay.config import Config, ConfigError, load_or_create_key, relay_key_path
@@ -36,10 +46,20 @@ class KeyserverApp:
     ``config.keyserver.listen``, over TLS when ``[tls]`` has a certificate (plaintext
     only on loopback, or with ``tls.allow_plaintext``); on exit it stops the server
     (open calls get ``config.node.grace_seconds``), then closes the store.
+
+    Its metrics (``self.metrics``, per-RPC series included) go to ``registry`` (the
+    process's, which ``relayd`` serves; default: a registry of its own). A process that
+    runs a relay node too passes the same ``rpc_metrics`` to both.
     """
 
     def __init__(
-        self, config: Config, clock: Clock | None = None, *, events: DeviceEvents | None = None
+        self,
+        config: Config,
+        clock: Clock | None = None,
+        *,
+        events: DeviceEvents | None = None,
+        registry: CollectorRegistry | None = None,
+        rpc_metrics: RpcMetrics | None = None,
     ) -> None:
         if config.storage.backend not in BACKENDS:
             raise ConfigError(
@@ -49,6 +69,8 @@ class KeyserverApp:
         self._config = config
         self._clock = clock or SystemClock()
         self._events = events
+        self.metrics = KeyserverMetrics(registry)
+        self._rpc_metrics = rpc_metrics or RpcMetrics(self.metrics.registry)
         self._stack: AsyncExitStack | None = None
         self._server: GrpcServer | None = None
 
@@ -95,17 +117,28 @@ class KeyserverApp:
                 bearer_keys=bearer_keys(self._config),
                 events=events,
             )
-            servicer = KeyDirectoryServicer(core)
+            servicer = KeyDirectoryServicer(core, self.metrics)
             server = GrpcServer(
                 listen,
                 [(keys_pb2_grpc.add_KeyDirectoryServicer_to_server, servicer, SERVICE_NAME)],
                 grace_seconds=self._config.node.grace_seconds,
                 credentials=credentials,
+                interceptors=[self._rpc_metrics.interceptor()],
             )
             await stack.enter_async_context(server)
             self._server = server
             self._stack = stack.pop_all()
         return self
+
+    async def drain(self, delay_seconds: float, hurry: asyncio.Event | None = None) -> None:
+        """Before stopping (SIGTERM): health says NOT_SERVING, serving goes on a while.
+
+        Returns after ``delay_seconds`` (or once ``hurry`` is set), so that load
+        balancers stop routing here first; leaving the ``async with`` then stops the
+        server, open calls getting ``node.grace_seconds``.
+        """
+        await self._running().not_serving()
+        await drain_delay(delay_seconds, hurry)
 
     async def _open_stores(self, stack: AsyncExitStack) -> KeyStores:
         """The key stores on the configured backend (``storage.backend``)."""
@@ -115,7 +148,9 @@ class KeyserverApp:
             )
             from relay.common.cassandra.session import CassandraSession  # noqa: PLC0415
 
-            session = await stack.enter_async_context(CassandraSession(self._config.cassandra))
+            session = await stack.enter_async_context(
+                CassandraSession(self._config.cassandra, on_error=self.metrics.cassandra_error)
+            )
             return cassandra_key_stores(session)
         path = self._config.storage.path / KEYS_DB
         worker = await stack.enter_async_context(SqliteWorker(path, SCHEMA))

@@ -23,6 +23,7 @@ from keyserver.client import (
     request_body,
 )
 from keyserver.directory import KeyDirectory
+from keyserver.metrics import KeyserverMetrics
 from relay import authproof
 from relay.common.convert import (
     address_from_pb,
@@ -139,9 +140,16 @@ def _headers(
 class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
     """Serves relaypb.keys.v1.KeyDirectory by calling a KeyDirectory core."""
 
-    def __init__(self, core: KeyDirectory) -> None:
+    def __init__(self, core: KeyDirectory, metrics: KeyserverMetrics | None = None) -> None:
         self._core = core
         self._linking = core.linking
+        self._metrics = metrics or KeyserverMetrics()
+
+    def _status(self, status: model.PrekeyStatus) -> pb.PrekeyStatus:
+        """The status message; a replenish signal is counted."""
+        if status.replenish:
+            self._metrics.replenish.inc()
+        return _status_pb(status)
 
     async def _reader(self, method: str, body: bytes, context: Context[Req, Resp]) -> model.Reader:
         """Who makes an authenticated read: a bearer key holder, or a signing device."""
@@ -222,7 +230,8 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
             registration_token=request.registration_token,
             reset=request.reset,
         )
-        record = await self._core.register(registration)
+        with self._metrics.outcome(self._metrics.registrations):
+            record = await self._core.register(registration)
         return pb.RegisterDeviceResponse(
             address=address_to_pb(record.address), registration_id=record.registration_id
         )
@@ -248,7 +257,7 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
             one_time_pq_prekeys=_pq_prekeys(request.one_time_pq_prekeys),
         )
         return pb.PublishPrekeysResponse(
-            one_time_prekeys_remaining=status.one_time_prekeys, status=_status_pb(status)
+            one_time_prekeys_remaining=status.one_time_prekeys, status=self._status(status)
         )
 
     @unary
@@ -262,6 +271,11 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         bundles = await self._core.fetch_bundles(
             request.tenant, request.user, request.devices, by=reader
         )
+        for bundle in bundles:
+            if bundle.one_time_prekey is None:
+                self._metrics.bundle_empty.inc()
+            else:
+                self._metrics.bundle_claimed.inc()
         return pb.FetchPrekeyBundlesResponse(bundles=[_bundle_pb(b) for b in bundles])
 
     @unary
@@ -296,7 +310,7 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         caller = await self._authenticate(COUNT_ONE_TIME_PREKEYS_METHOD, body, context)
         status = await self._core.prekey_status(caller, address_from_pb(request.device))
         return pb.CountOneTimePrekeysResponse(
-            count=status.one_time_prekeys, status=_status_pb(status)
+            count=status.one_time_prekeys, status=self._status(status)
         )
 
     @unary
@@ -321,7 +335,8 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         device_list = (
             device_list_from_pb(request.device_list) if request.HasField("device_list") else None
         )
-        await self._core.remove_device(caller, address_from_pb(request.device), device_list)
+        with self._metrics.outcome(self._metrics.removals):
+            await self._core.remove_device(caller, address_from_pb(request.device), device_list)
         return pb.RemoveDeviceResponse()
 
     @unary
@@ -342,7 +357,12 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         context: Context[pb.RequestLinkRequest, pb.RequestLinkResponse],
     ) -> pb.RequestLinkResponse:
         """A new device asks to join an existing user."""
-        link = await self._linking.request(
+        with self._metrics.outcome(self._metrics.links, "request"):
+            link = await self._request_link(request)
+        return pb.RequestLinkResponse(request_id=link.request_id, expires_at_ms=link.expires_at_ms)
+
+    async def _request_link(self, request: pb.RequestLinkRequest) -> model.PendingLink:
+        return await self._linking.request(
             model.LinkRequestInput(
                 tenant=request.tenant,
                 user=request.user,
@@ -363,7 +383,6 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
                 proof=request.proof,
             )
         )
-        return pb.RequestLinkResponse(request_id=link.request_id, expires_at_ms=link.expires_at_ms)
 
     @unary
     async def ListLinkRequests(
@@ -401,12 +420,13 @@ class KeyDirectoryServicer(keys_pb2_grpc.KeyDirectoryServicer):
         caller = await self._authenticate(APPROVE_LINK_METHOD, request_body(request), context)
         if not request.HasField("device_list"):
             raise InvalidArgument("device_list is required: the new list with the new device")
-        address = await self._linking.approve(
-            caller,
-            request.request_id,
-            device_list_from_pb(request.device_list),
-            request.sealed_account,
-        )
+        with self._metrics.outcome(self._metrics.links, "approve"):
+            address = await self._linking.approve(
+                caller,
+                request.request_id,
+                device_list_from_pb(request.device_list),
+                request.sealed_account,
+            )
         return pb.ApproveLinkResponse(address=address_to_pb(address))
 
     @unary

@@ -12,7 +12,12 @@ split for the relay and the forwarder so that their ratio is fair:
     p99_ms_at_70pct: median p99 of three runs at 70 % of that saturation;
 (c) rss_kb_per_stream: fresh relayd, 10,000 idle streams, minus registration memory;
 (d) throughput_10k_vs_100_ratio: saturation with 10,000 connected devices / with 100,
-    on the same relayd (fresh for the first run), interleaved, best of two each.
+    on the same relayd (fresh for the first run), interleaved, best of two each;
+(e) cluster_vs_single_ratio: three ``relayd relay`` nodes on Cassandra + Redis
+    (loadtest/cluster), every device online, recipients on any node (--cross-node):
+    highest rate with p99 <= 10 ms by (a)'s ladder method, over (a)'s relay figure;
+direct_share: of the envelopes the relay answered in (a), the share answered DELIVERED
+    (pushed and acked by the online recipient before anything was stored).
 Then py-spy samples the relay at saturation and lists its hot spots.
 
 Writes --out (bench/results/latest.json) and prints its headline keys. Per-run reports,
@@ -38,7 +43,7 @@ from typing import Any
 
 import grpc
 
-from loadtest import plot, profiling, report, servers, storebench, sweep
+from loadtest import cluster, plot, profiling, report, servers, storebench, sweep
 from loadtest.cli import parse_cpus
 from loadtest.config import LoadConfig
 from loadtest.devices import register_all
@@ -49,7 +54,12 @@ from relay.config import CassandraConfig
 
 P99_BOUND_MS = 10.0
 #: Phases of a bench, in order (``--only`` picks some, for iterating).
-PHASES = ("compare", "batched", "store", "scale")
+PHASES = ("compare", "batched", "store", "scale", "cluster")
+#: Relay nodes and devices of (e), the cluster phase.
+CLUSTER_NODES = 3
+CLUSTER_DEVICES = 100
+#: Where (e) finds Redis (``make services``).
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 #: Devices of the store-and-forward runs (half of them offline recipients).
 STORE_DEVICES = 100
 #: Background CPU (share of one core) over which a run counts as disturbed and is repeated.
@@ -76,6 +86,8 @@ HEADLINE = (
     "p99_ms_at_70pct",
     "rss_kb_per_stream",
     "throughput_10k_vs_100_ratio",
+    "cluster_vs_single_ratio",
+    "direct_share",
 )
 
 
@@ -190,7 +202,7 @@ class Bench:
         *,
         on_ready: Callable[[], None] | None,
     ) -> tuple[LoadResult, dict[str, Any], float]:
-        cfg = dataclasses.replace(cfg, targets=(ep.target,), keys=(ep.keys,))
+        cfg = dataclasses.replace(cfg, targets=ep.all_targets, keys=(ep.keys,))
         at: dict[str, tuple[float, ...]] = {}
 
         def sample() -> tuple[float, ...]:
@@ -272,9 +284,18 @@ class Bench:
         print("(a) relay against the bare forwarder, p99 <= 10 ms", flush=True)
         coarse = self.base(schedule=self.ladder(250, 1.5, 400_000), stop_p99_ms=5 * P99_BOUND_MS)
         best: dict[str, float] = {"relay": 0.0, "forwarder": 0.0}
+        answered = {"delivered": 0, "all": 0}
+
+        def count_answers(result: LoadResult) -> None:
+            r = result.reconciliation
+            answered["delivered"] += r.answered_delivered
+            answered["all"] += r.acknowledged + r.rejected
+
         for rep in range(self.plan.reps):
             for name, (proc, ep) in (("relay", relay), ("forwarder", fwd)):
                 result, _ = self.load(f"a-{name}-coarse{rep}", coarse, ep, proc)
+                if name == "relay":
+                    count_answers(result)
                 step = sweep.highest_within(report.steps(result), P99_BOUND_MS)
                 best[name] = max(best[name], step["rate"] if step else 0.0)
         for rep in range(self.plan.reps):
@@ -284,11 +305,16 @@ class Bench:
                     schedule=self.ladder(start, 1.07, start * 1.6), stop_p99_ms=5 * P99_BOUND_MS
                 )
                 result, _ = self.load(f"a-{name}-fine{rep}", fine, ep, proc)
+                if name == "relay":
+                    count_answers(result)
                 step = sweep.highest_within(report.steps(result), P99_BOUND_MS)
                 best[name] = max(best[name], step["rate"] if step else 0.0)
         ratio = best["relay"] / best["forwarder"] if best["forwarder"] else None
+        share = answered["delivered"] / answered["all"] if answered["all"] else None
         return {
             "relay_vs_forwarder_ratio": _round(ratio, 3),
+            "direct_share": _round(share, 4),
+            "answered": answered,
             "relay_rate_p99_le_10ms": best["relay"],
             "forwarder_rate_p99_le_10ms": best["forwarder"],
             "batch": self.plan.compare_batch,
@@ -470,6 +496,90 @@ class Bench:
         )
         return out
 
+    # (e) ----------------------------------------------------------------------------
+    def cluster_phase(self, single_rate: float | None) -> dict[str, Any]:
+        """Three relay nodes on Cassandra + Redis, recipients on any node, p99 <= 10 ms."""
+        print(
+            f"(e) {CLUSTER_NODES} relay nodes on Cassandra + Redis, recipients on any node, "
+            "p99 <= 10 ms",
+            flush=True,
+        )
+        if not storebench.reachable(REDIS_HOST, REDIS_PORT):
+            return {
+                "cluster_vs_single_ratio": None,
+                "reason": f"Redis unavailable on {REDIS_HOST}:{REDIS_PORT}: run `make services`",
+            }
+        try:
+            started = storebench.ensure_cassandra()
+        except (storebench.StoreBenchError, OSError, subprocess.SubprocessError) as exc:
+            return {"cluster_vs_single_ratio": None, "reason": f"Cassandra unavailable: {exc}"}
+        try:
+            with storebench.keyspace(storebench.bench_config()) as cass:
+                return self._cluster(cass, single_rate)
+        finally:
+            self.backend_pids = []
+            if started:
+                storebench.stop_cassandra()
+
+    def _cluster(self, cass: CassandraConfig, single_rate: float | None) -> dict[str, Any]:
+        redis_url = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+        base = self.base(
+            devices=CLUSTER_DEVICES,
+            connections=2 * CLUSTER_NODES,
+            cross_node=True,
+            stop_p99_ms=5 * P99_BOUND_MS,
+        )
+        best = 0.0
+        with cluster.relay_cluster(
+            self.work / "cluster",
+            cass,
+            nodes=CLUSTER_NODES,
+            redis_url=redis_url,
+            cpus=self.server_cpus,
+        ) as c:
+            # The first node is "the server" of each run; the other nodes, the key
+            # directory, Cassandra and Redis count as its backends (their CPU is not noise).
+            self.backend_pids = [
+                *(p.pid for p in (*c.nodes[1:], c.keyserver)),
+                *servers.pids_running("CassandraDaemon"),
+                *servers.pids_running("redis-server"),
+            ]
+            ep, proc = c.endpoints, c.nodes[0]
+            coarse = dataclasses.replace(base, schedule=self.ladder(250, 1.5, 400_000))
+            for rep in range(self.plan.reps):
+                result, _ = self.load(f"e-cluster-coarse{rep}", coarse, ep, proc)
+                step = sweep.highest_within(report.steps(result), P99_BOUND_MS)
+                best = max(best, step["rate"] if step else 0.0)
+            for rep in range(self.plan.reps):
+                start = max(50.0, best * 0.9) if best else 50.0
+                fine = dataclasses.replace(base, schedule=self.ladder(start, 1.07, start * 1.6))
+                result, _ = self.load(f"e-cluster-fine{rep}", fine, ep, proc)
+                step = sweep.highest_within(report.steps(result), P99_BOUND_MS)
+                best = max(best, step["rate"] if step else 0.0)
+        ratio = best / single_rate if single_rate and best else None
+        reason = None
+        if not single_rate:
+            reason = "(a) was not run (or found no rate): no single-node figure to divide by"
+        elif not best:
+            reason = "no step of the cluster sustained its offer with p99 <= 10 ms"
+        return {
+            "cluster_vs_single_ratio": _round(ratio, 3),
+            "reason": reason,
+            "cluster_rate_p99_le_10ms": best,
+            "single_relay_rate_p99_le_10ms": single_rate,
+            "nodes": CLUSTER_NODES,
+            "devices": CLUSTER_DEVICES,
+            "batch": self.plan.compare_batch,
+            "keyspace": cass.keyspace,
+            "method": f"{CLUSTER_NODES} `relayd relay` processes and a `relayd keyserver` on "
+            "Cassandra (own keyspace, LOCAL_QUORUM) and Redis presence (own key prefix), all "
+            f"pinned to the server CPUs; {CLUSTER_DEVICES} devices, every one online, spread "
+            "over the nodes, each batch to recipients on any node (--cross-node), so about "
+            f"{CLUSTER_NODES - 1} in {CLUSTER_NODES} envelopes cross a node link; (a)'s ladder "
+            "method (x1.5 coarse, then x1.07 fine) and step rule (sustained, p99 <= 10 ms), "
+            "best of the repetitions; ratio = that rate / (a)'s relay rate in the same bench",
+        }
+
     # (c) and (d) --------------------------------------------------------------------
     def memory_and_scale(self, batched_ladder: str) -> dict[str, Any]:
         """Idle memory per stream and throughput at 10,000 devices against 100."""
@@ -576,6 +686,9 @@ class Bench:
         )
         if "scale" in self.phases:
             details["scale"] = self.memory_and_scale(self.ladder(2000, 1.25, 1_000_000))
+        if "cluster" in self.phases:
+            single = details.get("relay_vs_forwarder", {}).get("relay_rate_p99_le_10ms")
+            details["cluster"] = self.cluster_phase(single)
         a = details.get("relay_vs_forwarder", {})
         b = details["store_vs_driver"]
         batched = details.get("batched", {})
@@ -588,6 +701,9 @@ class Bench:
             "p99_ms_at_70pct": details.get("at_70pct", {}).get("p99_ms_at_70pct"),
             "rss_kb_per_stream": scale.get("rss_kb_per_stream"),
             "throughput_10k_vs_100_ratio": scale.get("throughput_10k_vs_100_ratio"),
+            "cluster_vs_single_ratio": details.get("cluster", {}).get("cluster_vs_single_ratio"),
+            "cluster_vs_single_reason": details.get("cluster", {}).get("reason"),
+            "direct_share": a.get("direct_share"),
         }
         results["targets"] = {k: f"{op} {v:g}" for k, (op, v) in TARGETS.items()}
         results["meets_targets"] = {
@@ -727,6 +843,11 @@ def command(args: argparse.Namespace) -> int:
         print(f"  {key:30} {results[key]}{mark}")
     if results["store_vs_driver_ratio"] is None:
         print(f"  store_vs_driver_ratio: {results['store_vs_driver_reason']}")
+    if results["cluster_vs_single_ratio"] is None and results["cluster_vs_single_reason"]:
+        print(f"  cluster_vs_single_ratio: {results['cluster_vs_single_reason']}")
+    cluster_rate = results["details"].get("cluster", {}).get("cluster_rate_p99_le_10ms")
+    if cluster_rate is not None:
+        print(f"  cluster rate with p99 <= 10 ms: {cluster_rate:g}/s")
     print(
         f"  machine: {results['machine']['cpu_model']}, {results['machine']['cpus']} CPUs; "
         f"servers on CPUs {args.server_cpus}, generator on {args.generator_cpus}"

@@ -3,6 +3,7 @@
 relay-loadtest run         one load run against running relay node(s)
 relay-loadtest forwarder   serve the bare grpc.aio forwarder (the benchmark baseline)
 relay-loadtest bench       the whole benchmark (``make bench``)
+relay-loadtest cluster     relay nodes on Cassandra + Redis as processes (failure drills)
 
 Exit status of ``run``: 0 all acknowledged envelopes delivered; 1 loss (acknowledged
 envelopes missing, or a contract violation); 2 bad options; 3 the run itself failed.
@@ -20,6 +21,7 @@ from pathlib import Path
 from loadtest import config as c
 from loadtest.config import ConfigError, LoadConfig
 from loadtest.schedule import ScheduleError
+from relay.cli.output import quiet_broken_pipe, version_text
 
 EXIT_OK, EXIT_LOSS, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
 
@@ -277,7 +279,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The ``relay-loadtest`` argument parser."""
-    from loadtest import bench, forwarder  # noqa: PLC0415 - keep --help light
+    from loadtest import bench, cluster, forwarder  # noqa: PLC0415 - keep --help light
 
     top = argparse.ArgumentParser(
         prog="relay-loadtest",
@@ -285,6 +287,7 @@ def parser() -> argparse.ArgumentParser:
         "intended send time (HdrHistogram), throughput, and loss accounting of every message id.",
         epilog="Targets must be on this machine's loopback. See docs/benchmarks.md.",
     )
+    top.add_argument("--version", action="version", version=version_text("relay-loadtest"))
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",
@@ -309,9 +312,18 @@ def parser() -> argparse.ArgumentParser:
     )
     bench.add_arguments(b)
     b.set_defaults(func=bench.command)
+    cl = sub.add_parser(
+        "cluster",
+        help="relay nodes on Cassandra + Redis as processes, for failure drills",
+        description=cluster.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cluster.add_arguments(cl)
+    cl.set_defaults(func=cluster.command)
     return top
 
 
+@quiet_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``relay-loadtest``."""
     args = parser().parse_args(argv)

@@ -33,7 +33,14 @@ HANDSHAKE_TIMEOUT_S = 60.0
 
 
 class HandshakeError(RuntimeError):
-    """The server did not answer the Connect handshake as the protocol says."""
+    """The server did not answer the Connect handshake as the protocol says.
+
+    ``status``: the code the call ended with, when it ended (None: a wrong frame).
+    """
+
+    def __init__(self, message: str, status: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _raw(key: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
@@ -134,7 +141,8 @@ async def handshake(call: Any, identity: Identity, *, receive: bool) -> relay_pb
     except asyncio.InvalidStateError:
         code, details = await call.code(), await call.details()
         raise HandshakeError(
-            f"{identity.address}: Connect ended during the handshake: {code.name} {details}"
+            f"{identity.address}: Connect ended during the handshake: {code.name} {details}",
+            code,
         ) from None
 
 
@@ -147,9 +155,11 @@ async def _handshake(call: Any, identity: Identity, *, receive: bool) -> relay_p
     await call.write(hello.SerializeToString())
     first = await call.read()
     if first is grpc.aio.EOF or first.WhichOneof("frame") != "challenge":
+        code = await call.code()
         raise HandshakeError(
             f"{identity.address}: expected a challenge, got {first!r} "
-            f"({(await call.code()).name} {await call.details()})"
+            f"({code.name} {await call.details()})",
+            code if first is grpc.aio.EOF else None,
         )
     ch = first.challenge
     transcript = authproof.connect_transcript(
@@ -161,9 +171,11 @@ async def _handshake(call: Any, identity: Identity, *, receive: bool) -> relay_p
     await call.write(auth.SerializeToString())
     second = await call.read()
     if second is grpc.aio.EOF or second.WhichOneof("frame") != "ready":
+        code = await call.code()
         raise HandshakeError(
             f"{identity.address}: expected ready, got {second!r} "
-            f"({(await call.code()).name} {await call.details()})"
+            f"({code.name} {await call.details()})",
+            code if second is grpc.aio.EOF else None,
         )
     ready: relay_pb2.Ready = second.ready
     return ready

@@ -3,7 +3,9 @@
 Every envelope has a (sender worker, sequence) key. The sending worker keeps one status
 byte per sequence (:class:`SendRecord`); every receiving worker keeps one saturating
 count per key it saw (:class:`Receipts`). :func:`reconcile` joins them: each envelope the
-relay acknowledged (STORED or DUPLICATE) must have been delivered exactly once. One
+relay acknowledged (DELIVERED, STORED or DUPLICATE) must have been delivered exactly once.
+A DELIVERED answer (the recipient acked the envelope before it was stored) is an
+acknowledgement like the others: that envelope must arrive too. One
 acknowledged envelope never delivered is *missing*, and a run with any missing envelope
 fails. Envelopes without an answer (the stream failed) may or may not arrive
 (at-least-once): they are counted apart, never as a failure. An envelope delivered after
@@ -27,7 +29,8 @@ DUPLICATE = 3
 REJECTED = 4
 FAILED = 5  # the stream ended before its SendResult came
 UNSENT = 6  # dropped by the generator itself (backlog over --max-backlog)
-ACKNOWLEDGED = (STORED, DUPLICATE)
+DELIVERED = 7  # answered DELIVERED: the recipient acked it before it was stored
+ACKNOWLEDGED = (STORED, DUPLICATE, DELIVERED)
 MAX_COUNT = 255
 
 
@@ -94,6 +97,7 @@ Describe = Callable[[int, int, int], MissingEnvelope]
 _TOTALS = (
     "sent",
     "acknowledged",
+    "answered_delivered",
     "rejected",
     "unacknowledged",
     "unsent",
@@ -113,6 +117,8 @@ class Reconciliation:
     sent: int
     acknowledged: int
     rejected: int
+    #: Acknowledged envelopes answered DELIVERED (pushed and acked before being stored).
+    answered_delivered: int
     unacknowledged: int
     unsent: int
     delivered_once: int
@@ -125,6 +131,12 @@ class Reconciliation:
     missing_examples: tuple[MissingEnvelope, ...] = ()
 
     @property
+    def direct_share(self) -> float | None:
+        """Envelopes answered DELIVERED / every answered one (None: nothing answered)."""
+        answered = self.acknowledged + self.rejected
+        return self.answered_delivered / answered if answered else None
+
+    @property
     def ok(self) -> bool:
         """No acknowledged envelope lost, none delivered against its answer, none invented."""
         return self.missing == 0 and self.rejected_delivered == 0 and self.unexpected == 0
@@ -135,6 +147,8 @@ class Reconciliation:
             f.name: getattr(self, f.name) for f in fields(self) if f.name != "missing_examples"
         }
         out["ok"] = self.ok
+        share = self.direct_share
+        out["direct_share"] = None if share is None else round(share, 4)
         out["missing_examples"] = [vars_of(m) for m in self.missing_examples]
         return out
 
@@ -203,11 +217,12 @@ def reconcile(
         status = np.frombuffer(bytes(record.status), dtype=np.uint8)
         counts, beyond = merge_counts([r[w] for r in received if w in r], len(status))
         unexpected += beyond
-        acked = (status == STORED) | (status == DUPLICATE)
+        acked = np.isin(status, ACKNOWLEDGED)
         unanswered = (status == PENDING) | (status == FAILED)
         delivered = counts > 0
         totals["sent"] += int(np.count_nonzero((status != UNUSED) & (status != UNSENT)))
         totals["acknowledged"] += int(np.count_nonzero(acked))
+        totals["answered_delivered"] += int(np.count_nonzero(status == DELIVERED))
         totals["rejected"] += int(np.count_nonzero(status == REJECTED))
         totals["unacknowledged"] += int(np.count_nonzero(unanswered))
         totals["unsent"] += int(np.count_nonzero(status == UNSENT))
@@ -230,6 +245,7 @@ def reconcile(
         sent=totals["sent"],
         acknowledged=totals["acknowledged"],
         rejected=totals["rejected"],
+        answered_delivered=totals["answered_delivered"],
         unacknowledged=totals["unacknowledged"],
         unsent=totals["unsent"],
         delivered_once=totals["once"],

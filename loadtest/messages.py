@@ -60,13 +60,48 @@ class SendDone:
     load_cpu_s: float
     #: Wall seconds of the same span.
     load_wall_s: float
+    #: Sequences of this worker's envelopes without an answer (their stream ended), per
+    #: receiving worker: they may or may not arrive, so they do not count for the drain.
+    unanswered_to: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Drain:
-    """Bring every device online and wait for ``expected`` unique deliveries."""
+    """Bring every device online and wait for ``expected`` unique deliveries.
+
+    Deliveries of ``unanswered`` envelopes (sender worker -> sequences) do not count
+    towards ``expected``: an unanswered envelope may arrive, but need not.
+    """
 
     expected: int
+    unanswered: dict[int, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Failover:
+    """Streams of one worker that ended on their own, and how their devices came back.
+
+    A device whose stream ends (its node died, or the call failed) reconnects as the SDK
+    does: to the next target in order, with full-jitter exponential backoff between tries.
+    """
+
+    #: Streams that ended on their own during the run.
+    lost: int = 0
+    #: Devices back on a target (a new session, possibly on another node).
+    reconnected: int = 0
+    #: Devices no target took within the deadline.
+    failed: int = 0
+    #: Connection attempts that failed before the one that succeeded (dead targets).
+    failed_attempts: int = 0
+    #: Encoded Histogram (us): stream lost -> Ready on the next session.
+    reconnect: bytes = b""
+    #: Envelopes that reached a failed-over device on its new session with an intended
+    #: send time between the loss and that session's Ready: they waited in the store.
+    stored_meanwhile: int = 0
+    #: "from->to" target indices of the reconnected devices, and how many took each way.
+    moves: dict[str, int] = field(default_factory=dict)
+    #: Why streams ended ("CODE: details", a few distinct ones), and how often.
+    reasons: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +124,7 @@ class Result:
     cpu_s: float
     drain_complete: bool
     notes: list[str] = field(default_factory=list)
+    failover: Failover = field(default_factory=Failover)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,12 @@ class Receiver:
         self.receipts = Receipts()
         self.drained = Histogram()
         self.errors: Counter[str] = Counter()
+        #: See ``messages.Failover.stored_meanwhile``.
+        self.stored_meanwhile = 0
         self._expected: int | None = None
+        self._unanswered: dict[int, set[int]] = {}
+        #: First copies received of envelopes in ``_unanswered`` (they do not count).
+        self._unanswered_seen = 0
         self._reached = asyncio.Event()
 
     def on_deliver(self, stream: DeviceStream, envelopes: Sequence[relay_pb2.Envelope]) -> None:
@@ -43,6 +48,7 @@ class Receiver:
         me = stream.identity.index
         receipts, run_tag = self.receipts, self.run_tag
         last_intended, run = -1, 0
+        away = stream.away
         for env in envelopes:
             mid = env.message_id
             ids.append(mid)
@@ -59,7 +65,12 @@ class Receiver:
                 self.errors["MISROUTED"] += 1
                 receipts.unexpected += 1
                 continue
-            receipts.add(worker, seq)
+            first_copy = receipts.add(worker, seq) == 1
+            if first_copy:
+                if away is not None and away[0] <= intended <= away[1]:
+                    self.stored_meanwhile += 1
+                if self._unanswered and seq in self._unanswered.get(worker, ()):
+                    self._unanswered_seen += 1
             if intended == last_intended:
                 run += 1
                 continue
@@ -70,13 +81,28 @@ class Receiver:
             hist.record_us((now - last_intended) // 1000, run)
         counters.delivered += len(envelopes)
         stream.ack(ids)
-        if self._expected is not None and receipts.unique >= self._expected:
-            self._reached.set()
+        self._check()
 
-    def expect(self, unique: int) -> None:
-        """Set how many distinct envelopes this worker must see before the drain ends."""
+    def expect(self, unique: int, unanswered: dict[int, list[int]] | None = None) -> None:
+        """Set how many distinct envelopes this worker must see before the drain ends.
+
+        ``unanswered`` (sender worker -> sequences): envelopes that may or may not
+        arrive; their deliveries do not count towards ``unique``.
+        """
         self._expected = unique
-        if self.receipts.unique >= unique:
+        self._unanswered = {w: set(seqs) for w, seqs in (unanswered or {}).items() if seqs}
+        counts = self.receipts.counts
+        self._unanswered_seen = sum(
+            1
+            for w, seqs in self._unanswered.items()
+            for seq in seqs
+            if w in counts and seq < len(counts[w]) and counts[w][seq]
+        )
+        self._check()
+
+    def _check(self) -> None:
+        expected = self._expected
+        if expected is not None and self.receipts.unique - self._unanswered_seen >= expected:
             self._reached.set()
 
     async def reached(self) -> None:

@@ -28,6 +28,7 @@ REPORT_KEYS = (
     "intervals",
     "steps",
     "generator",
+    "failover",
 )
 #: A generator worker busier than this share of its core during the load is saturated.
 GENERATOR_BUSY_SHARE = 0.9
@@ -162,6 +163,7 @@ def build(result: LoadResult) -> dict[str, Any]:
         ],
         "steps": steps(result),
         "generator": generator(result),
+        "failover": result.failover,
         "wall_s": round(result.wall_s, 3),
         "notes": result.notes,
     }
@@ -212,8 +214,17 @@ def table(report: dict[str, Any]) -> str:
         f"generator: {g['load_cpu_share']:.0%} of a core during the load, send lag p99 "
         f"{g['send_lag_ms']['p99']:.2f} ms, longest GC pause {g['gc_max_pause_ms']:.1f} ms"
         + (" - SATURATED: its own delays count as latency" if g["saturated"] else ""),
-        report["verdict"],
     ]
+    f = report.get("failover") or {}
+    if f.get("streams_lost"):
+        r = f["reconnect_ms"]
+        lines.append(
+            f"failover: {f['streams_lost']} streams lost, {f['reconnected']} devices back in "
+            f"p50 {r['p50']:.0f} / p99 {r['p99']:.0f} / max {r['max']:.0f} ms "
+            f"({f['failed_attempts']} failed attempts, {f['gave_up']} gave up), "
+            f"{f['stored_meanwhile']} envelopes stored meanwhile"
+        )
+    lines.append(report["verdict"])
     for m in report["reconciliation"]["missing_examples"]:
         lines.append(
             f"  missing {m['message_id']} worker {m['worker']} seq {m['seq']} to {m['recipient']} "

@@ -88,6 +88,9 @@ class LoadResult:
     generator_gc_max_pause_ms: float
     wall_s: float
     notes: list[str]
+    #: Devices whose stream ended on their own, and how they came back (see
+    #: ``failover_summary``).
+    failover: dict[str, Any] = field(default_factory=dict)
 
 
 class Coordinator:
@@ -99,15 +102,19 @@ class Coordinator:
         *,
         on_ready: Callable[[], None] | None = None,
         on_load_end: Callable[[], None] | None = None,
+        on_interval: Callable[[IntervalTotals], None] | None = None,
         out: TextIO | None = None,
     ) -> None:
         """``on_ready``: called once every stream is open, before the schedule starts;
-        ``on_load_end``: called when the schedule is over and answered, before the drain.
+        ``on_load_end``: called when the schedule is over and answered, before the drain;
+        ``on_interval``: called with each interval once every worker reported it (a
+        failure drill kills a node from there, e.g. once enough envelopes were acked).
         """
         self.cfg = cfg.validate()
         self.schedule = cfg.parsed_schedule()
         self.on_ready = on_ready
         self.on_load_end = on_load_end
+        self.on_interval = on_interval
         self.out = out if out is not None else sys.stderr
         self.run_tag = os.urandom(4)
         self.intervals: dict[int, IntervalTotals] = {}
@@ -178,7 +185,8 @@ class Coordinator:
         self._load_cpu = sum(d.load_cpu_s for d in done.values())
         for w, pipe in enumerate(self._pipes):
             expected = sum(d.acknowledged_to[w] for d in done.values())
-            pipe.send(msg.Drain(expected))
+            unanswered = {s: d.unanswered_to[w] for s, d in done.items() if w in d.unanswered_to}
+            pipe.send(msg.Drain(expected, unanswered))
         results = self._gather(msg.Result, time.monotonic() + cfg.drain_timeout_s * 2 + 60)
         for proc in self._procs:
             proc.join(10)
@@ -254,6 +262,8 @@ class Coordinator:
             f"{self.cumulative.percentile_ms(99):8.2f} ms | errors {sum(t.errors.values())}"
         )
         self._check_saturation(t, offered)
+        if self.on_interval is not None:
+            self.on_interval(t)
 
     def _check_saturation(self, t: IntervalTotals, offered: float) -> None:
         cfg = self.cfg
@@ -320,6 +330,7 @@ class Coordinator:
             generator_gc_max_pause_ms=max(r.gc_max_pause_ms for r in results.values()),
             wall_s=wall,
             notes=notes,
+            failover=failover_summary([r.failover for r in results.values()]),
         )
 
     def _describer(
@@ -358,6 +369,33 @@ class Coordinator:
             pipe.close()
         if self._prom is not None:
             self._prom.close()
+
+
+def failover_summary(parts: list[msg.Failover]) -> dict[str, Any]:
+    """The workers' failover records as one JSON-ready summary.
+
+    ``reconnect_ms``: per reconnected device, stream lost -> Ready on its new session
+    (p50/p99/max over devices); ``stored_meanwhile``: envelopes those devices received
+    on their new session that were sent while they were away (so went through the store).
+    """
+    hist = Histogram()
+    moves: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    for part in parts:
+        if part.reconnect:
+            hist.add_encoded(part.reconnect)
+        moves.update(part.moves)
+        reasons.update(part.reasons)
+    return {
+        "streams_lost": sum(p.lost for p in parts),
+        "reconnected": sum(p.reconnected for p in parts),
+        "gave_up": sum(p.failed for p in parts),
+        "failed_attempts": sum(p.failed_attempts for p in parts),
+        "reconnect_ms": hist.summary(),
+        "stored_meanwhile": sum(p.stored_meanwhile for p in parts),
+        "moves": dict(sorted(moves.items())),
+        "reasons": dict(reasons.most_common()),
+    }
 
 
 def _uint32_array(data: bytes) -> array[int]:

@@ -124,6 +124,11 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         """Spawn (pinned with taskset when ``cpus``) and wait until healthy."""
+        self.spawn()
+        return self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start the process (pinned with taskset when ``cpus``) without waiting."""
         argv = list(self.argv)
         if self.cpus and shutil.which("taskset"):
             argv = ["taskset", "-c", ",".join(map(str, self.cpus)), *argv]
@@ -135,6 +140,9 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
+
+    def wait_ready(self) -> ServerProcess:
+        """Block until every health check says SERVING (stop it and raise if not)."""
         try:
             for target, services in self.health:
                 wait_serving(target, services)
@@ -163,6 +171,12 @@ class ServerProcess:
                 self.proc.wait(STOP_TIMEOUT_S)
         return self.proc.returncode
 
+    def kill(self) -> None:
+        """SIGKILL (a crash: no drain, nothing flushed) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(STOP_TIMEOUT_S)
+
     def __enter__(self) -> ServerProcess:
         return self.start()
 
@@ -181,11 +195,23 @@ class Endpoints:
 
     target: str
     keys: str
+    #: Every relay node of a cluster (``target`` is the first); empty: ``target`` only.
+    targets: tuple[str, ...] = ()
+
+    @property
+    def all_targets(self) -> tuple[str, ...]:
+        """The relay nodes the generator spreads its devices over."""
+        return self.targets or (self.target,)
+
+
+def python_module(module: str) -> list[str]:
+    """The command line that runs ``module`` with this interpreter."""
+    return [sys.executable, "-m", module]
 
 
 def _python(module: str, gc_probe: Path | None) -> list[str]:
     if gc_probe is None:
-        return [sys.executable, "-m", module]
+        return python_module(module)
     return [sys.executable, "-m", "loadtest.gcprobe", str(gc_probe), module]
 
 
@@ -205,6 +231,8 @@ def relayd(
     argv = [
         *_python("relay.cli.relayd", gc_probe), "run", "--data-dir", str(data_dir),
         "--listen", relay, "--keys-listen", keys, "--log-level", "WARNING",
+        # Metrics on as in production, on a port of its own (never the shared default).
+        "--metrics-listen", f"127.0.0.1:{free_port()}",
     ]  # fmt: skip
     if config is not None:
         argv += ["--config", str(config)]

@@ -56,6 +56,10 @@ class DeviceStream:
         self.node = node
         #: Connected only for the drain (offline during the run, or reconnected).
         self.late = late
+        #: A failed-over device's new stream: (lost, ready) CLOCK_MONOTONIC ns of the gap.
+        self.away: tuple[int, int] | None = None
+        #: The status details the call ended with (once it ended with an error).
+        self.details = ""
         self.call = call
         self.open = True
         self.queue_empty = False
@@ -125,6 +129,7 @@ class DeviceStream:
                     sink.on_queue_empty(self)
         except grpc.aio.AioRpcError as exc:
             error = exc.code().name
+            self.details = exc.details() or ""
         if self.open:
             self.open = False
             sink.on_closed(self, error)

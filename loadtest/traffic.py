@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from loadtest import ledger
 from loadtest.intervals import IntervalCounters
@@ -33,7 +34,7 @@ YIELD_EVERY = 16
 _CODE_NAMES = {int(c.value[0]): c.name for c in grpc.StatusCode}
 _STATUS_OF = {
     relay_pb2.OUTCOME_STORED: ledger.STORED,
-    relay_pb2.OUTCOME_DELIVERED: ledger.STORED,
+    relay_pb2.OUTCOME_DELIVERED: ledger.DELIVERED,
     relay_pb2.OUTCOME_DUPLICATE: ledger.DUPLICATE,
 }
 
@@ -193,6 +194,28 @@ class Sender:
             counters.errors["MISSING_SEND_RESULT"] += count - len(out)
             out += [ledger.FAILED] * (count - len(out))
         return out
+
+    def unanswered_to(self) -> dict[int, list[int]]:
+        """Sequences still PENDING or FAILED, by the worker that holds their recipient."""
+        status = np.frombuffer(bytes(self.record.status), dtype=np.uint8)
+        seqs = np.flatnonzero((status == ledger.PENDING) | (status == ledger.FAILED))
+        out: dict[int, list[int]] = {}
+        recipients, workers = self.record.recipients, self.workers
+        for seq in seqs.tolist():
+            out.setdefault(recipients[seq] % workers, []).append(seq)
+        return out
+
+    def add_stream(self, stream: DeviceStream) -> None:
+        """Send from ``stream`` too: a device's new session after it failed over.
+
+        Streams that ended stay in the rotation (it skips them), so turns stay valid.
+        """
+        if stream.node not in self.recipients:
+            return
+        self.senders.setdefault(stream.node, []).append(stream)
+        if stream.node not in self._sender_turn:
+            self._sender_turn[stream.node] = 0
+            self._nodes = sorted(self.senders)
 
     def on_stream_closed(self, stream: DeviceStream) -> None:
         """Fail the unanswered batches of a stream that ended."""

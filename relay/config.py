@@ -37,7 +37,13 @@ DEFAULT_MAX_SESSION_INFLIGHT_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_STREAM_INFLIGHT_BATCHES = 32
 DEFAULT_IDENTITY_CACHE_SECONDS = 60.0
 DEFAULT_GRACE_SECONDS = 5.0
+DEFAULT_DRAIN_DELAY_SECONDS = 5.0
 DEFAULT_LOW_WATER_MARK = 10
+#: Prometheus /metrics of ``relayd run`` and ``relayd relay``, and of ``relayd keyserver``.
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+DEFAULT_KEYSERVER_METRICS_LISTEN = "127.0.0.1:9465"
+#: ``metrics.listen`` values that turn the endpoint off.
+METRICS_OFF = ("", "off")
 
 
 class ConfigError(ValueError):
@@ -67,10 +73,40 @@ class NodeConfig:
     link_listen: str = DEFAULT_LINK_LISTEN
     #: Address other relay nodes dial for links (default: the bound link_listen address).
     link_advertise: str = ""
-    #: Prometheus /metrics on host:port; empty: off.
-    metrics_listen: str = ""
-    #: Seconds a stopping server gives open calls to finish.
+    #: Seconds a stopping server gives open calls to finish (after the drain delay:
+    #: the drain's grace period, see docs/operations.md#drain).
     grace_seconds: float = DEFAULT_GRACE_SECONDS
+    #: On SIGTERM, seconds the servers keep serving while grpc.health.v1 says
+    #: NOT_SERVING (so that load balancers stop routing here) before device sessions
+    #: are ended with NODE_DRAINING. A second SIGTERM or SIGINT cuts it short.
+    drain_delay_seconds: float = DEFAULT_DRAIN_DELAY_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus ``/metrics`` endpoint of a ``relayd`` process (``[metrics]``).
+
+    On by default, on loopback: ``relayd run`` serves the relay node's and the key
+    directory's metrics together on ``listen``, ``relayd relay`` serves the node's there,
+    and ``relayd keyserver`` serves the key directory's on ``keyserver_listen`` (another
+    port, so both can run on one host). ``""`` or ``"off"`` turns an endpoint off. Each
+    process on a host needs its own port. HTTPS when ``[tls]`` has a certificate;
+    plaintext off loopback is refused unless ``tls.allow_plaintext``.
+    """
+
+    listen: str = DEFAULT_METRICS_LISTEN
+    keyserver_listen: str = DEFAULT_KEYSERVER_METRICS_LISTEN
+
+    def endpoint(self, command: str) -> tuple[str, str] | None:
+        """``(key path, host:port)`` of ``relayd COMMAND``'s endpoint, or None when off."""
+        key, listen = (
+            ("metrics.keyserver_listen", self.keyserver_listen)
+            if command == "keyserver"
+            else ("metrics.listen", self.listen)
+        )
+        if listen.strip().lower() in METRICS_OFF:
+            return None
+        return key, listen
 
 
 REGISTRATION_POLICIES = ("open", "token", "closed")
@@ -197,6 +233,9 @@ def load_or_create_key(path: Path) -> str:
 STORAGE_BACKENDS = ("embedded", "cassandra")
 PRESENCE_BACKENDS = ("local", "redis")
 CONSISTENCY_LEVELS = ("ONE", "LOCAL_ONE", "QUORUM", "LOCAL_QUORUM", "EACH_QUORUM", "ALL")
+#: Write consistencies that one replica (or, for ANY, a hint) satisfies: a send answered
+#: after such a write is lost with that one node's disk.
+WEAK_WRITE_CONSISTENCY = ("ONE", "LOCAL_ONE", "ANY")
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +272,8 @@ class CassandraConfig:
     local_dc: str = "datacenter1"
     #: Consistency of reads and writes; LOCAL_QUORUM keeps "durable before ack" honest.
     consistency: str = "LOCAL_QUORUM"
+    #: Accept ONE / LOCAL_ONE for the writes that answer a send (refused otherwise).
+    allow_weak_write_consistency: bool = False
     #: Replication factor used by ``relayd migrate`` when it creates the keyspace.
     replication_factor: int = 1
     username: str = ""
@@ -250,10 +291,22 @@ class CassandraConfig:
     ssl_check_hostname: bool = True
 
     def __post_init__(self) -> None:
+        if self.consistency == "ANY":
+            raise ConfigError(
+                "cassandra.consistency: 'ANY' acknowledges a write that only a hint holds, and "
+                "reads cannot use it; use LOCAL_QUORUM (the default)"
+            )
         if self.consistency not in CONSISTENCY_LEVELS:
             raise ConfigError(
                 f"cassandra.consistency: {self.consistency!r} is unknown "
                 f"(known: {', '.join(CONSISTENCY_LEVELS)})"
+            )
+        if self.consistency in WEAK_WRITE_CONSISTENCY and not self.allow_weak_write_consistency:
+            raise ConfigError(
+                f"cassandra.consistency: {self.consistency!r} acknowledges a send once one "
+                "replica has it, so losing that node loses acknowledged messages; use "
+                "LOCAL_QUORUM (the default), or set "
+                "cassandra.allow_weak_write_consistency = true to accept that risk"
             )
         if bool(self.ssl_cert_file) != bool(self.ssl_key_file):
             raise ConfigError(
@@ -338,6 +391,12 @@ class LimitsConfig:
     #: SendBatch frames one stream may have unanswered at once (pipelining); the relay
     #: reads no further frames of that stream until one is answered.
     max_stream_inflight_batches: int = DEFAULT_MAX_STREAM_INFLIGHT_BATCHES
+    #: A stream whose Deliver write has not gone out for this long (the device stopped
+    #: reading) is ended with DEADLINE_EXCEEDED; what it held is in its queue or stored.
+    write_stall_seconds: float = 30.0
+    #: Concurrent streams (device sessions) one client connection may open (HTTP/2
+    #: SETTINGS_MAX_CONCURRENT_STREAMS); past it the client's new streams wait.
+    max_streams_per_connection: int = 1000
     #: Devices a user may have at once (the key directory refuses a link past it).
     max_devices_per_user: int = 32
 
@@ -348,9 +407,12 @@ class LimitsConfig:
             "max_session_inflight_envelopes",
             "max_session_inflight_bytes",
             "max_stream_inflight_batches",
+            "max_streams_per_connection",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"limits.{name} must be >= 1")
+        if self.write_stall_seconds <= 0:
+            raise ConfigError("limits.write_stall_seconds must be > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +488,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     api_keys: tuple[ApiKeyConfig, ...] = ()
     tls: TlsConfig = field(default_factory=TlsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 C = TypeVar("C")
@@ -480,4 +543,10 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})[key] = value
+    node = data.get("node")
+    if isinstance(node, dict) and "metrics_listen" in node:
+        raise ConfigError(
+            "node.metrics_listen: moved to metrics.listen (default "
+            f'{DEFAULT_METRICS_LISTEN}; "off" turns the endpoint off)'
+        )
     return from_dict(Config, data)

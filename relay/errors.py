@@ -12,7 +12,9 @@
     │   ├── AlreadyExists           ALREADY_EXISTS
     │   ├── FailedPrecondition      FAILED_PRECONDITION
     │   ├── LimitExceeded           RESOURCE_EXHAUSTED, names the limit and its value
-    │   └── SessionDisplaced        ABORTED: a newer session of the same device took over
+    │   ├── SessionDisplaced        ABORTED: a newer session of the same device took over
+    │   └── Draining                UNAVAILABLE: this node is shutting down; reconnect
+    │                               to another node at once
     └── Unavailable                 UNAVAILABLE: a backend is down; retryable
         └── TlsFailure              no TLS session: a certificate did not verify, or one
                                     side spoke plaintext (client side only)
@@ -128,6 +130,13 @@ class LimitExceeded(ClientError):
         self.value = value
 
 
+class WriteStalled(ClientError):
+    """The device stopped reading its stream: the session ended. Reconnect to resume."""
+
+    status = Status.DEADLINE_EXCEEDED
+    reason = "WRITE_STALLED"
+
+
 class SessionDisplaced(ClientError):
     """A newer receiving session of the same device replaced this one. Do not reconnect.
 
@@ -137,6 +146,19 @@ class SessionDisplaced(ClientError):
 
     status = Status.ABORTED
     reason = "SESSION_DISPLACED"
+
+
+class Draining(ClientError):
+    """This relay node is shutting down (SIGTERM): reconnect to another node at once.
+
+    Sessions on a draining node end with it, and new sessions are refused with it. It
+    is retryable without backoff, elsewhere: the SDK moves to its next target and skips
+    this one for a while (``metadata["node_id"]`` names the node).
+    """
+
+    status = Status.UNAVAILABLE
+    reason = "NODE_DRAINING"
+    retryable = True
 
 
 class Unavailable(RelayError):

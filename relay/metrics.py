@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from relay.errors import RelayError, Unavailable
+from relay.errors import ClientError, RelayError, Unavailable
 from relay.model import Outcome
 
 
@@ -50,7 +50,7 @@ class RelayMetrics:
         self.auth_failures = Counter(
             "relay_auth_failures_total", "Failed authentications", registry=self.registry
         )
-        self.displaced = Counter(
+        self.displaced_total = Counter(
             "relay_sessions_displaced_total",
             "Sessions ended by a newer session of the same device",
             registry=self.registry,
@@ -67,7 +67,7 @@ class RelayMetrics:
             ["peer"],
             registry=self.registry,
         )
-        self.link_refused = Counter(
+        self.link_refused_total = Counter(
             "relay_link_refused_total",
             "Node-link items refused or ignored: peer_identity (certificate names another "
             "node), displace_epoch (not the epoch presence holds), repoll_rate (over budget)",
@@ -131,12 +131,48 @@ class RelayMetrics:
             "Failed presence heartbeats (Redis unreachable)",
             registry=self.registry,
         )
-        self.send_seconds = Histogram(
+        self.send_latency = Histogram(
             "relay_send_seconds",
             "Time to accept one send batch (durable before ack)",
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
+
+    # -- relay.core.ports.CoreMetrics: what the core counts ------------------------
+
+    def send_seconds(self, seconds: float) -> None:
+        """One send took ``seconds``."""
+        self.send_latency.observe(seconds)
+
+    def envelope(self, outcome: Outcome, error: ClientError | None) -> None:
+        """One envelope answered ``outcome``."""
+        self.envelope_outcomes[outcome].inc()
+        if error is not None:
+            self.rejections.labels(error.status.name, error.metadata.get("limit", "")).inc()
+
+    def copy(self, *, direct: bool) -> None:
+        """One copy DELIVERED direct, or STORED."""
+        (self.copies_direct if direct else self.copies_stored).inc()
+
+    def session(self, *, receive: bool, opened: bool) -> None:
+        """A session opened or closed."""
+        gauge = self.sessions_receive if receive else self.sessions_send
+        if opened:
+            gauge.inc()
+        else:
+            gauge.dec()
+
+    def displaced(self) -> None:
+        """A session was displaced."""
+        self.displaced_total.inc()
+
+    def acked(self, removed: int) -> None:
+        """An ack removed ``removed`` stored envelopes."""
+        self.acks.inc(removed)
+
+    def link_refused(self, reason: str) -> None:
+        """A peer's message was refused for ``reason``."""
+        self.link_refused_total.labels(reason).inc()
 
     def cassandra_error(self, error: RelayError) -> None:
         """Count one failed Cassandra statement (``CassandraSession(on_error=...)``)."""

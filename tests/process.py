@@ -31,6 +31,8 @@ class Relayd:
     data_dir: Path
     relay_port: int = field(default_factory=free_port)
     keys_port: int = field(default_factory=free_port)
+    #: Its Prometheus endpoint (a free port, so parallel relayds never share 9464).
+    metrics_port: int = field(default_factory=free_port)
     command: str = "run"
     config: Path | None = None
     node_id: str = "relay-1"
@@ -38,6 +40,8 @@ class Relayd:
     log_path: Path | None = None
     #: More arguments for relayd, e.g. ["--log-level", "DEBUG"].
     extra_args: list[str] = field(default_factory=list)
+    #: ``--drain-delay``: seconds of NOT_SERVING after SIGTERM (0: stop() is quick).
+    drain_delay: float = 0.0
 
     @property
     def relay_address(self) -> str:
@@ -46,6 +50,10 @@ class Relayd:
     @property
     def keys_address(self) -> str:
         return f"127.0.0.1:{self.keys_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def argv(self) -> list[str]:
         argv = [
@@ -59,11 +67,14 @@ class Relayd:
             self.relay_address,
             "--node-id",
             self.node_id,
+            "--metrics-listen",
+            f"127.0.0.1:{self.metrics_port}",
         ]
         if self.config is not None:
             argv += ["--config", str(self.config)]
         if self.command == "run":
             argv += ["--keys-listen", self.keys_address]
+        argv += ["--drain-delay", str(self.drain_delay)]
         return argv + self.extra_args
 
     def spawn(self) -> None:

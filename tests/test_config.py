@@ -48,6 +48,20 @@ def test_errors_name_the_key(tmp_path: Path, text: str, path: str) -> None:
         load(f)
 
 
+@pytest.mark.parametrize("level", ["ONE", "LOCAL_ONE", "ANY"])
+def test_weak_write_consistency_is_refused_unless_allowed(tmp_path: Path, level: str) -> None:
+    f = tmp_path / "weak.toml"
+    f.write_text(f'[cassandra]\nconsistency = "{level}"\n')
+    with pytest.raises(ConfigError, match=r"cassandra\.consistency.*LOCAL_QUORUM"):
+        load(f)
+    if level != "ANY":  # ANY cannot read at all: never allowed
+        f.write_text(f'[cassandra]\nconsistency = "{level}"\nallow_weak_write_consistency = true\n')
+        assert load(f).cassandra.consistency == level
+    for strong in ("LOCAL_QUORUM", "QUORUM", "EACH_QUORUM", "ALL"):
+        f.write_text(f'[cassandra]\nconsistency = "{strong}"\n')
+        assert load(f).cassandra.consistency == strong
+
+
 def test_api_key_file_is_read_and_kept_as_digest(tmp_path: Path) -> None:
     key = tmp_path / "k"
     key.write_text("a" * 31 + "\n")

@@ -74,7 +74,7 @@ def identities() -> FakeIdentities:
 async def relay(
     tmp_path: Path, clock: FakeClock, identities: FakeIdentities
 ) -> AsyncIterator[Relay]:
-    async with SqliteQueue(tmp_path / "q.db") as queue:
+    async with SqliteQueue(tmp_path / "q.db", clock=clock) as queue:
         yield Relay(
             queue=queue,
             identities=identities,
@@ -212,7 +212,7 @@ class CountingQueue:
 
 @pytest.fixture
 async def counting(tmp_path: Path, clock: FakeClock, identities: FakeIdentities):  # type: ignore[no-untyped-def]
-    async with SqliteQueue(tmp_path / "c.db") as inner:
+    async with SqliteQueue(tmp_path / "c.db", clock=clock) as inner:
         queue = CountingQueue(inner)
         relay = Relay(
             queue=queue,

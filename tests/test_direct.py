@@ -267,6 +267,30 @@ async def test_a_full_session_sends_to_the_store() -> None:
             assert [o.outcome for o in outs] == [Outcome.DELIVERED] * 3
 
 
+async def test_a_stored_envelope_waits_for_the_fate_of_the_one_before_it() -> None:
+    """E1 is pushed direct to a session that never writes it; E2 (session full) takes the
+    store path at once. E2 must not be appended before E1 is: when the session ends
+    unwritten, E1 is stored first and the next session gets E1, E2."""
+    async with (
+        core(direct_ack_ms=60_000, max_session_inflight_envelopes=1) as (relay, queue),
+        relay.session(ALICE, receive=True) as alice,
+    ):
+        history: list[bytes] = []
+        async with reading(relay, BOB, history):
+            first = env()
+            await send(relay, alice, first)
+            await queue.until_acked(first.message_id)
+        async with relay.session(BOB, receive=True):  # attached, never read
+            e1, e2 = env(), env()
+            one = asyncio.create_task(send(relay, alice, e1))
+            two = asyncio.create_task(send(relay, alice, e2))
+            await asyncio.wait([one, two], timeout=0.2)
+            assert not two.done()  # it waits for E1's fate, not just for the store
+        assert [o.outcome for o in await one] == [Outcome.STORED]
+        assert [o.outcome for o in await two] == [Outcome.STORED]
+        assert await stored_ids(relay, queue, BOB) == [e1.message_id, e2.message_id]
+
+
 # -- FIFO across any mix of paths (Hypothesis) ---------------------------------------
 
 Step = tuple[str, int]

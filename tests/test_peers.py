@@ -38,7 +38,7 @@ async def relay(tmp_path: Path, clock: FakeClock, presence: LocalPresence) -> As
     identities = FakeIdentities()
     identities.keys[BOB] = b"b" * 32
     metrics = RelayMetrics()
-    async with SqliteQueue(tmp_path / "q.db") as queue:
+    async with SqliteQueue(tmp_path / "q.db", clock=clock) as queue:
         relay = Relay(
             queue=queue,
             identities=identities,

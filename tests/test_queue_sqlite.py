@@ -14,6 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from relay.clock import FakeClock
 from relay.model import Address, Envelope, Outcome, QueueLimits
 from relay.stores.sqlite_queue import SqliteQueue
 from tests.conformance.queue import BIG, BOB, BOB2, NOW, QueueConformance, env, read_all
@@ -22,7 +23,7 @@ from tests.conformance.queue import BIG, BOB, BOB2, NOW, QueueConformance, env, 
 class TestSqliteQueue(QueueConformance):
     @pytest.fixture
     async def queue(self, tmp_path: Path) -> AsyncIterator[SqliteQueue]:
-        async with SqliteQueue(tmp_path / "queue.db") as q:
+        async with SqliteQueue(tmp_path / "queue.db", clock=FakeClock(NOW)) as q:
             yield q
 
 
@@ -37,7 +38,7 @@ class QueueModel(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.dir = tempfile.TemporaryDirectory()
-        self.queue = SqliteQueue(Path(self.dir.name) / "q.db")
+        self.queue = SqliteQueue(Path(self.dir.name) / "q.db", clock=FakeClock(NOW))
         self.loop.run_until_complete(self.queue.__aenter__())
         self.model: dict[Address, list[bytes]] = {d: [] for d in DEVICES}
         self.accepted: set[tuple[Address, bytes]] = set()
@@ -113,7 +114,7 @@ TestQueueModel.settings = settings(max_examples=40, stateful_step_count=20, dead
 
 
 async def test_seqs_are_never_reused_after_acks_and_reopen(tmp_path: Path) -> None:
-    async with SqliteQueue(tmp_path / "q.db") as q:
+    async with SqliteQueue(tmp_path / "q.db", clock=FakeClock(NOW)) as q:
         first = [env() for _ in range(5)]
         res = await q.append(first, [NOW + 1000] * 5, BIG)
         top = max(r.seq for r in res)
@@ -123,14 +124,15 @@ async def test_seqs_are_never_reused_after_acks_and_reopen(tmp_path: Path) -> No
         assert res[0].seq == top + 1
         top = res[0].seq
         await q.ack(BOB, [e.envelope.message_id for e in (await q.read(BOB, 0, 10, NOW)).items])
-    async with SqliteQueue(tmp_path / "q.db") as q:  # the high-water mark survives a restart
+    # the high-water mark survives a restart
+    async with SqliteQueue(tmp_path / "q.db", clock=FakeClock(NOW)) as q:
         res = await q.append([env(), env()], [NOW + 1000] * 2, BIG)
         assert [r.seq for r in res] == [top + 1, top + 2]
         assert len(await read_all(q, BOB)) == 2
 
 
 async def test_depth_tracks_appends_acks_and_purges_per_device(tmp_path: Path) -> None:
-    async with SqliteQueue(tmp_path / "q.db") as q:
+    async with SqliteQueue(tmp_path / "q.db", clock=FakeClock(NOW)) as q:
         envs = [env(BOB, b"ab"), env(BOB2, b"c"), env(BOB, b"d"), env(BOB2, b"efg")]
         await q.append(envs, [NOW + 10, NOW + 10, NOW + 1000, NOW + 10], BIG)
         assert await q.depth(BOB) == (2, envs[0].size + envs[2].size)
@@ -143,7 +145,7 @@ async def test_depth_tracks_appends_acks_and_purges_per_device(tmp_path: Path) -
 
 
 async def test_a_failing_append_leaves_no_trace(tmp_path: Path) -> None:
-    async with SqliteQueue(tmp_path / "q.db") as q:
+    async with SqliteQueue(tmp_path / "q.db", clock=FakeClock(NOW)) as q:
         # A sender SQLite cannot bind fails the row insert after the first row went in.
         bad = Envelope(b"m" * 16, Address(object(), "a", 1), BOB, b"c")  # type: ignore[arg-type]
         good = env()

@@ -24,11 +24,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter
 
 from keyserver.app import KeyserverApp
 from relay.cli import relayd
 from relay.common import tls
 from relay.common.devcerts import DevCerts, make_dev_certs
+from relay.common.metrics_http import MetricsEndpoint, start_metrics_server
 from relay.config import ApiKeyConfig, Config, ConfigError
 from relay.errors import TlsFailure, Unauthenticated
 from relay.model import Address
@@ -245,10 +247,14 @@ async def test_wrong_host_name_says_the_certificate_does_not_name_it(
 
 
 async def test_non_loopback_plaintext_is_refused(tmp_path: Path) -> None:
-    for key in ("keyserver.listen", "node.listen", "node.metrics_listen"):
+    for key in ("keyserver.listen", "node.listen", "metrics.listen"):
         cfg = config_in(tmp_path / "data", **{key: "0.0.0.0:0"})
-        app: KeyserverApp | RelayApp = (
-            KeyserverApp(cfg) if key.startswith("keyserver") else RelayApp(cfg)
+        app: KeyserverApp | RelayApp | MetricsEndpoint = (
+            KeyserverApp(cfg)
+            if key.startswith("keyserver")
+            else RelayApp(cfg)
+            if key.startswith("node")
+            else MetricsEndpoint(key, cfg.metrics.listen, CollectorRegistry(), cfg.tls)
         )
         with pytest.raises(ConfigError, match=rf"{key} '0\.0\.0\.0:0' is not a loopback"):
             async with app:
@@ -413,10 +419,28 @@ async def test_rotation_keeps_open_streams_and_loses_no_envelope(
     cert, key = live / "node.pem", live / "node.key"
     replace_file(old.nodes["relay-1"].cert, cert)
     replace_file(old.nodes["relay-1"].key, key)
-    metrics_port = free_port()
-    servers = await start_servers(
-        **tls_overrides(cert, key, bundle), **{"node.metrics_listen": f"127.0.0.1:{metrics_port}"}
+    servers = await start_servers(**tls_overrides(cert, key, bundle))
+    metrics = MetricsEndpoint(
+        "metrics.listen", "127.0.0.1:0", servers.relay.metrics.registry, servers.config.tls
     )
+    await metrics.__aenter__()  # the process's endpoint, as relayd serves it
+    metrics_port = metrics.port
+    try:
+        await rotate_and_send(servers, old, new, bundle, cert, key, metrics_port, tmp_path)
+    finally:
+        await metrics.__aexit__(None, None, None)
+
+
+async def rotate_and_send(
+    servers: Servers,
+    old: DevCerts,
+    new: DevCerts,
+    bundle: Path,
+    cert: Path,
+    key: Path,
+    metrics_port: int,
+    tmp_path: Path,
+) -> None:
     relay_port = port_of(servers.relay_address)
     await register(servers.keys_address, bundle, tmp_path / "alice", "alice")
     bob = await register(servers.keys_address, bundle, tmp_path / "bob", "bob")
@@ -485,11 +509,6 @@ async def test_changed_files_are_noticed_without_a_signal(
 
 
 def test_metrics_endpoint_serves_https_only(tmp_path: Path, certs: DevCerts) -> None:
-    pytest.importorskip("prometheus_client")
-    from prometheus_client import CollectorRegistry, Counter
-
-    from relay.server.metrics_http import start_metrics_server
-
     registry = CollectorRegistry()
     Counter("tls_test_total", "a counter", registry=registry).inc()
     node = certs.nodes["relay-1"]

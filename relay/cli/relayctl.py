@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from datetime import UTC, datetime
 from pathlib import Path
 
+from relay.cli.output import quiet_broken_pipe, version_text
 from relay.clock import SystemClock
 from relay.config import ConfigError
 from relay.errors import AlreadyExists, RelayError, TlsFailure, Unavailable
@@ -479,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"tenant (default: this device's tenant, else {DEFAULT_TENANT!r})",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    parser.add_argument("--version", action="version", version=version_text("relayctl"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Command, help: str) -> argparse.ArgumentParser:
@@ -549,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@quiet_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     """Run relayctl; return the exit status."""
     parser = build_parser()
@@ -562,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(args.fn(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise  # stdout's reader went away: quiet_broken_pipe ends quietly
     except (CliError, RelayError, OSError, ConfigError) as exc:
         message = " ".join(str(exc).split())
         if isinstance(exc, ConfigError):  # an unreadable --tls-ca file

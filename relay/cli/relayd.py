@@ -1,7 +1,7 @@
 """``relayd``: run the relay node and/or the key directory.
 
 relayd run         relay node + key directory in one process (the embedded default)
-relayd relay       a relay node only
+relayd relay       a relay node only (--processes N: N nodes on one port, supervised)
 relayd keyserver   the key directory only
 relayd config      print the effective configuration
 relayd migrate     apply the Cassandra schema migrations
@@ -10,7 +10,9 @@ relayd mint-token  mint a registration token (what a tenant's backend does)
 relayd gen-api-key make a tenant API key and print its [[api_keys]] stanza
 relayd dev-certs DIR   make a local CA and TLS certificates for every hop (not production)
 
-SIGHUP makes a running relayd read its TLS certificate and key files again.
+SIGHUP makes a running relayd read its TLS certificate and key files again. SIGTERM
+drains: health NOT_SERVING for node.drain_delay_seconds, then device sessions end with
+NODE_DRAINING, then the servers stop within node.grace_seconds (docs/operations.md#drain).
 """
 
 from __future__ import annotations
@@ -25,15 +27,44 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from relay.cli.output import quiet_broken_pipe, version_text
+from relay.common import logs
 from relay.config import Config, ConfigError, load
 
 log = logging.getLogger("relayd")
 #: Random bytes of a key made by ``relayd gen-api-key``.
 API_KEY_BYTES = 32
+
+
+def _process_count(text: str) -> int:
+    """``--processes``: a count of at least 1, or ``auto`` (one per usable core)."""
+    if text == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of at least 1 or 'auto'")
+    return int(text)
+
+
+def _add_process_flags(cmd: argparse.ArgumentParser) -> None:
+    """``relayd relay --processes N`` (relay.server.processes) and its children's flags."""
+    cmd.add_argument(
+        "--processes",
+        type=_process_count,
+        default=1,
+        metavar="N",
+        help="run N relay nodes sharing the --listen port (SO_REUSEPORT), one per core: "
+        "nodes <node-id>-0 .. <node-id>-(N-1), each with link and metrics ports moved "
+        "up by its index, restarted if one dies; 'auto': one per core (default 1: this "
+        "process is the node). Needs Cassandra storage and Redis presence, and no [tls] "
+        "(a node certificate names one node id)",
+    )
+    # Set by the supervisor for its children only.
+    cmd.add_argument("--process-index", type=int, help=argparse.SUPPRESS)
+    cmd.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run the end-to-end-encrypted relay node and key directory.",
         epilog="Without --config every setting has its default; see docs/operations.md.",
     )
+    parser.add_argument("--version", action="version", version=version_text("relayd"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (
         ("run", "relay node and key directory in one process (embedded storage by default)"),
@@ -55,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--status", action="store_true", help="list applied and pending migrations only"
             )
+        if name == "relay":
+            _add_process_flags(cmd)
         cmd.add_argument("--config", type=Path, help="TOML configuration file")
         cmd.add_argument("--data-dir", help="directory of the embedded SQLite files (./data)")
         cmd.add_argument("--listen", help="relay listen address host:port (127.0.0.1:50051)")
@@ -66,7 +100,32 @@ def _parser() -> argparse.ArgumentParser:
         )
         cmd.add_argument("--node-id", help="this relay node's id (relay-1)")
         cmd.add_argument(
+            "--metrics-listen",
+            metavar="HOST:PORT|off",
+            help="Prometheus /metrics of this process: metrics.listen (127.0.0.1:9464), or "
+            "for `keyserver` metrics.keyserver_listen (127.0.0.1:9465); 'off' turns it off",
+        )
+        cmd.add_argument(
+            "--link-advertise",
+            help="node.link_advertise: where peers dial this node's link listener (host:port), "
+            "e.g. the pod's own IP in Kubernetes",
+        )
+        cmd.add_argument(
             "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        )
+        cmd.add_argument(
+            "--log-format",
+            default="text",
+            choices=["text", "json"],
+            help="log lines on stderr: text (default) or one JSON object a line; both "
+            "carry the request id of the call they serve",
+        )
+        cmd.add_argument(
+            "--drain-delay",
+            type=float,
+            metavar="S",
+            help="node.drain_delay_seconds: after SIGTERM, seconds of NOT_SERVING before "
+            "device sessions are ended (5)",
         )
     gen = sub.add_parser(
         "gen-tenant-key",
@@ -245,12 +304,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
         overrides["node.listen"] = args.listen
     if args.node_id:
         overrides["node.id"] = args.node_id
+    if args.link_advertise:
+        overrides["node.link_advertise"] = args.link_advertise
     if args.keys_listen:
         overrides["keyserver.listen"] = args.keys_listen
         if args.command == "run" and not args.keys_target:
             overrides["keyserver.target"] = args.keys_listen
     if args.keys_target:
         overrides["keyserver.target"] = args.keys_target
+    if args.drain_delay is not None:
+        overrides["node.drain_delay_seconds"] = args.drain_delay
+    if getattr(args, "metrics_listen", None) is not None:
+        key = "metrics.keyserver_listen" if args.command == "keyserver" else "metrics.listen"
+        overrides[key] = args.metrics_listen
     return load(args.config, overrides)
 
 
@@ -262,33 +328,91 @@ def _reload_tls() -> None:
     log.info("SIGHUP: TLS certificates and keys are read again at the next handshake")
 
 
-async def serve(config: Config, command: str) -> None:
-    """Run the servers ``command`` names until SIGINT or SIGTERM."""
+class _StopSignals:
+    """The first SIGTERM or SIGINT starts the shutdown; any later one hurries it.
+
+    SIGTERM (what Kubernetes and systemd send) drains with ``node.drain_delay_seconds``
+    of NOT_SERVING first; SIGINT (Ctrl-C) drains without the delay.
+    """
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.first: signal.Signals | None = None
+
+    def received(self, sig: signal.Signals) -> None:
+        """Signal handler."""
+        if self.first is None:
+            self.first = sig
+            self.stop.set()
+        else:
+            self.hurry.set()
+
+    def delay(self, config: Config) -> float:
+        """Seconds of NOT_SERVING before sessions are ended."""
+        return config.node.drain_delay_seconds if self.first == signal.SIGTERM else 0.0
+
+
+async def serve(config: Config, command: str, *, share_port: bool = False) -> None:
+    """Run the servers ``command`` names until SIGINT or SIGTERM, then drain and stop.
+
+    ``share_port``: the relay node binds ``node.listen`` with SO_REUSEPORT, shared with
+    its siblings of ``relayd relay --processes N``.
+    """
     from keyserver.app import KeyserverApp  # noqa: PLC0415 - only what is run is imported
     from relay.common.device_events import LocalDeviceEvents  # noqa: PLC0415
+    from relay.common.metrics_http import MetricsEndpoint, process_registry  # noqa: PLC0415
+    from relay.common.rpc_metrics import RpcMetrics  # noqa: PLC0415
     from relay.server import gctune  # noqa: PLC0415
     from relay.server.app import RelayApp  # noqa: PLC0415
 
     gc_settings = gctune.from_env()  # a bad RELAY_GC fails before anything starts
-    stop = asyncio.Event()
+    signals = _StopSignals()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals.received, sig)
     loop.add_signal_handler(signal.SIGHUP, _reload_tls)
     # Both in one process (``run``): removals reach the relay node in-process, unless
     # presence is in Redis, where both use Redis pub/sub (other relay nodes hear it too).
     local = command == "run" and config.presence.backend != "redis"
     events = LocalDeviceEvents() if local else None
+    drains: list[Callable[[float, asyncio.Event], Awaitable[None]]] = []
+    # One registry and one endpoint for the process: ``run`` serves both services' series.
+    registry = process_registry()
+    rpc = RpcMetrics(registry)
     async with contextlib.AsyncExitStack() as stack:
+        endpoint = config.metrics.endpoint(command)
+        if endpoint is not None:  # first: a taken port fails before any gRPC port opens
+            await stack.enter_async_context(MetricsEndpoint(*endpoint, registry, config.tls))
         if command in ("run", "keyserver"):
-            keys = await stack.enter_async_context(KeyserverApp(config, events=events))
+            keys = await stack.enter_async_context(
+                KeyserverApp(config, events=events, registry=registry, rpc_metrics=rpc)
+            )
+            drains.append(keys.drain)
             log.info("key directory listening on %s", keys.address)
         if command in ("run", "relay"):
-            node = await stack.enter_async_context(RelayApp(config, events=events))
+            node = await stack.enter_async_context(
+                RelayApp(
+                    config,
+                    events=events,
+                    share_port=share_port,
+                    registry=registry,
+                    rpc_metrics=rpc,
+                )
+            )
+            drains.append(node.drain)
             log.info("relay node %s listening on %s", config.node.id, node.address)
         log.info("ready (storage: %s at %s)", config.storage.backend, config.storage.data_dir)
         gctune.apply(gc_settings)  # after start-up: see relay/server/gctune.py
-        await stop.wait()
+        await signals.stop.wait()
+        delay = signals.delay(config)
+        log.info(
+            "%s: draining: health says NOT_SERVING; device sessions end in %.1f s "
+            "(a second signal ends them now)",
+            signals.first.name if signals.first else "stop",
+            delay,
+        )
+        await asyncio.gather(*(drain(delay, signals.hurry) for drain in drains))
         log.info("stopping: letting open calls finish for up to %.0f s", config.node.grace_seconds)
 
 
@@ -310,6 +434,7 @@ async def run_migrate(config: Config, *, status_only: bool) -> int:
     return 0
 
 
+@quiet_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``relayd``."""
     args = _parser().parse_args(argv)
@@ -319,9 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_gen_api_key(args)
     if args.command == "dev-certs":
         return run_dev_certs(args)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level, args.log_format)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -332,10 +455,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "migrate":
         return asyncio.run(run_migrate(config, status_only=args.status))
+    share_port = False
+    if args.command == "relay" and (args.processes > 1 or args.process_index is not None):
+        from relay.server import processes  # noqa: PLC0415
+
+        try:
+            processes.check_shareable(config, args.processes)
+            if args.process_index is None:  # the supervisor: it serves nothing itself
+                argv = list(sys.argv[1:] if argv is None else argv)
+                return asyncio.run(processes.supervise(config, argv, args.processes))
+            if args.supervisor_pid is not None:
+                processes.die_with_parent(args.supervisor_pid)
+            config = processes.node_config(config, args.process_index)
+        except ConfigError as exc:
+            print(f"relayd: configuration error: {exc}", file=sys.stderr)
+            return 2
+        share_port = True
     try:
         import uvloop  # noqa: PLC0415
 
-        uvloop.run(serve(config, args.command))
+        uvloop.run(serve(config, args.command, share_port=share_port))
     except ConfigError as exc:
         print(f"relayd: configuration error: {exc}", file=sys.stderr)
         return 2

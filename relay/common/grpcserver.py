@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from relay.common.decode_guard import DecodeGuard
+from relay.common.logs import RequestIds
 
 #: gRPC message size cap; envelopes are limited far below it by configuration.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -23,6 +24,17 @@ log = logging.getLogger(__name__)
 
 #: Shutdown may take the grace period plus this long before the rest is abandoned.
 SHUTDOWN_MARGIN_SECONDS = 15.0
+
+
+async def drain_delay(seconds: float, hurry: asyncio.Event | None = None) -> None:
+    """Wait ``seconds`` (the drain delay: load balancers polling health), or until ``hurry``.
+
+    The delay is the point, not a stand-in for an event: a second signal sets ``hurry``.
+    """
+    if seconds <= 0:
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for((hurry or asyncio.Event()).wait(), seconds)
 
 
 async def bounded_close(stack: contextlib.AsyncExitStack, seconds: float) -> None:
@@ -70,6 +82,8 @@ class GrpcServer:
     """Serve ``services`` on ``listen`` (``host:port``; port 0 picks a free port).
 
     With ``credentials`` (relay.common.tls.server_credentials) the port serves TLS.
+    ``interceptors`` run between the built-in RequestIds (every call's log lines carry
+    its request id, relay.common.logs) and DecodeGuard, outermost first.
 
     ``services`` pairs each ``add_XServicer_to_server`` function with its servicer and
     full service name. ``grpc.health.v1`` reports SERVING for each while running, and
@@ -84,8 +98,10 @@ class GrpcServer:
         grace_seconds: float = 5.0,
         options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self._listen = listen
+        self._interceptors = list(interceptors)
         self._credentials = credentials
         self._services = services
         self._grace = grace_seconds
@@ -108,7 +124,10 @@ class GrpcServer:
 
     async def start(self) -> None:
         """Bind and start serving."""
-        server = grpc.aio.server(options=self._options, interceptors=[DecodeGuard()])
+        server = grpc.aio.server(
+            options=self._options,
+            interceptors=[RequestIds(), *self._interceptors, DecodeGuard()],
+        )
         names = []
         for add, servicer, name in self._services:
             add(servicer, server)
@@ -127,6 +146,14 @@ class GrpcServer:
         for name in [*names, ""]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
+
+    async def not_serving(self) -> None:
+        """Report NOT_SERVING for every service (and ``""``) from now on; keep serving.
+
+        The first step of a drain: load balancers and health probes stop sending new
+        traffic here while open calls go on.
+        """
+        await self._health.enter_graceful_shutdown()
 
     async def stop(self) -> None:
         """Report NOT_SERVING, then stop, letting open calls finish within the grace period."""

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from relay.clock import Clock
 from relay.config import LimitsConfig
 from relay.core.direct import DirectBatch, DirectWait, WaitState
 from relay.core.peers import PeerInbox
-from relay.core.ports import IdentityKeys, MessageQueue, NodeLinks, Presence
+from relay.core.ports import CoreMetrics, IdentityKeys, MessageQueue, NodeLinks, Presence
 from relay.core.presence_local import LocalPresence, NoLinks
 from relay.core.routing import Router
 from relay.core.sendorder import Pair, SendOrder, Turn
@@ -44,7 +45,6 @@ from relay.errors import (
     PermissionDenied,
     RelayError,
 )
-from relay.metrics import RelayMetrics
 from relay.model import (
     MESSAGE_ID_BYTES,
     Address,
@@ -95,7 +95,7 @@ class Relay:
         identities: IdentityKeys,
         clock: Clock,
         limits: LimitsConfig,
-        metrics: RelayMetrics,
+        metrics: CoreMetrics,
         node_id: str = "relay-1",
         presence: Presence | None = None,
         links: NodeLinks | None = None,
@@ -154,16 +154,13 @@ class Relay:
             turn = order.turn()
         try:
             self._check_batch(len(envelopes), "envelopes")
-            with self._metrics.send_seconds.time():
-                outcomes = await self._send(sender, envelopes, order, turn)
+            started = time.perf_counter()
+            outcomes = await self._send(sender, envelopes, order, turn)
+            self._metrics.send_seconds(time.perf_counter() - started)
         finally:
             turn.resolved()
         for out in outcomes:
-            self._metrics.envelopes.labels(out.outcome.name.lower()).inc()
-            if out.error is not None:
-                self._metrics.rejections.labels(
-                    out.error.status.name, out.error.metadata.get("limit", "")
-                ).inc()
+            self._metrics.envelope(out.outcome, out.error)
         return outcomes
 
     async def send_checked(
@@ -249,8 +246,7 @@ class Relay:
             mismatch = refused[(env.recipient.tenant, env.recipient.user)]
             error = FailedPrecondition(mismatch.describe())
             results.append(SendOutcome(env.message_id, env.recipient, Outcome.REJECTED, error))
-            self._metrics.envelopes.labels("rejected").inc()
-            self._metrics.rejections.labels(error.status.name, "").inc()
+            self._metrics.envelope(Outcome.REJECTED, error)
         return results, mismatches
 
     def _check_batch(self, count: int, what: str) -> None:
@@ -310,8 +306,7 @@ class Relay:
                 else:
                     accepted.append((i, env, now + ttl * 1000))
             await turn.dispatch_turn()
-            for i, env, expires in accepted:
-                plan.append(self._dispatch(order, batch, i, env, expires))
+            plan.extend(self._dispatch(order, turn, batch, item) for item in accepted)
         finally:
             turn.dispatched()
         await turn.resolve_turn()
@@ -327,10 +322,16 @@ class Relay:
         return [r for r in results if r is not None]
 
     def _dispatch(
-        self, order: SendOrder, batch: DirectBatch, i: int, env: Envelope, expires: int
+        self,
+        order: SendOrder,
+        turn: Turn,
+        batch: DirectBatch,
+        planned: tuple[int, Envelope, int],
     ) -> _Planned:
-        """Push ``env`` direct if its pair allows it, else plan it for the store path."""
+        """Push the envelope direct if its pair allows it, else plan it for the store path."""
+        i, env, expires = planned
         pair = order.pair(env.recipient)
+        turn.follow(pair)
         session = self._registry.get(env.recipient) if self._direct_seconds > 0 else None
         if session is not None and order.may_go_direct(pair, session):
             wait = batch.add(env.message_id, len(env.content))
@@ -360,7 +361,7 @@ class Relay:
                     results[p.index] = SendOutcome(
                         p.envelope.message_id, p.envelope.recipient, Outcome.DELIVERED
                     )
-                    self._metrics.copies_direct.inc()
+                    self._metrics.copy(direct=True)
                 else:
                     p.pair.clean = False
                     p.pair.storing += 1
@@ -402,7 +403,7 @@ class Relay:
                         there.watch(env.message_id, p.order)
                 if result.outcome is Outcome.STORED:
                     p.pair.last_seq = result.seq
-                    self._metrics.copies_stored.inc()
+                    self._metrics.copy(direct=False)
             results[p.index] = SendOutcome(env.message_id, env.recipient, result.outcome, error)
         for recipient, ids in late.items():
             # Acked while it was being stored: the device holds it, drop the stored copy.
@@ -495,12 +496,12 @@ class Relay:
         )
         if receive:
             if self._registry.attach(session) is not None:
-                self._metrics.displaced.inc()
+                self._metrics.displaced()
             if previous is not None and previous.node_id != self._node_id:
                 self._links.displace(previous.node_id, address, epoch)
         else:
             self._registry.add_sender(session)
-        self._metrics.sessions.labels("receive" if receive else "send").inc()
+        self._metrics.session(receive=receive, opened=True)
         return session
 
     @contextlib.asynccontextmanager
@@ -519,7 +520,7 @@ class Relay:
 
     async def close_session(self, session: Session) -> None:
         """Forget a session that ended, for whatever reason (never raises)."""
-        self._metrics.sessions.labels("receive" if session.receive else "send").dec()
+        self._metrics.session(receive=session.receive, opened=False)
         if not session.receive:
             self._registry.remove_sender(session)
             return
@@ -590,7 +591,7 @@ class Relay:
             return 0
         removed = await self._queue.ack(session.address, stored)
         session.removed(stored)
-        self._metrics.acks.inc(removed)
+        self._metrics.acked(removed)
         return removed
 
     async def purge_expired(self) -> int:

@@ -34,11 +34,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from relay.clock import Clock
-from relay.core.ports import Presence
+from relay.core.ports import CoreMetrics, Presence
 from relay.core.routing import Router
 from relay.core.sessions import SessionRegistry
 from relay.errors import InvalidArgument, PermissionDenied, RelayError
-from relay.metrics import RelayMetrics
 from relay.model import Address, Pushed
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ class PeerInbox:
         sessions: SessionRegistry,
         presence: Presence,
         clock: Clock,
-        metrics: RelayMetrics,
+        metrics: CoreMetrics,
     ) -> None:
         self._router = router
         self._sessions = sessions
@@ -110,7 +109,7 @@ class PeerInbox:
         if not claimed:
             raise InvalidArgument("NodeBatch.from_node is empty: a batch names its node")
         if authenticated and certified != claimed:
-            self._metrics.link_refused.labels("peer_identity").inc()
+            self._metrics.link_refused("peer_identity")
             self._note(claimed, "peer_identity", f"its certificate names node {certified!r}")
             raise PermissionDenied(
                 f"this link's certificate names node {certified!r}, not {claimed!r}: "
@@ -127,7 +126,7 @@ class PeerInbox:
         if self._peer(peer).repolls.take(self._clock.now_ms()):
             self._router.reread_all()
             return True
-        self._metrics.link_refused.labels("repoll_rate").inc()
+        self._metrics.link_refused("repoll_rate")
         self._note(
             peer,
             "repoll_rate",
@@ -151,7 +150,7 @@ class PeerInbox:
             log.warning("displacement of %s by %s not checked, session kept: %s", device, peer, exc)
             return False
         if current is None or epoch > current.epoch:
-            self._metrics.link_refused.labels("displace_epoch").inc()
+            self._metrics.link_refused("displace_epoch")
             held = "no entry" if current is None else f"epoch {current.epoch}"
             self._note(
                 peer, "displace_epoch", f"Displace of {device} to {epoch}; presence holds {held}"

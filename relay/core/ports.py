@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from relay.model import Address, Appended, Envelope, Location, Pushed, QueueLimits, QueuePage
+from relay.errors import ClientError
+from relay.model import (
+    Address,
+    Appended,
+    Envelope,
+    Location,
+    Outcome,
+    Pushed,
+    QueueLimits,
+    QueuePage,
+)
 
 
 class MessageQueue(Protocol):
@@ -124,4 +134,40 @@ class NodeLinks(Protocol):
 
     def displace(self, node_id: str, device: Address, epoch: int) -> None:
         """Tell ``node_id`` that sessions of ``device`` older than ``epoch`` must end."""
+        ...
+
+
+class CoreMetrics(Protocol):
+    """What the core counts; ``relay.metrics.RelayMetrics`` exports it to Prometheus.
+
+    The core calls these on its hot path: implementations bind their series up front and
+    do no per-call label lookups. Nothing here carries a tenant, user or device.
+    """
+
+    def send_seconds(self, seconds: float) -> None:
+        """One send (batch or unary) took ``seconds`` from validation to answer."""
+        ...
+
+    def envelope(self, outcome: Outcome, error: ClientError | None) -> None:
+        """One envelope of a send was answered ``outcome`` (``error`` when REJECTED)."""
+        ...
+
+    def copy(self, *, direct: bool) -> None:
+        """One copy was DELIVERED on the direct path (``direct``) or STORED."""
+        ...
+
+    def session(self, *, receive: bool, opened: bool) -> None:
+        """A receiving or send-only session opened (``opened``) or closed."""
+        ...
+
+    def displaced(self) -> None:
+        """A receiving session was displaced by a newer one of its device on this node."""
+        ...
+
+    def acked(self, removed: int) -> None:
+        """An ack removed ``removed`` stored envelopes."""
+        ...
+
+    def link_refused(self, reason: str) -> None:
+        """Something a peer node sent was refused (``reason``: a fixed, bounded name)."""
         ...

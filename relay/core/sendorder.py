@@ -1,14 +1,17 @@
 """The owner of one sender stream's send order: FIFO per (sender -> recipient device).
 
 Every stream a device sends on (and every unary ``Send``) has one ``SendOrder``. The
-relay handles the stream's batches concurrently (pipelined) but in two ordered steps,
-each taken in the order the batches arrived (``Turn``):
+relay handles the stream's batches concurrently (pipelined) but in two ordered steps
+(``Turn``):
 
-1. **dispatch**: each envelope goes the *direct* path (pushed to the recipient's
-   receiving session now, not stored) or the *store* path (appended, then pushed);
-2. **resolve**: wait for the direct envelopes' acks (``limits.direct_ack_ms``), append
-   the store-path envelopes together with the direct ones that were not acked, in the
-   order they were sent, and answer.
+1. **dispatch**, in the order the batches arrived: each envelope goes the *direct* path
+   (pushed to the recipient's receiving session now, not stored) or the *store* path
+   (appended, then pushed);
+2. **resolve**, in that order *per recipient*: wait for the direct envelopes' acks
+   (``limits.direct_ack_ms``), append the store-path envelopes together with the direct
+   ones that were not acked, in the order they were sent, and answer. A batch waits only
+   for earlier batches that share a recipient with it, so one slow device does not hold
+   back the answers for the others.
 
 The rule that keeps a recipient device's view of one sender in send order, whatever the
 mix of paths: an envelope to recipient R may go direct only when
@@ -41,9 +44,10 @@ from relay.model import Address
 if TYPE_CHECKING:
     from relay.core.sessions import Session
 
-#: Recipients whose pair state a stream keeps (the oldest idle ones are forgotten past it;
-#: a forgotten pair is unclean again, which costs speed, never order).
-MAX_PAIRS_PER_STREAM = 10_000
+#: Recipients whose pair state a stream keeps, most recently used (the oldest idle one is
+#: forgotten past it: unclean again, its next envelope is stored, which costs speed, never
+#: order). Bounds a stream's memory at a few tens of KB however many devices it sends to.
+MAX_PAIRS_PER_STREAM = 256
 
 
 @dataclass(slots=True)
@@ -60,19 +64,30 @@ class Pair:
     outstanding: int = 0
     #: Seq of the latest envelope stored to the recipient (``Pushed.prev_seq`` of the next).
     last_seq: int = 0
+    #: Resolution of the latest batch with an envelope of the pair (the next one waits).
+    resolving: asyncio.Future[None] | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of the pair is in flight: forgetting it loses nothing but speed."""
+        return (
+            self.outstanding == 0
+            and self.storing == 0
+            and (self.resolving is None or self.resolving.done())
+        )
 
 
 class Turn:
     """One batch's place in its stream's order (taken before its first await)."""
 
-    __slots__ = ("_dispatched", "_prev_dispatched", "_prev_resolved", "_resolved")
+    __slots__ = ("_after", "_dispatched", "_prev_dispatched", "_resolved")
 
     def __init__(self, prev: Turn | None) -> None:
         loop = asyncio.get_running_loop()
         self._prev_dispatched = prev._dispatched if prev is not None else None
-        self._prev_resolved = prev._resolved if prev is not None else None
         self._dispatched: asyncio.Future[None] = loop.create_future()
         self._resolved: asyncio.Future[None] = loop.create_future()
+        self._after: list[asyncio.Future[None]] = []
 
     async def dispatch_turn(self) -> None:
         """Wait until every earlier batch of the stream has dispatched."""
@@ -85,11 +100,20 @@ class Turn:
         if not self._dispatched.done():
             self._dispatched.set_result(None)
 
+    def follow(self, pair: Pair) -> None:
+        """This batch has an envelope of ``pair``: it resolves after the pair's previous one."""
+        prev = pair.resolving
+        if prev is not self._resolved:
+            if prev is not None and not prev.done():
+                self._after.append(prev)
+            pair.resolving = self._resolved
+
     async def resolve_turn(self) -> None:
-        """Wait until every earlier batch of the stream has resolved."""
-        if self._prev_resolved is not None and not self._prev_resolved.done():
-            await self._prev_resolved
-        self._prev_resolved = None
+        """Wait until every earlier batch sharing a recipient with this one has resolved."""
+        for prev in self._after:
+            if not prev.done():
+                await asyncio.shield(prev)  # a cancelled wait must not cancel theirs
+        self._after.clear()
 
     def resolved(self) -> None:
         """This batch has resolved (or given up): the next may."""
@@ -138,6 +162,6 @@ class SendOrder:
 
     def _forget_idle(self) -> None:
         for recipient, pair in self._pairs.items():
-            if pair.outstanding == 0 and pair.storing == 0:
+            if pair.idle:
                 del self._pairs[recipient]
                 return

@@ -37,13 +37,20 @@ MAX_EPHEMERAL_BUFFER = 256
 #: Store-path acks a session watches for its senders' order (``SendOrder``); past it a
 #: sender's pair simply stays on the store path a while longer.
 MAX_WATCHED_ACKS = 4096
+#: Content bytes per Deliver frame (a frame carries at least one envelope); well under
+#: the 16 MiB message limit of the servers and the SDK.
+MAX_DELIVER_FRAME_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class Deliver:
-    """A batch of envelopes for the device, in queue order."""
+    """A batch of envelopes for the device, in queue order.
+
+    ``live``: pushed to the session (direct, or stored and pushed), not read from the queue.
+    """
 
     envelopes: tuple[Envelope, ...]
+    live: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +101,8 @@ class Session:
         self._ended = asyncio.Event()
         self._reread = False
         self._pending: list[Pushed] = []
+        #: Content bytes of the stored envelopes in ``_pending`` (direct ones: ``_direct_bytes``).
+        self._pending_bytes = 0
         self._ephemeral: deque[Envelope] = deque(maxlen=MAX_EPHEMERAL_BUFFER)
         #: Ids delivered in this session and not acked yet (never delivered twice here).
         self._delivered: set[bytes] = set()
@@ -124,8 +133,12 @@ class Session:
         for item in items:
             if item.envelope.ephemeral:
                 self._ephemeral.append(item.envelope)
-            elif len(self._pending) < self._max_inflight:
+            elif (
+                len(self._pending) < self._max_inflight
+                and self._pending_bytes + len(item.envelope.content) <= self._max_inflight_bytes
+            ):
                 self._pending.append(item)
+                self._pending_bytes += len(item.envelope.content)
             else:
                 self._reread = True  # it is stored: the re-read delivers it in order
         self._wake.set()
@@ -257,10 +270,10 @@ class Session:
             if self._ephemeral:
                 ephemeral = tuple(self._ephemeral)
                 self._ephemeral.clear()
-                yield Deliver(ephemeral)
-            direct = self._take_in_order()
-            if direct:
-                yield Deliver(direct)
+                for frame in _frames(ephemeral, live=True):
+                    yield frame
+            for frame in _frames(self._take_in_order(), live=True):
+                yield frame
             if self._reread:
                 self._reread = False
                 reread_at = loop.time() + self._repoll_seconds
@@ -305,6 +318,7 @@ class Session:
             self._delivered.add(env.message_id)
             self._last_from[env.sender] = item.seq
         self._pending = held
+        self._pending_bytes = 0
         return tuple(out)
 
     async def _read_queue(self) -> AsyncIterator[Deliver]:
@@ -323,10 +337,24 @@ class Session:
                     continue
                 fresh.append(env)
                 self._delivered.add(env.message_id)
-            if fresh:
-                yield Deliver(tuple(fresh))
+            for frame in _frames(fresh):
+                yield frame
             if not page.more:
                 return
+
+
+def _frames(envelopes: Sequence[Envelope], *, live: bool = False) -> list[Deliver]:
+    """``envelopes`` as Deliver frames of at most MAX_DELIVER_FRAME_BYTES of content each."""
+    frames: list[Deliver] = []
+    start, size = 0, 0
+    for i, env in enumerate(envelopes):
+        if i > start and size + len(env.content) > MAX_DELIVER_FRAME_BYTES:
+            frames.append(Deliver(tuple(envelopes[start:i]), live))
+            start, size = i, 0
+        size += len(env.content)
+    if start < len(envelopes):
+        frames.append(Deliver(tuple(envelopes[start:]), live))
+    return frames
 
 
 class SessionRegistry:
@@ -368,6 +396,10 @@ class SessionRegistry:
         """Every session of ``address`` here: the receiving one (if any), then send-only ones."""
         receiving = self._sessions.get(address)
         return [*([receiving] if receiving is not None else []), *self._senders.get(address, ())]
+
+    def every(self) -> list[Session]:
+        """Every session on this node: receiving ones, then send-only ones."""
+        return [*self._sessions.values(), *(s for group in self._senders.values() for s in group)]
 
     def get(self, address: Address) -> Session | None:
         """The receiving session of ``address`` on this node, if any."""

@@ -27,7 +27,7 @@ from typing import NoReturn
 
 import grpc
 
-from relay.errors import RelayError, SessionDisplaced, Unavailable
+from relay.errors import Draining, RelayError, SessionDisplaced, Unavailable
 from relay.model import Address
 from relay.sdk.backoff import Backoff, ExponentialBackoff
 from relay.sdk.channels import endpoint, open_channel
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 INBOX_PAGE = 64
+#: A relay node that said NODE_DRAINING is skipped this long by reconnects (while the
+#: client has another target to try).
+DRAINING_SKIP_SECONDS = 30.0
 
 
 class RelayClient:
@@ -67,6 +70,11 @@ class RelayClient:
     device took over: its SESSION_DISPLACED names that session's epoch, above the one
     this session got in Ready. Any other displacement (no epoch, not a newer one) is
     reconnected with backoff like a lost connection.
+
+    A node that is shutting down ends its sessions with NODE_DRAINING
+    (:class:`relay.errors.Draining`): the client reconnects to its next target at once,
+    without backoff, and skips the draining one for DRAINING_SKIP_SECONDS. With no
+    other target to try it reconnects with backoff as after any other loss.
     """
 
     def __init__(
@@ -100,6 +108,8 @@ class RelayClient:
             self._channels = [(open_channel(t, tls_ca=tls_ca, tls=tls), t) for t in targets]
         self._tls_ca, self._tls = tls_ca, tls
         self._current = 0
+        #: Target index -> loop time until which it is skipped (it said NODE_DRAINING).
+        self._skip_until: dict[int, float] = {}
         self._channel, self._target = self._channels[0]
         self._stub = relay_pb2_grpc.RelayStub(self._channel)
         self._codec: Codec = codec or PlaintextCodec()
@@ -357,7 +367,14 @@ class RelayClient:
                 self._fail(fatal)
                 return
             failures = 1 if session.ready is not None else failures + 1
-            self._next_target()
+            draining = isinstance(error, Draining)
+            if draining:
+                now = asyncio.get_running_loop().time()
+                self._skip_until[self._current] = now + DRAINING_SKIP_SECONDS
+            drained_from = self._target
+            if self._next_target() and draining:
+                log.info("relay %s is draining; reconnecting to %s now", drained_from, self._target)
+                continue
             log.info("relay session lost (%s); reconnect attempt %d", error.message, failures)
             if not await self._backoff(failures):
                 self._fail(error)
@@ -369,11 +386,20 @@ class RelayClient:
             return Endpoint("relay")
         return endpoint("relay", self._target, tls_ca=self._tls_ca, tls=self._tls)
 
-    def _next_target(self) -> None:
-        """Move to the next relay node of the list (any node serves any device)."""
-        self._current = (self._current + 1) % len(self._channels)
+    def _next_target(self) -> bool:
+        """Move to the next relay node of the list (any node serves any device).
+
+        Nodes that said NODE_DRAINING lately are passed over. Returns False if every
+        other node is such a one (then it moves to the next in order all the same).
+        """
+        now = asyncio.get_running_loop().time()
+        count = len(self._channels)
+        order = [(self._current + k) % count for k in range(1, count + 1)]
+        usable = [i for i in order if i != self._current and self._skip_until.get(i, 0.0) <= now]
+        self._current = usable[0] if usable else order[0]
         self._channel, self._target = self._channels[self._current]
         self._stub = relay_pb2_grpc.RelayStub(self._channel)
+        return bool(usable)
 
     async def _serve(self, session: Session) -> NoReturn:
         async with asyncio.timeout(self._handshake_timeout):

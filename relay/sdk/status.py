@@ -11,6 +11,7 @@ from relay.common.status import error_info
 from relay.errors import (
     AlreadyExists,
     DeviceRemoved,
+    Draining,
     FailedPrecondition,
     InvalidArgument,
     LimitExceeded,
@@ -54,6 +55,8 @@ def error_for(
         return SessionDisplaced(message, metadata=meta)
     if reason == DeviceRemoved.reason:
         return DeviceRemoved(message, metadata=meta)
+    if reason == Draining.reason:
+        return Draining(message, metadata=meta)
     try:
         status = Status(code)
     except ValueError:

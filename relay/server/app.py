@@ -9,9 +9,17 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from relay.clock import Clock, SystemClock
 from relay.common.device_events import DeviceEventSource, RedisDeviceEvents
-from relay.common.grpcserver import SHUTDOWN_MARGIN_SECONDS, GrpcServer, bounded_close
+from relay.common.grpcserver import (
+    SHUTDOWN_MARGIN_SECONDS,
+    GrpcServer,
+    bounded_close,
+    drain_delay,
+)
+from relay.common.rpc_metrics import RpcMetrics
 from relay.common.tls import check_listen, secure_or_plain_channel, server_credentials
 from relay.config import Config, load_or_create_key, relay_key_path
 from relay.core.auth import ApiKeys, DeviceAuthenticator, ServiceSender
@@ -21,9 +29,9 @@ from relay.core.presence_local import LocalPresence, NoLinks
 from relay.errors import RelayError
 from relay.metrics import RelayMetrics
 from relay.model import Address
+from relay.server.drain import Drain
 from relay.server.identity_keys import GrpcIdentityKeys
 from relay.server.links import GrpcNodeLinks, NodeLinkServicer
-from relay.server.metrics_http import start_metrics_server
 from relay.server.servicer import RelayServicer
 from relay.stores.sqlite_queue import SqliteQueue
 from relaypb.node.v1 import node_pb2_grpc
@@ -53,6 +61,13 @@ class RelayApp:
     the same process shares one LocalDeviceEvents), else from Redis pub/sub when
     ``presence.backend`` is ``redis``; with neither (a lone embedded relay node), a
     removed device's cached key expires after ``keyserver.identity_cache_seconds``.
+
+    ``share_port``: bind the device port with SO_REUSEPORT on purpose, shared with the
+    sibling nodes of ``relayd relay --processes N`` (relay.server.processes).
+
+    Its metrics (``self.metrics``, per-RPC series included) go to ``registry`` (the
+    process's, which ``relayd`` serves on ``metrics.listen``; default: a registry of its
+    own). A process that runs a key directory too passes the same ``rpc_metrics`` to both.
     """
 
     def __init__(
@@ -61,17 +76,23 @@ class RelayApp:
         clock: Clock | None = None,
         *,
         events: DeviceEventSource | None = None,
+        share_port: bool = False,
+        registry: CollectorRegistry | None = None,
+        rpc_metrics: RpcMetrics | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self._events = events
-        self.metrics = RelayMetrics()
+        self._share_port = share_port
+        self.metrics = RelayMetrics(registry)
+        self._rpc_metrics = rpc_metrics or RpcMetrics(self.metrics.registry)
         self._stack = contextlib.AsyncExitStack()
         self._server: GrpcServer | None = None
         self._link_server: GrpcServer | None = None
         #: Where peers reach this node's link listener (published in presence).
         self._advertise = ""
         self.relay: Relay | None = None
+        self._drain = Drain(config.node.id)
 
     @property
     def port(self) -> int:
@@ -107,9 +128,6 @@ class RelayApp:
         presence = await self._open_presence()
         # Decided before anything listens: plaintext off loopback is refused (or warned).
         device_tls = check_listen("node.listen", cfg.node.listen, cfg.tls)
-        metrics_tls = bool(cfg.node.metrics_listen) and check_listen(
-            "node.metrics_listen", cfg.node.metrics_listen, cfg.tls
-        )
         channel = secure_or_plain_channel(cfg.keyserver.target, ca_file=cfg.tls.ca_file)
         self._stack.push_async_callback(channel.close)
         identities = GrpcIdentityKeys(
@@ -118,6 +136,7 @@ class RelayApp:
             int(cfg.keyserver.identity_cache_seconds * 1000),
             list_ttl_ms=int(cfg.keyserver.device_list_cache_seconds * 1000),
             relay_key=load_or_create_key(relay_key_path(cfg)),
+            metrics=self.metrics,
         )
         links: NodeLinks = NoLinks()
         clustered = cfg.presence.backend == "redis"
@@ -151,6 +170,8 @@ class RelayApp:
             metrics=self.metrics,
             node_id=cfg.node.id,
             auth_timeout_seconds=cfg.limits.auth_timeout_seconds,
+            max_inflight_batches=cfg.limits.max_stream_inflight_batches,
+            write_stall_seconds=cfg.limits.write_stall_seconds,
         )
         if clustered:
             # Links first: peers can reach this node before presence names it.
@@ -164,6 +185,7 @@ class RelayApp:
                     )
                 ],
                 grace_seconds=cfg.node.grace_seconds,
+                interceptors=[self._rpc_metrics.interceptor()],
                 # One node per port: a second process must not share (and split) it.
                 options=[("grpc.so_reuseport", 0)],
                 credentials=(
@@ -176,6 +198,12 @@ class RelayApp:
             cfg.node.listen,
             [(relay_pb2_grpc.add_RelayServicer_to_server, servicer, SERVICE_NAME)],
             grace_seconds=cfg.node.grace_seconds,
+            # Shared by --processes siblings (grpcio's default is on too; here it is meant).
+            options=[
+                ("grpc.max_concurrent_streams", cfg.limits.max_streams_per_connection),
+                *([("grpc.so_reuseport", 1)] if self._share_port else []),
+            ],
+            interceptors=[self._rpc_metrics.interceptor(), self._drain.guard()],
             credentials=(
                 server_credentials(cfg.tls, require_client_auth=False) if device_tls else None
             ),
@@ -186,12 +214,6 @@ class RelayApp:
             await self._heartbeat(presence)
             self._spawn(self._heartbeat_loop(presence), "heartbeat")
         self._spawn(self._purge_loop(), "purge")
-        if cfg.node.metrics_listen:
-            metrics = start_metrics_server(
-                cfg.node.metrics_listen, self.metrics.registry, cfg.tls if metrics_tls else None
-            )
-            self._stack.callback(metrics.server_close)
-            self._stack.callback(metrics.shutdown)
         log.info("relay node %s serving on %s", cfg.node.id, self._server.address)
         if self._link_server is not None:
             log.info(
@@ -240,11 +262,15 @@ class RelayApp:
     async def _open_queue(self) -> MessageQueue:
         cfg = self.config
         if cfg.storage.backend == "embedded":
-            return await self._stack.enter_async_context(SqliteQueue(cfg.storage.path / "queue.db"))
+            return await self._stack.enter_async_context(
+                SqliteQueue(cfg.storage.path / "queue.db", clock=self.clock)
+            )
         from relay.common.cassandra.session import CassandraSession  # noqa: PLC0415
         from relay.stores.cassandra.queue import CassandraQueue  # noqa: PLC0415
 
-        session = await self._stack.enter_async_context(CassandraSession(cfg.cassandra))
+        session = await self._stack.enter_async_context(
+            CassandraSession(cfg.cassandra, on_error=self.metrics.cassandra_error)
+        )
         return CassandraQueue(session, self.clock, max_ttl_seconds=cfg.limits.max_ttl_seconds)
 
     async def _open_presence(self) -> Presence:
@@ -301,6 +327,25 @@ class RelayApp:
         tb: TracebackType | None,
     ) -> None:
         await bounded_close(self._stack, self.config.node.grace_seconds + SHUTDOWN_MARGIN_SECONDS)
+
+    async def drain(self, delay_seconds: float, hurry: asyncio.Event | None = None) -> None:
+        """Drain before stopping (see relay.server.drain): NOT_SERVING, then end sessions.
+
+        Health says NOT_SERVING at once on every listener; the node keeps serving for
+        ``delay_seconds`` (or until ``hurry`` is set), then ends every device session
+        with NODE_DRAINING and refuses new ones. Leaving the ``async with`` then stops
+        the servers within ``node.grace_seconds``.
+        """
+        assert self._server is not None and self.relay is not None
+        for server in (self._server, self._link_server):
+            if server is not None:
+                await server.not_serving()
+        await drain_delay(delay_seconds, hurry)
+        ended = self._drain.begin(self.relay.sessions)
+        log.info(
+            "draining: ended %d device sessions with NODE_DRAINING; new sessions are refused",
+            ended,
+        )
 
     async def wait(self) -> None:
         """Serve until the server stops."""

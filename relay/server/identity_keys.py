@@ -2,6 +2,9 @@
 
 Positive answers are cached for ``ttl_ms``; misses for a tenth of that, so a device
 that registers is usable within seconds. Concurrent lookups of one device share a call.
+Lookups are counted in ``relay_key_cache_lookups_total{cache,result}``: a ``miss`` is a
+call to the key directory (device lists with ``list_ttl_ms`` 0 are never cached, so
+every lookup of one is a miss).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from keyserver.client import bearer_metadata
 from relay.clock import Clock
 from relay.common.convert import address_to_pb
 from relay.errors import Unavailable
+from relay.metrics import RelayMetrics
 from relay.model import Address, registration_id
 from relaypb.keys.v1 import keys_pb2, keys_pb2_grpc
 
@@ -33,7 +37,13 @@ class GrpcIdentityKeys:
         *,
         list_ttl_ms: int = 0,
         relay_key: str = "",
+        metrics: RelayMetrics | None = None,
     ) -> None:
+        metrics = metrics or RelayMetrics()
+        self._identity_hit = metrics.identity_hit
+        self._identity_miss = metrics.identity_miss
+        self._list_hit = metrics.device_list_hit
+        self._list_miss = metrics.device_list_miss
         self._stub = keys_pb2_grpc.KeyDirectoryStub(channel)
         #: The relay nodes' bearer key: every read of the key directory is authenticated.
         self._metadata = bearer_metadata(relay_key) if relay_key else ()
@@ -49,10 +59,13 @@ class GrpcIdentityKeys:
         now = self._clock.now_ms()
         hit = self._cache.get(device)
         if hit is not None and hit[1] > now:
+            self._identity_hit.inc()
             return hit[0]
         pending = self._inflight.get(device)
         if pending is not None:
+            self._identity_hit.inc()  # shares the call in flight: no call of its own
             return await asyncio.shield(pending)
+        self._identity_miss.inc()
         fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self._inflight[device] = fut
         try:
@@ -82,7 +95,9 @@ class GrpcIdentityKeys:
         now = self._clock.now_ms()
         hit = self._lists.get((tenant, user))
         if hit is not None and hit[1] > now and not fresh:
+            self._list_hit.inc()
             return hit[0]
+        self._list_miss.inc()
         request = keys_pb2.ListDevicesRequest(tenant=tenant, user=user)
         try:
             reply = await self._stub.ListDevices(request, timeout=5.0, metadata=self._metadata)

@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from relay.common.convert import address_from_pb, address_to_pb, envelope_from_wire, envelope_to_pb
+from relay.common.logs import outside_calls
 from relay.common.status import abort
 from relay.common.tls import channel_credentials, node_id_from_auth_context
 from relay.config import ConfigError, TlsConfig
@@ -52,11 +53,20 @@ class _Peer:
         self._links = links
         self._items: deque[node_pb2.Forward | node_pb2.Displace] = deque()
         self._ready = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name=f"link-{node_id}")
+        metrics = links.metrics
+        # Bound once per peer: the loops below count without label lookups.
+        self._dropped = metrics.link_dropped.labels(node_id)
+        self._batches = metrics.link_batches.labels(node_id)
+        self._forwards = metrics.link_forwards.labels(node_id)
+        self._errors = metrics.link_errors.labels(node_id)
+        # It outlives the call that made it: no request id of that call in its logs.
+        self._task = asyncio.create_task(
+            self._run(), name=f"link-{node_id}", context=outside_calls()
+        )
 
     def put(self, item: node_pb2.Forward | node_pb2.Displace) -> None:
         if len(self._items) >= MAX_BUFFER:
-            self._links.metrics.link_dropped.labels(self.node_id).inc()
+            self._dropped.inc()
             return
         self._items.append(item)
         self._ready.set()
@@ -73,10 +83,13 @@ class _Peer:
             try:
                 await self._stream()
                 failures = 0
-            except (grpc.aio.AioRpcError, RelayError, OSError) as exc:
+            # InvalidStateError: a write after the peer ended the call (it stopped or
+            # restarted); without it here this task would die and the link stay down.
+            except (grpc.aio.AioRpcError, RelayError, OSError, asyncio.InvalidStateError) as exc:
                 dropped = len(self._items)
                 self._items.clear()
-                self._links.metrics.link_dropped.labels(self.node_id).inc(dropped)
+                self._errors.inc()
+                self._dropped.inc(dropped)
                 log.warning(
                     "link to %s failed (%s); %d wake-ups dropped", self.node_id, exc, dropped
                 )
@@ -90,6 +103,7 @@ class _Peer:
             dropped = len(self._items)
             self._items.clear()
             self._ready.clear()
+            self._dropped.inc(dropped)
             log.info("node %s is not alive; %d wake-ups dropped", self.node_id, dropped)
             return
         async with self._links.channel(target) as channel:
@@ -107,7 +121,8 @@ class _Peer:
                 if not self._items:
                     self._ready.clear()
                 await call.write(batch)
-                self._links.metrics.link_batches.labels(self.node_id).inc()
+                self._batches.inc()
+                self._forwards.inc(len(batch.forwards))
                 first = False
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +23,7 @@ from relay.core.auth import ApiKeys, DeviceAuthenticator
 from relay.core.delivery import Relay, SendOutcome
 from relay.core.sendorder import Turn
 from relay.core.sessions import Deliver, QueueEmpty, Session
-from relay.errors import InvalidArgument, RelayError, Status, Unauthenticated
+from relay.errors import InvalidArgument, RelayError, Status, Unauthenticated, WriteStalled
 from relay.metrics import RelayMetrics
 from relay.model import Address, DeviceListMismatch
 from relaypb.relay.v1 import relay_pb2, relay_pb2_grpc
@@ -79,6 +79,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         node_id: str,
         auth_timeout_seconds: float,
         max_inflight_batches: int = 32,
+        write_stall_seconds: float = 30.0,
     ) -> None:
         self._relay = relay
         self._auth = authenticator
@@ -87,6 +88,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         self._node_id = node_id
         self._auth_timeout = auth_timeout_seconds
         self._max_inflight = max_inflight_batches
+        self._write_stall = write_stall_seconds
 
     # Written with context.read/write rather than as a generator: a session writes from
     # two tasks (deliveries and send results), so the stub's generator type does not fit.
@@ -95,7 +97,14 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
     ) -> None:
         """One device session: handshake, then sends/acks up and deliveries down."""
         try:
-            address, receive = await self._handshake(context)
+            try:
+                async with asyncio.timeout(self._auth_timeout):
+                    address, receive = await self._handshake(context)
+            except TimeoutError as exc:
+                raise Unauthenticated(
+                    f"handshake not done within {self._auth_timeout} s "
+                    "(limits.auth_timeout_seconds)"
+                ) from exc
             async with self._relay.session(address, receive=receive) as session:
                 await context.write(
                     relay_pb2.ServerFrame(
@@ -109,12 +118,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             await abort(context, exc)
 
     async def _read(self, context: Ctx, what: str) -> relay_pb2.ClientFrame:
-        try:
-            frame: object = await asyncio.wait_for(context.read(), self._auth_timeout)
-        except TimeoutError as exc:
-            raise Unauthenticated(
-                f"no {what} frame within {self._auth_timeout} s (limits.auth_timeout_seconds)"
-            ) from exc
+        frame: object = await context.read()
         if frame is grpc.aio.EOF:
             raise Unauthenticated(f"stream closed before the {what} frame")
         assert isinstance(frame, relay_pb2.ClientFrame)
@@ -157,9 +161,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         finally:
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # Every task is awaited (a second one failing must not leave the rest).
+            await asyncio.gather(*tasks, return_exceptions=True)
         for task in done:
             task.result()  # re-raise a RelayError (e.g. displaced) to abort the call
 
@@ -258,9 +261,24 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 assert isinstance(event, QueueEmpty)
                 frame = relay_pb2.ServerFrame(queue_empty=relay_pb2.QueueEmpty())
                 count = 0
-            async with lock:
-                await context.write(frame)
+            try:
+                async with asyncio.timeout(self._write_stall):
+                    async with lock:
+                        await context.write(frame)
+            except TimeoutError as exc:
+                raise WriteStalled(
+                    f"the device read nothing for {self._write_stall} s "
+                    "(limits.write_stall_seconds): session ended, reconnect to resume"
+                ) from exc
             self._metrics.delivered.inc(count)
+            if count:
+                assert isinstance(event, Deliver)
+                histogram = (
+                    self._metrics.delivery_direct if event.live else self._metrics.delivery_stored
+                )
+                now_ms = time.time() * 1000
+                for env in event.envelopes:
+                    histogram.observe(max(0.0, now_ms - env.server_timestamp_ms) / 1000)
 
     @unary
     async def Send(

@@ -43,10 +43,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {prev_node, string.format('%.0f', prev_epoch), e}
 """
 
+# Drops the node but keeps the epoch (until the key's TTL), so that a claim right after
+# a release still gets a larger epoch even from a clock that is behind.
 RELEASE = """
 if redis.call('HGET', KEYS[1], 'node') == ARGV[1]
    and redis.call('HGET', KEYS[1], 'epoch') == ARGV[2] then
-  return redis.call('DEL', KEYS[1])
+  return redis.call('HDEL', KEYS[1], 'node')
 end
 return 0
 """

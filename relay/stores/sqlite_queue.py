@@ -21,12 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from relay.clock import Clock, SystemClock
 from relay.common.sqlite_worker import SqliteWorker
+from relay.core.admission import Depth, Ident, Verdict, added_depth, admit, live_ids, page
 from relay.model import (
     Address,
     Appended,
     Envelope,
-    Outcome,
     QueuedEnvelope,
     QueueLimits,
     QueuePage,
@@ -67,10 +68,15 @@ def _key(a: Address) -> tuple[str, str, int]:
 
 
 class SqliteQueue(AsyncResource):
-    """MessageQueue on SQLite (see ``relay.core.ports.MessageQueue`` for the contract)."""
+    """MessageQueue on SQLite (see ``relay.core.ports.MessageQueue`` for the contract).
 
-    def __init__(self, path: Path) -> None:
+    ``clock`` (the relay's) says when an accepted id has expired, so that it may be
+    stored again (``relay.core.admission.live_ids``).
+    """
+
+    def __init__(self, path: Path, *, clock: Clock | None = None) -> None:
         self._db = SqliteWorker(path, SCHEMA)
+        self._clock = clock or SystemClock()
 
     async def open(self) -> None:
         """Open the SQLite file (creating the schema)."""
@@ -87,7 +93,7 @@ class SqliteQueue(AsyncResource):
         items = list(zip(envelopes, expires_at_ms, strict=True))
 
         def txn(conn: sqlite3.Connection) -> list[Appended]:
-            return _append_all(conn, items, limits)
+            return _append_all(conn, items, limits, self._clock.now_ms())
 
         return await self._db.write(txn)
 
@@ -103,24 +109,21 @@ class SqliteQueue(AsyncResource):
                 (*_key(device), after, limit + 1),
             ).fetchall()
 
-        rows = await self._db.read(query)
-        more = len(rows) > limit
-        items: list[QueuedEnvelope] = []
-        cursor = after
-        for row in rows[:limit]:
-            seq, mid, st, su, sd, content, ts, exp = row
-            cursor = int(seq)
-            if int(exp) <= now_ms:
-                continue  # expired: skipped here, deleted by purge_expired
-            env = Envelope(
-                message_id=bytes(mid),
-                sender=Address(str(st), str(su), int(sd)),
-                recipient=device,
-                content=bytes(content),
-                server_timestamp_ms=int(ts),
+        rows = [
+            QueuedEnvelope(
+                int(seq),
+                Envelope(
+                    message_id=bytes(mid),
+                    sender=Address(str(st), str(su), int(sd)),
+                    recipient=device,
+                    content=bytes(content),
+                    server_timestamp_ms=int(ts),
+                ),
+                int(exp),
             )
-            items.append(QueuedEnvelope(cursor, env, int(exp)))
-        return QueuePage(tuple(items), cursor, more)
+            for seq, mid, st, su, sd, content, ts, exp in await self._db.read(query)
+        ]
+        return page(rows, after, limit, now_ms)
 
     async def ack(self, device: Address, message_ids: Sequence[bytes]) -> int:
         """See ``MessageQueue.ack``."""
@@ -209,17 +212,17 @@ def _chunks(values: list[bytes]) -> list[list[bytes]]:
 
 def _accepted_ids(
     conn: sqlite3.Connection, key: tuple[str, str, int], mids: list[bytes]
-) -> set[bytes]:
-    """The ids among ``mids`` accepted for ``key`` before (one probe per chunk)."""
-    seen: set[bytes] = set()
+) -> dict[bytes, int]:
+    """The ids among ``mids`` accepted for ``key`` before, and their expiry (a probe a chunk)."""
+    seen: dict[bytes, int] = {}
     for chunk in _chunks(mids):
         marks = ",".join("?" * len(chunk))
         rows = conn.execute(
-            "SELECT message_id FROM accepted WHERE tenant=? AND user=? AND device=?"
+            "SELECT message_id, expires_at FROM accepted WHERE tenant=? AND user=? AND device=?"
             f" AND message_id IN ({marks})",
             (*key, *chunk),
         ).fetchall()
-        seen.update(bytes(r[0]) for r in rows)
+        seen.update((bytes(r[0]), int(r[1])) for r in rows)
     return seen
 
 
@@ -233,64 +236,75 @@ def _last_id(conn: sqlite3.Connection) -> int:
 
 
 def _append_all(
-    conn: sqlite3.Connection, items: list[tuple[Envelope, int]], limits: QueueLimits
+    conn: sqlite3.Connection, items: list[tuple[Envelope, int]], limits: QueueLimits, now_ms: int
 ) -> list[Appended]:
-    """One append: dedup and limits decided from per-recipient reads, writes set-at-a-time.
+    """One append: facts read per recipient, decisions from ``relay.core.admission``.
 
-    Answers come in ``items`` order, and rows are queued in that order.
+    Writes are set-at-a-time. Answers come in ``items`` order, and rows are queued in
+    that order.
+
+    An id whose record has expired (not purged yet) may be stored again: its old row,
+    expired and never delivered again, makes room for the new one first.
     """
-    by_key: dict[tuple[str, str, int], list[bytes]] = {}
+    by_key: dict[Address, list[bytes]] = {}
     for env, _ in items:
-        by_key.setdefault(_key(env.recipient), []).append(env.message_id)
-    seen: dict[tuple[str, str, int], set[bytes]] = {}
-    depth: dict[tuple[str, str, int], tuple[int, int]] = {}
-    for key, mids in by_key.items():
-        seen[key] = _accepted_ids(conn, key, list(dict.fromkeys(mids)))
+        by_key.setdefault(env.recipient, []).append(env.message_id)
+    accepted: dict[Ident, int] = {}
+    depths: dict[Address, Depth] = {}
+    for device, mids in by_key.items():
+        key = _key(device)
+        found = _accepted_ids(conn, key, list(dict.fromkeys(mids)))
+        accepted.update(((device, mid), exp) for mid, exp in found.items())
         row = conn.execute(
             "SELECT count, bytes FROM depth WHERE tenant=? AND user=? AND device=?", key
         ).fetchone()
-        depth[key] = (int(row[0]), int(row[1])) if row else (0, 0)
-    results: list[Appended] = []
-    rows: list[tuple[Any, ...]] = []
-    accepted: list[tuple[Any, ...]] = []
-    added: dict[tuple[str, str, int], tuple[int, int]] = {}
+        depths[device] = Depth(int(row[0]), int(row[1])) if row else Depth()
+    envelopes = [env for env, _ in items]
+    decisions = admit(envelopes, live_ids(accepted, now_ms), depths, limits)
+    stored = [
+        (env, expires)
+        for (env, expires), d in zip(items, decisions, strict=True)
+        if d.verdict is Verdict.ADMITTED
+    ]
+    if not stored:
+        return [d.appended() for d in decisions]
+    stale = [(env.recipient, env.message_id) for env, _ in stored]
+    stale = [i for i in stale if i in accepted]  # expired records of ids stored again
+    for device, mid in stale:
+        gone = conn.execute(
+            "DELETE FROM queue WHERE tenant=? AND user=? AND device=? AND message_id=?"
+            " RETURNING size",
+            (*_key(device), mid),
+        ).fetchall()
+        conn.execute(
+            "UPDATE depth SET count=count-?, bytes=bytes-? WHERE tenant=? AND user=? AND device=?",
+            (len(gone), sum(int(r[0]) for r in gone), *_key(device)),
+        )
     next_id = _last_id(conn) + 1
-    for env, expires_at in items:
-        key = _key(env.recipient)
-        if env.message_id in seen[key]:
-            results.append(Appended(Outcome.DUPLICATE))
-            continue
-        count, total = depth[key]
-        size = env.size
-        if count + 1 > limits.max_depth:
-            results.append(Appended(Outcome.REJECTED, limit="max_queue_depth"))
-            continue
-        if total + size > limits.max_bytes:
-            results.append(Appended(Outcome.REJECTED, limit="max_queue_bytes"))
-            continue
-        seen[key].add(env.message_id)
-        depth[key] = (count + 1, total + size)
-        c, b = added.get(key, (0, 0))
-        added[key] = (c + 1, b + size)
+    seqs: list[int] = []
+    rows: list[tuple[Any, ...]] = []
+    for env, expires_at in stored:
         s = env.sender
         rows.append(
-            (next_id, *key, env.message_id, s.tenant, s.user, s.device, env.content,
-             env.server_timestamp_ms, expires_at, size)
+            (next_id, *_key(env.recipient), env.message_id, s.tenant, s.user, s.device,
+             env.content, env.server_timestamp_ms, expires_at, env.size)
         )  # fmt: skip
-        accepted.append((*key, env.message_id, expires_at))
-        results.append(Appended(Outcome.STORED, seq=next_id))
+        seqs.append(next_id)
         next_id += 1
-    if rows:
-        conn.executemany(_INSERT_ROW, rows)
-        conn.executemany(
-            "INSERT INTO accepted (tenant, user, device, message_id, expires_at)"
-            " VALUES (?,?,?,?,?)",
-            accepted,
-        )
-        conn.executemany(
-            "INSERT INTO depth (tenant, user, device, count, bytes) VALUES (?,?,?,?,?)"
-            " ON CONFLICT (tenant, user, device) DO UPDATE"
-            " SET count=count+excluded.count, bytes=bytes+excluded.bytes",
-            [(*k, c, b) for k, (c, b) in added.items()],
-        )
-    return results
+    conn.executemany(_INSERT_ROW, rows)
+    conn.executemany(
+        "INSERT OR REPLACE INTO accepted (tenant, user, device, message_id, expires_at)"
+        " VALUES (?,?,?,?,?)",
+        [(*_key(env.recipient), env.message_id, expires) for env, expires in stored],
+    )
+    conn.executemany(
+        "INSERT INTO depth (tenant, user, device, count, bytes) VALUES (?,?,?,?,?)"
+        " ON CONFLICT (tenant, user, device) DO UPDATE"
+        " SET count=count+excluded.count, bytes=bytes+excluded.bytes",
+        [(*_key(d), a.count, a.bytes) for d, a in added_depth(e for e, _ in stored).items()],
+    )
+    next_seq = iter(seqs)
+    return [
+        d.appended(next(next_seq)) if d.verdict is Verdict.ADMITTED else d.appended()
+        for d in decisions
+    ]

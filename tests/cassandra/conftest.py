@@ -71,13 +71,16 @@ async def cassandra(cassandra_config: CassandraConfig) -> AsyncIterator[Cassandr
 
 
 async def truncate_all(session: CassandraSession) -> None:
-    """Empty every table of the keyspace but ``schema_migrations``."""
+    """Empty every table of the keyspace but ``schema_migrations`` and ``queue_layout``.
+
+    (Both describe the schema, written by ``migrate``, not data.)
+    """
     rows = await session.execute(
         "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?",
         (session.keyspace,),
         op="list tables",
     )
-    tables = [name for (name,) in rows if name != "schema_migrations"]
+    tables = [name for (name,) in rows if name not in ("schema_migrations", "queue_layout")]
     await asyncio.gather(*(session.execute_ddl(f"TRUNCATE {t}", op="truncate") for t in tables))
 
 

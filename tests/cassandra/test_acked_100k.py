@@ -21,7 +21,7 @@ from relay.clock import FakeClock, SystemClock
 from relay.common.cassandra.session import CassandraSession
 from relay.errors import Unavailable
 from relay.model import Address, Envelope, Outcome
-from relay.stores.cassandra.layout import DEFAULT_BUCKET_MS, bucket_of, seq_at
+from relay.stores.cassandra.layout import DEFAULT_BUCKET_MS, bucket_of
 from relay.stores.cassandra.queue import DEFAULT_FLOOR_LAG_MS, CassandraQueue
 from tests.conformance.queue import ALICE, BIG
 
@@ -60,27 +60,33 @@ async def in_batches(work: list[list[bytes]], call: object) -> float:
 
 
 async def test_next_page_after_100k_acked_scans_few_tombstones(fresh: CassandraSession) -> None:
-    clock = FakeClock(SystemClock().now_ms())
+    # Early in today's day bucket, so that every row of the test lands in one bucket.
+    clock = FakeClock(SystemClock().now_ms() // DEFAULT_BUCKET_MS * DEFAULT_BUCKET_MS + 3_600_000)
     queue = CassandraQueue(fresh, clock)
-    first_seq = seq_at(clock.now_ms())  # a fresh queue's first seq
-    expires = clock.now_ms() + 86_400_000
+    expires = clock.now_ms() + DEFAULT_BUCKET_MS
     ids = [os.urandom(16) for _ in range(ACKED)]
     batches = [ids[i : i + BATCH] for i in range(0, ACKED, BATCH)]
+    seqs: list[int] = []
 
     async def append(batch: list[bytes]) -> None:
+        # The messages arrive over time: the floor never passes a row written less than
+        # DEFAULT_FLOOR_LAG_MS (of the writers' clocks) before the newest acked one.
+        clock.advance(DEFAULT_FLOOR_LAG_MS // 10)
         envs = [Envelope(m, ALICE, DEVICE, b"m" * 32, server_timestamp_ms=1) for m in batch]
         results = await queue.append(envs, [expires] * len(envs), BIG)
         assert all(r.outcome is Outcome.STORED for r in results)
+        seqs.extend(r.seq for r in results)
 
     write_s = await in_batches(batches, append)
-    # The acks come a minute after the writes. (100k appends within one fake millisecond
-    # run the seqs ~0.1 s ahead of the clock, so a second more.)
+    # A message more than the lag later, acked with the others (traffic goes on).
     clock.advance(DEFAULT_FLOOR_LAG_MS + 1000)
+    last = os.urandom(16)
+    await append([last])
 
     async def ack(batch: list[bytes]) -> None:
         assert await queue.ack(DEVICE, batch) == len(batch)
 
-    ack_s = await in_batches(batches, ack)
+    ack_s = await in_batches([*batches, [last]], ack)
     assert await queue.depth(DEVICE) == (0, 0)
 
     new = [Envelope(os.urandom(16), ALICE, DEVICE, b"n", server_timestamp_ms=2) for _ in range(5)]
@@ -97,16 +103,18 @@ async def test_next_page_after_100k_acked_scans_few_tombstones(fresh: CassandraS
     live, tombstones = scanned(traces)
 
     # The yardstick: the same partition read below the floor, over a slice holding the
-    # last 5,000 acked rows (one writer, frozen clock: their seqs are consecutive). The
-    # trace must see their tombstones, or the figure above proves nothing.
-    bucket = bucket_of(first_seq, DEFAULT_BUCKET_MS)
+    # last 5,000 acked rows. The trace must see their tombstones, or the figure above
+    # proves nothing.
+    seqs.sort()
+    bucket = bucket_of(seqs[0], DEFAULT_BUCKET_MS)
+    assert bucket_of(seqs[-1], DEFAULT_BUCKET_MS) == bucket
     naive = (
         "SELECT seq FROM {ks}.queue WHERE tenant = ? AND user = ? AND device = ?"
         " AND bucket = ? AND seq > ? LIMIT 1"
     )
     where = (DEVICE.tenant, DEVICE.user, DEVICE.device, bucket)
     with fresh.tracing() as control:
-        await fresh.execute(naive, (*where, first_seq + ACKED - 5_000), op="control read")
+        await fresh.execute(naive, (*where, seqs[-5_001]), op="control read")
     _, control_tombstones = scanned(control)
     # And the read a queue without a floor would make, from seq 0.
     start = time.perf_counter()

@@ -7,8 +7,12 @@ import secrets
 
 import pytest
 
+from relay.clock import FakeClock
 from relay.common.cassandra.session import CassandraSession
 from relay.config import CassandraConfig, ConfigError
+from relay.model import Outcome
+from relay.stores.cassandra.accepted import Accepted, AcceptedIds
+from relay.stores.cassandra.layout import DEFAULT_BUCKET_MS, bucket_of, key, seq_at
 from relay.stores.cassandra.migrate import (
     format_status,
     load_migrations,
@@ -16,6 +20,8 @@ from relay.stores.cassandra.migrate import (
     split_statements,
     status,
 )
+from relay.stores.cassandra.queue import INSERT_ROW, CassandraQueue
+from tests.conformance.queue import BIG, BOB, NOW, env, read_all
 
 pytestmark = pytest.mark.services
 
@@ -64,3 +70,74 @@ async def test_a_bad_keyspace_name_is_a_config_error(cassandra_config: Cassandra
     config = dataclasses.replace(cassandra_config, keyspace="x; DROP KEYSPACE y")
     with pytest.raises(ConfigError, match=r"cassandra\.keyspace"):
         await migrate(config)
+
+
+async def test_a_new_keyspace_has_no_layout_1_ids(cassandra_config: CassandraConfig) -> None:
+    async with CassandraSession(cassandra_config) as session:
+        rows = await session.execute(
+            "SELECT version, legacy_ids FROM {ks}.queue_layout WHERE ring = 0", op="test"
+        )
+    assert rows == [(2, False)]  # appends and acks read queue_ids only
+
+
+async def test_ids_accepted_under_layout_1_stay_found_after_the_upgrade(
+    cassandra_config: CassandraConfig,
+) -> None:
+    """Dedup and acks across migration 0005: layout-1 ids are read until they expire."""
+    config = dataclasses.replace(cassandra_config, keyspace=f"relay_up_{secrets.token_hex(4)}")
+    try:
+        assert (await migrate(config, until="0004"))[-1] == "0004_accounts"
+        stored, acked = env(), env()
+        seq = seq_at(NOW) | 5
+        bucket = bucket_of(seq, DEFAULT_BUCKET_MS)
+        async with CassandraSession(config) as session:
+            # What the layout-1 code left: a stored row and its id, an acked id.
+            await session.execute_batches(
+                AcceptedIds.record([(stored, NOW + 10**9, seq)], NOW), op="test"
+            )
+            await session.execute_batches(
+                AcceptedIds.record([(acked, NOW + 10**9, seq + 8)], NOW), op="test"
+            )
+            await session.execute_batches(
+                AcceptedIds.mark_acked(
+                    BOB, [(acked.message_id, Accepted((seq + 8,), False, NOW + 10**9, 1))], NOW
+                ),
+                op="test",
+            )
+            s = stored.sender
+            await session.execute(
+                INSERT_ROW,
+                (*key(BOB), bucket, seq, stored.message_id, s.tenant, s.user, s.device,
+                 stored.content, NOW, NOW + 10**9, stored.size, 86_400),
+                op="test",
+            )  # fmt: skip
+            await session.execute(
+                "INSERT INTO {ks}.queue_index (tenant, user, device, bucket) VALUES (?, ?, ?, ?)",
+                (*key(BOB), bucket),
+                op="test",
+            )
+        assert await migrate(config) == ["0005_queue_ids"]
+        async with CassandraSession(config) as session:
+            layout = await session.execute(
+                "SELECT legacy_ids FROM {ks}.queue_layout WHERE ring = 0", op="test"
+            )
+            assert layout == [(True,)]
+            queue = CassandraQueue(session, FakeClock(NOW + 1000))
+            new = env()
+            res = await queue.append([stored, acked, new], [NOW + 10**9] * 3, BIG)
+            assert [r.outcome for r in res] == [
+                Outcome.DUPLICATE,
+                Outcome.DUPLICATE,
+                Outcome.STORED,
+            ]
+            got = [e.message_id for e in await read_all(queue, BOB)]
+            assert got == [stored.message_id, new.message_id]
+            assert await queue.ack(BOB, [stored.message_id, acked.message_id]) == 1
+            assert [e.message_id for e in await read_all(queue, BOB)] == [new.message_id]
+            res = await queue.append([stored, new], [NOW + 10**9] * 2, BIG)
+            assert [r.outcome for r in res] == [Outcome.DUPLICATE, Outcome.DUPLICATE]
+            assert await queue.ack(BOB, [new.message_id]) == 1
+            assert await read_all(queue, BOB) == []
+    finally:
+        async with CassandraSession(config, keyspace="") as admin:
+            await admin.execute_ddl(f"DROP KEYSPACE IF EXISTS {config.keyspace}", op="drop")

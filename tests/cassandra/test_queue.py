@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -10,7 +11,8 @@ from relay.clock import FakeClock
 from relay.common.cassandra.session import CassandraSession
 from relay.model import Address, Outcome, QueueLimits
 from relay.stores.cassandra.accepted import AcceptedIds
-from relay.stores.cassandra.layout import SeqSource, seq_at
+from relay.stores.cassandra.ids import LAYOUT_VERSION, Layout
+from relay.stores.cassandra.layout import DEFAULT_BUCKET_MS, SeqSource, bucket_of, key, seq_at
 from relay.stores.cassandra.queue import DEFAULT_FLOOR_LAG_MS, CassandraQueue
 from tests.conformance.queue import BIG, BOB, NOW, QueueConformance, env, read_all
 
@@ -24,7 +26,9 @@ class TestCassandraQueue(QueueConformance):
 
 
 async def test_half_done_append_is_stored_again(fresh: CassandraSession) -> None:
+    """Layout 1 recorded an id before its row; a retry of an append that failed between."""
     queue = CassandraQueue(fresh, FakeClock(NOW))
+    queue._layout = Layout(LAYOUT_VERSION, legacy_until_ms=NOW + 10**9)  # as after an upgrade
     e = env()
     # The id was recorded, then the row write failed (the sender got UNAVAILABLE).
     await fresh.execute_batches(AcceptedIds.record([(e, NOW + 1000, 12345)], NOW), op="test")
@@ -48,16 +52,98 @@ async def test_racing_appends_of_one_id_are_acked_together(fresh: CassandraSessi
 async def test_acks_move_the_floor_past_acked_rows(fresh: CassandraSession) -> None:
     clock = FakeClock(NOW)
     queue = CassandraQueue(fresh, clock)
-    envs = [env() for _ in range(10)]
-    res = await queue.append(envs, [NOW + 10**9] * 10, BIG)
-    clock.advance(DEFAULT_FLOOR_LAG_MS + 1)
-    assert await queue.ack(BOB, [e.message_id for e in envs[:4]]) == 4
-    assert await queue.floor(BOB) == res[4].seq - 1  # just below the first live row
-    await queue.ack(BOB, [e.message_id for e in envs[4:]])
-    assert await queue.floor(BOB) == seq_at(clock.now_ms() - DEFAULT_FLOOR_LAG_MS)
-    late = env()
-    await queue.append([late], [NOW + 10**9], BIG)
-    assert [x.message_id for x in await read_all(queue, BOB)] == [late.message_id]
+    old = [env() for _ in range(4)]
+    res_old = await queue.append(old, [NOW + 10**9] * 4, BIG)
+    clock.advance(DEFAULT_FLOOR_LAG_MS + 1000)
+    new = [env() for _ in range(6)]
+    res_new = await queue.append(new, [NOW + 10**9] * 6, BIG)
+    # The newest acked seq (new[0]'s) bounds the floor: LAG below it, past every old row.
+    assert await queue.ack(BOB, [e.message_id for e in old + new[:1]]) == 5
+    floor = await queue.floor(BOB)
+    assert floor == seq_at(NOW + 1000) - 1
+    assert max(r.seq for r in res_old) < floor < res_new[1].seq
+    await queue.ack(BOB, [e.message_id for e in new[1:3]])
+    assert await queue.floor(BOB) == floor  # new[2] is not LAG older than itself
+    assert [x.message_id for x in await read_all(queue, BOB)] == [e.message_id for e in new[3:]]
+
+
+async def test_the_floor_follows_the_acked_seqs_not_the_acking_clock(
+    fresh: CassandraSession,
+) -> None:
+    """A node whose clock runs ahead cannot lift the floor over rows still being written.
+
+    (Regression: the floor was capped by the acking node's clock minus 60 s, so a node
+    10 minutes ahead put it above the seqs that nodes with a right clock were making.)
+    """
+    writer = CassandraQueue(fresh, FakeClock(NOW))
+    ahead = FakeClock(NOW + 600_000)
+    acker = CassandraQueue(fresh, ahead)
+    first = env()
+    (res,) = await writer.append([first], [NOW + 10**9], BIG)
+    assert await acker.ack(BOB, [first.message_id]) == 1
+    assert await writer.floor(BOB) <= seq_at(NOW - DEFAULT_FLOOR_LAG_MS) < res.seq
+    late = env()  # written after the ack by the node with the right clock
+    await writer.append([late], [NOW + 10**9], BIG)
+    assert [x.message_id for x in await read_all(acker, BOB)] == [late.message_id]
+
+
+DAY = NOW + 86_400_000  # an expiry hour in the future: registered once
+
+
+def _count_statements(session: CassandraSession) -> list[int]:
+    """Count every request the session sends from now on (statements and batches)."""
+    count = [0]
+    send = session._session.execute_async
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return send(*args, **kwargs)
+
+    session._session.execute_async = counting
+    return count
+
+
+async def test_an_append_costs_a_few_statements(fresh: CassandraSession) -> None:
+    """20 envelopes to one device: 5 requests in two rounds (layout 1 sent 24-32).
+
+    One lookup of the ids, one depth read; one batch of rows and ids, one of expiry
+    entries, one counter update. A new bucket or expiry hour costs their registration.
+    """
+    queue = CassandraQueue(fresh, FakeClock(NOW))
+    await queue.append([env()], [DAY], BIG)  # registers the bucket and expiry hour,
+    # prepares the statements
+    count = _count_statements(fresh)
+    for _ in range(3):
+        count[0] = 0
+        envs = [env(content=b"x" * 200) for _ in range(20)]
+        res = await queue.append(envs, [DAY] * 20, BIG)
+        assert {r.outcome for r in res} == {Outcome.STORED}
+        assert count[0] == 5
+    count[0] = 0
+    assert (await queue.append(envs[:5], [DAY] * 5, BIG))[0].outcome is Outcome.DUPLICATE
+    assert count[0] == 2  # nothing to write
+    count[0] = 0
+    assert await queue.ack(BOB, [e.message_id for e in envs]) == 20
+    assert count[0] <= 6  # lookup, one batch, counter, the floor's index read and probe
+
+
+async def test_rows_and_ids_of_a_partition_are_one_batch(fresh: CassandraSession) -> None:
+    """Each row's id is in its partition: an id is never found without its row."""
+    queue = CassandraQueue(fresh, FakeClock(NOW))
+    envs = [env() for _ in range(3)]
+    res = await queue.append(envs, [NOW + 10_000] * 3, BIG)
+    bucket = bucket_of(res[0].seq, DEFAULT_BUCKET_MS)
+    rows = await fresh.execute(
+        "SELECT message_id, seqs FROM {ks}.queue_ids WHERE tenant = ? AND user = ?"
+        " AND device = ? AND bucket = ?",
+        (*key(BOB), bucket),
+        op="test",
+    )
+    assert {(bytes(m), tuple(s)) for m, s in rows} == {
+        (e.message_id, (r.seq,)) for e, r in zip(envs, res, strict=True)
+    }
+    legacy = await fresh.execute("SELECT message_id FROM {ks}.queue_accepted", op="test")
+    assert legacy == []  # layout 1 is never written
 
 
 async def test_the_floor_stays_behind_the_clock(fresh: CassandraSession) -> None:

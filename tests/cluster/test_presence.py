@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from relay.config import PresenceConfig
 from relay.model import Address, Location
 from relay.stores.redis_presence import RedisPresence
+from tests.conformance.presence import PresenceConformance
 from tests.services import REDIS_PORT, REDIS_URL, require
 
 pytestmark = pytest.mark.services
@@ -29,6 +30,12 @@ async def presence() -> AsyncIterator[RedisPresence]:
     )
     async with RedisPresence(cfg) as p:
         yield p
+
+
+class TestRedisPresence(PresenceConformance):
+    """The presence conformance suite on the real Redis (the ``presence`` fixture)."""
+
+    SHARED = True
 
 
 async def test_claim_locate_release(presence: RedisPresence) -> None:

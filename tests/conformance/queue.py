@@ -206,6 +206,18 @@ class QueueConformance:
         assert await read_all(queue, BOB) == []
         assert await queue.purge(BOB) == 0
 
+    async def test_an_expired_id_may_be_stored_again(self, queue: MessageQueue) -> None:
+        """Past its expiry an id no longer dedups (all backends decide it in the core)."""
+        e = env()
+        assert (await queue.append([e], [NOW - 1], BIG))[0].outcome is Outcome.STORED
+        assert await read_all(queue, BOB) == []  # already expired: never delivered
+        again = Envelope(e.message_id, ALICE, BOB, b"again")
+        assert (await queue.append([again], [NOW + 1000], BIG))[0].outcome is Outcome.STORED
+        assert [x.content for x in await read_all(queue, BOB)] == [b"again"]
+        assert (await queue.append([again], [NOW + 1000], BIG))[0].outcome is Outcome.DUPLICATE
+        assert await queue.ack(BOB, [e.message_id]) == 1
+        assert await read_all(queue, BOB) == []
+
     async def test_a_queue_works_again_after_a_purge(self, queue: MessageQueue) -> None:
         await queue.append([env(), env()], [NOW + 1000] * 2, BIG)
         await queue.purge(BOB)

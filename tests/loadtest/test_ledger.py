@@ -90,3 +90,82 @@ def test_receipts_saturate_and_grow() -> None:
         rec.add(1, 5000)
     assert rec.counts[1][5000] == ledger.MAX_COUNT
     assert rec.unique == 1
+
+
+def test_a_delivered_answer_is_an_acknowledgement_that_must_arrive() -> None:
+    # DELIVERED: the relay pushed it and the recipient acked before anything was stored.
+    sent = {0: record([ledger.DELIVERED, ledger.DELIVERED, ledger.STORED, ledger.REJECTED])}
+    v = reconcile(sent, [counts((0, 1), (2, 1)).counts])
+    assert not v.ok
+    assert (v.acknowledged, v.answered_delivered, v.missing) == (3, 2, 1)
+    assert v.missing_examples[0].seq == 1
+    assert v.direct_share == 0.5  # 2 DELIVERED of 4 answered (REJECTED counts as answered)
+    assert v.as_dict()["direct_share"] == 0.5
+    ok = reconcile(sent, [counts((0, 1), (1, 1), (2, 1)).counts])
+    assert ok.ok
+    assert ok.delivered_once == 3
+
+
+def test_direct_share_is_none_when_nothing_was_answered() -> None:
+    v = reconcile({0: record([ledger.PENDING])}, [{}])
+    assert v.direct_share is None
+    assert v.as_dict()["direct_share"] is None
+
+
+class FakeStream:
+    """What the sender needs of a DeviceStream: where it is and what it was handed."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.node = 0
+        self.frames: list[bytes] = []
+
+    def send(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+def test_the_sender_records_a_delivered_outcome_as_delivered() -> None:
+    import asyncio
+
+    from loadtest.intervals import IntervalCounters
+    from loadtest.schedule import parse_schedule
+    from loadtest.traffic import Sender
+    from loadtest.wire import BatchEncoder, encode_address
+    from relaypb.relay.v1 import relay_pb2
+
+    async def scenario() -> tuple[Sender, IntervalCounters]:
+        counters = IntervalCounters()
+        stream = FakeStream()
+        sender = Sender(
+            worker=0,
+            workers=1,
+            batch=3,
+            fanout=1,
+            max_backlog=100,
+            run_tag=b"tag0",
+            schedule=parse_schedule("constant:10", 1.0),
+            start_ns=0,
+            encoder=BatchEncoder([encode_address("t", "u", 1)], 24, b""),
+            senders={0: [stream]},  # type: ignore[list-item]
+            recipients={0: [0]},
+            counters=lambda: counters,
+        )
+        sender._send(0, 0)
+        assert len(stream.frames) == 1
+        outcomes = [
+            relay_pb2.OUTCOME_DELIVERED,
+            relay_pb2.OUTCOME_STORED,
+            relay_pb2.OUTCOME_DUPLICATE,
+        ]
+        sender.on_results(
+            relay_pb2.SendResults(
+                batch_id=0, results=[relay_pb2.SendResult(outcome=o) for o in outcomes]
+            )
+        )
+        return sender, counters
+
+    sender, counters = asyncio.run(scenario())
+    assert list(sender.record.status) == [ledger.DELIVERED, ledger.STORED, ledger.DUPLICATE]
+    assert counters.acked == 3
+    assert sender.acknowledged_to == [3]
+    assert sender.inflight == 0

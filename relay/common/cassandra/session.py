@@ -142,18 +142,18 @@ def describe_connect_error(config: CassandraConfig, exc: BaseException, where: s
 
 
 def partition_batches(
-    items: Iterable[tuple[Hashable, Statement, int]],
+    items: Iterable[tuple[Hashable, Statement, int]], *, max_rows: int = BATCH_ROWS
 ) -> list[list[Statement]]:
     """Group ``(partition, statement, bytes)`` items into single-partition batches.
 
     Each batch holds statements of one partition only (Cassandra applies it as one
-    mutation, cheaply), at most ``BATCH_ROWS`` of them and about ``BATCH_BYTES``.
+    mutation, cheaply), at most ``max_rows`` of them and about ``BATCH_BYTES``.
     """
     open_: dict[Hashable, tuple[list[Statement], int]] = {}
     done: list[list[Statement]] = []
     for partition, statement, size in items:
         batch, total = open_.get(partition, ([], 0))
-        if batch and (len(batch) >= BATCH_ROWS or total + size > BATCH_BYTES):
+        if batch and (len(batch) >= max_rows or total + size > BATCH_BYTES):
             done.append(batch)
             batch, total = [], 0
         batch.append(statement)
@@ -188,10 +188,18 @@ class CassandraSession:
     """One connection pool to a cluster; an async context manager.
 
     ``keyspace`` defaults to ``config.keyspace``; pass ``""`` for no keyspace (migrations).
+    ``on_error`` is told of every error a statement ends with (for metrics).
     """
 
-    def __init__(self, config: CassandraConfig, *, keyspace: str | None = None) -> None:
+    def __init__(
+        self,
+        config: CassandraConfig,
+        *,
+        keyspace: str | None = None,
+        on_error: Callable[[RelayError], None] | None = None,
+    ) -> None:
         self.config = config
+        self._on_error = on_error
         self.keyspace = config.keyspace if keyspace is None else keyspace
         self._cluster: Cluster | None = None
         self._session: Any = None
@@ -345,10 +353,17 @@ class CassandraSession:
             if self._traces is not None:
                 self._traces.append(await asyncio.to_thread(self._trace_events, response))
             return rows
-        except RelayError:
+        except RelayError as exc:
+            self._failed(exc)
             raise
         except (*OUTAGES, cassandra.RequestValidationException) as exc:
-            raise translate(exc, op) from exc
+            raise self._failed(translate(exc, op)) from exc
+
+    def _failed(self, error: RelayError) -> RelayError:
+        """Tell ``on_error`` of ``error``; return it."""
+        if self._on_error is not None:
+            self._on_error(error)
+        return error
 
     async def execute_batches(
         self, batches: Iterable[Sequence[Statement]], *, op: str, idempotent: bool = True
@@ -378,10 +393,11 @@ class CassandraSession:
             await self._bridge(response)
             if self._traces is not None:
                 self._traces.append(await asyncio.to_thread(self._trace_events, response))
-        except RelayError:
+        except RelayError as exc:
+            self._failed(exc)
             raise
         except (*OUTAGES, cassandra.RequestValidationException) as exc:
-            raise translate(exc, op) from exc
+            raise self._failed(translate(exc, op)) from exc
 
     async def execute_ddl(self, cql: str, *, op: str) -> list[Row]:
         """Run a schema statement (migrations only: DDL is not prepared).

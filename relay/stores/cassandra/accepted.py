@@ -1,4 +1,8 @@
-"""The queue's record of accepted message ids (``queue_accepted``).
+"""Queue layout 1's record of accepted message ids (``queue_accepted``).
+
+Since layout 2 (``ids.py``, migration 0005) new ids go to ``queue_ids``; this table is
+only read (and acks marked in it) while ids accepted before the upgrade may still be
+live, so that dedup and acks keep working across the upgrade.
 
 One row per (recipient, message_id) until the envelope expires (TTL): the seqs stored
 under the id (normally one; two after a residual race), its size, its expiry, and
@@ -45,12 +49,38 @@ def accepted_shard(message_id: bytes) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """What is known about one accepted id."""
+    """What is known about one accepted id.
+
+    ``places``: the (queue partition bucket, sender) of each ``queue_ids`` row that holds
+    it (layout 2, ``ids.py``); empty for an id found in this module's ``queue_accepted``
+    (layout 1).
+    """
 
     seqs: tuple[int, ...]
     acked: bool
     expires_at: int
     size: int
+    places: tuple[tuple[int, Address], ...] = ()
+
+    @property
+    def buckets(self) -> set[int]:
+        """The queue partitions whose ``queue_ids`` hold the id (layout 2)."""
+        return {bucket for bucket, _ in self.places}
+
+    def merge(self, other: Accepted) -> Accepted:
+        """One record of an id found twice (two partitions, or both layouts).
+
+        Every copy stays reachable (seqs and places are joined); the record that
+        expires last says whether the id is acked, its expiry and size.
+        """
+        last = self if self.expires_at >= other.expires_at else other
+        return Accepted(
+            seqs=tuple(sorted(set(self.seqs) | set(other.seqs))),
+            acked=last.acked,
+            expires_at=last.expires_at,
+            size=last.size,
+            places=tuple(dict.fromkeys(self.places + other.places)),
+        )
 
 
 Ident = tuple[Address, bytes]

@@ -64,6 +64,11 @@ def bucket_of(seq: int, bucket_ms: int) -> int:
     return (seq >> SEQ_SHIFT) // bucket_ms
 
 
+def ms_of(seq: int) -> int:
+    """The writer's clock (milliseconds) when it made ``seq``."""
+    return seq >> SEQ_SHIFT
+
+
 def expiry_hour(expires_at_ms: int) -> int:
     """The expiry-index hour of an envelope expiring at ``expires_at_ms``."""
     return expires_at_ms // HOUR_MS

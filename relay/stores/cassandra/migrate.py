@@ -8,18 +8,27 @@ starting with ``--`` are comments. Statements are written to be safe to run twic
 ``migrate`` creates the keyspace if it is missing (NetworkTopologyStrategy with
 ``replication_factor`` replicas in ``local_dc``; SimpleStrategy if ``local_dc`` is
 empty), then applies every migration not yet recorded in ``schema_migrations`` and
-records it. Running it again applies nothing.
+records it. Running it again applies nothing. A migration may have a data step in
+Python, run after its statements and before it is recorded (``_AFTER``): 0005 notes
+whether layout-1 message ids exist at all (``ids.after_migration``).
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
 from relay.common.cassandra.session import CassandraSession
 from relay.config import CassandraConfig, ConfigError
+from relay.stores.cassandra import ids
+
+#: Data steps run after a migration's statements (by version), before it is recorded.
+_AFTER: dict[str, Callable[[CassandraSession], Awaitable[None]]] = {
+    "0005": ids.after_migration,
+}
 
 #: Both matched whole (``fullmatch``: ``$`` would let a trailing newline through).
 _NAME_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.cql")
@@ -129,8 +138,11 @@ async def _applied(session: CassandraSession) -> dict[str, int]:
     return {str(version): int(at or 0) for version, at in rows}
 
 
-async def migrate(config: CassandraConfig) -> list[str]:
-    """Create the keyspace if missing and apply pending migrations; return those applied."""
+async def migrate(config: CassandraConfig, *, until: str | None = None) -> list[str]:
+    """Create the keyspace if missing and apply pending migrations; return those applied.
+
+    ``until`` (a version, e.g. ``"0004"``) stops after that one (tests of upgrades).
+    """
     keyspace = _keyspace(config)
     async with CassandraSession(config, keyspace="") as admin:
         await admin.connect("migrate")
@@ -145,10 +157,15 @@ async def migrate(config: CassandraConfig) -> list[str]:
         for migration in load_migrations():
             if migration.version in applied:
                 continue
+            if until is not None and migration.version > until:
+                break
             for i, statement in enumerate(migration.statements, 1):
                 await session.execute_ddl(
                     statement, op=f"migration {migration.label} statement {i}"
                 )
+            after = _AFTER.get(migration.version)
+            if after is not None:
+                await after(session)
             await session.execute(
                 "INSERT INTO {ks}.schema_migrations (version, name, applied_at_ms)"
                 " VALUES (?, ?, ?)",

@@ -1,41 +1,52 @@
 """The Cassandra MessageQueue, built to avoid the queue anti-pattern.
 
-Tables (``migrations/0001_queue.cql``):
+Tables (``migrations/0001_queue.cql``, ``0005_queue_ids.cql``):
 
 - ``queue``: partition (tenant, user, device, day bucket), clustered by ``seq``; every
   row has a TTL (its expiry plus a grace); TimeWindowCompactionStrategy by day.
+- ``queue_ids``: the accepted message ids, in the partition of their row (``ids.py``);
+  ``queue_accepted``, layout 1's ids, is still read while they may be live
+  (``accepted.py``).
 - ``queue_index``: per device, the static ``floor`` (every seq <= floor is acked,
   expired or purged) and one row per bucket that may hold envelopes.
-- ``queue_accepted``: the accepted message ids (``accepted.py``).
 - ``queue_depth``: counters of envelopes and bytes per device (the limits).
 - ``queue_expiry`` and ``queue_expiry_hours``: envelopes by expiry hour (``expiry.py``).
 
 Acks delete rows, and deleted rows are tombstones that a range read must step over. So
 a read starts at ``max(after, floor)``: after an ack the floor moves to just below the
-first live row (but stays ``floor_lag_ms`` behind the clock, so that a write still in
-flight from another node cannot land below it), and a read from 0 skips the acked rows
-instead of scanning their tombstones. Buckets below the floor leave the index; old
-buckets expire whole, with their SSTables.
+first live row, but never past ``floor_lag_ms`` below the newest seq the ack found
+(seqs are made by the writers' clocks, so a write still in flight from another node, or
+from one whose clock lags by less than that, lands above it; the acking node's own
+clock plays no part). A read from 0 skips the acked rows instead of scanning their
+tombstones. Buckets below the floor leave the index; old buckets expire whole, with
+their SSTables.
 
-An append is three rounds of concurrent prepared statements, batched per partition:
-read (accepted ids, depth), record the ids, then write rows, expiry entries and depth
-counters. The id is recorded before its row, so every stored row is reachable from its
-id (an ack finds every copy), and a retry after a half-done append finds the id without
-a row and stores it again. Residual races, trade-offs rather than losses:
+An append is, in the steady state, two rounds: one read round (per recipient one
+lookup of its ids, and its depth; decided by ``relay.core.admission``), then one
+write round: per partition one unlogged batch of its rows and their ids (one mutation:
+``ids.py``), the expiry entries (batched per expiry partition) and the depth counters.
+A bucket or expiry hour this process has not registered yet costs one more round
+first (about once a day per device and once an hour): the index rows that make rows
+and expiry entries reachable are written before them. For 20 envelopes to one device
+that is 5 statements (layout 1 sent 24-32, in three dependent rounds). Residual races,
+trade-offs rather than losses:
 
 - two concurrent appends of one id (two nodes, or a retry racing its original) may
   both store it: a duplicate on the wire, which the SDK drops by message_id; the ack
   then removes both copies;
 - depth is read, then counted: concurrent appends to one device may pass a limit by
   their number, and a retried counter update may count twice (counters are approximate);
-- purge_expired run by several nodes at once may give back a device's depth twice.
+- purge_expired run by several nodes at once may give back a device's depth twice;
+- during a rolling upgrade from layout 1, nodes still on the old code neither see nor
+  ack ids of layout 2: a duplicate on the wire, or an acked envelope that comes back
+  once and is acked again on an upgraded node.
 
 ``purge(device)`` (the device was removed for good) counts the rows above the floor,
-then deletes whole partitions: the device's queue buckets, its accepted ids and its
-depth row, and last its index (so that a purge that failed half-way is found and done
-again by the next one). Several nodes purging at once delete the same partitions (each
-may count the same rows). An append racing the purge may leave rows behind; they are
-unreachable once the index is gone and expire with their TTL.
+then deletes whole partitions: the device's queue buckets, its accepted ids (both
+layouts) and its depth row, and last its index (so that a purge that failed half-way
+is found and done again by the next one). Several nodes purging at once delete the
+same partitions (each may count the same rows). An append racing the purge may leave
+rows behind; they are unreachable once the index is gone and expire with their TTL.
 """
 
 from __future__ import annotations
@@ -55,11 +66,11 @@ from relay.common.cassandra.session import (
 )
 from relay.common.cassandra.turns import Turns
 from relay.config import DEFAULT_TTL_SECONDS
+from relay.core.admission import Depth, Verdict, added_depth, admit, live_ids, page
 from relay.model import (
     Address,
     Appended,
     Envelope,
-    Outcome,
     QueuedEnvelope,
     QueueLimits,
     QueuePage,
@@ -67,11 +78,16 @@ from relay.model import (
 from relay.stores.cassandra import layout
 from relay.stores.cassandra.accepted import ACCEPTED_SHARDS, Accepted, AcceptedIds, Ident
 from relay.stores.cassandra.expiry import ADD_DEPTH, DELETE_MESSAGE, ExpiryIndex
-from relay.stores.cassandra.layout import bucket_of, key, seq_at, ttl_until
+from relay.stores.cassandra.ids import Layout, QueueIds, read_layout
+from relay.stores.cassandra.layout import bucket_of, key, ms_of, seq_at, ttl_until
 
 #: How far behind the clock the ack floor stays, so that writes still in flight (or
 #: from a node whose clock lags by less than this) never land below it.
 DEFAULT_FLOOR_LAG_MS = 60_000
+#: Most statements (a row and its id are two) in one partition's batch of an append;
+#: bytes are bounded by the session's BATCH_BYTES. Single-partition batches are exempt
+#: from Cassandra's batch size thresholds.
+_APPEND_BATCH_ROWS = 2000
 #: Devices (and buckets) this process remembers, to skip needless probes and writes.
 _REMEMBERED = 100_000
 _K = TypeVar("_K", bound=Hashable)
@@ -123,6 +139,10 @@ class _Index:
     buckets: tuple[int, ...]
 
 
+async def _nothing() -> dict[Ident, Accepted]:
+    return {}
+
+
 def _remember(cache: collections.OrderedDict[_K, _V], k: _K, v: _V) -> None:
     cache[k] = v
     cache.move_to_end(k)
@@ -160,8 +180,32 @@ class CassandraQueue:
         )
         self._first_live: collections.OrderedDict[Address, int] = collections.OrderedDict()
         self._floor_turns = Turns()
-        self._accepted = AcceptedIds(session)
+        self._write_turns = Turns()
+        self._max_ttl_ms = max_ttl_seconds * 1000
+        self._legacy = AcceptedIds(session)
+        self._ids = QueueIds(session, bucket_ms, self._max_ttl_ms)
+        self._layout: Layout | None = None
         self._expiry = ExpiryIndex(session, bucket_ms, self._forget_deleted)
+
+    async def _legacy_live(self, now_ms: int) -> bool:
+        """Whether ids accepted under layout 1 may still be live (read once, then kept)."""
+        if self._layout is None:
+            self._layout = await read_layout(self._session, self._max_ttl_ms)
+        return now_ms < self._layout.legacy_until_ms
+
+    async def _lookup(self, idents: list[Ident], now_ms: int, *, op: str) -> dict[Ident, Accepted]:
+        """The accepted ids among ``idents``, both layouts, merged per id."""
+        legacy = await self._legacy_live(now_ms)
+        found: dict[Ident, Accepted]
+        old: dict[Ident, Accepted]
+        found, old = await gather_all(
+            self._ids.lookup(idents, now_ms, op=op),
+            self._legacy.lookup(idents, op=op) if legacy else _nothing(),
+        )
+        for ident, record in old.items():
+            known = found.get(ident)
+            found[ident] = record if known is None else known.merge(record)
+        return found
 
     async def append(
         self, envelopes: Sequence[Envelope], expires_at_ms: Sequence[int], limits: QueueLimits
@@ -170,54 +214,47 @@ class CassandraQueue:
         items = list(zip(envelopes, expires_at_ms, strict=True))
         seqs = [self._seqs.next() for _ in items]  # before any await: call order
         devices = list(dict.fromkeys(e.recipient for e, _ in items))
-        accepted, depths = await gather_all(
-            self._accepted.lookup(((e.recipient, e.message_id) for e, _ in items), op="append"),
+        now = self._clock.now_ms()
+        accepted, depth_rows = await gather_all(
+            self._lookup([(e.recipient, e.message_id) for e, _ in items], now, op="append"),
             self._session.execute_many([(_DEPTH, key(d)) for d in devices], op="append"),
         )
-        now = self._clock.now_ms()
         # Past its expiry an id may be stored again (its old copy stays ackable).
-        accepted = {i: a for i, a in accepted.items() if a.expires_at > now}
-        present = await self._present(accepted)
-        depth = {
-            d: (int(rows[0][0] or 0), int(rows[0][1] or 0)) if rows else (0, 0)
-            for d, rows in zip(devices, depths, strict=True)
+        live = live_ids({i: a.expires_at for i, a in accepted.items()}, now)
+        present = await self._present({i: accepted[i] for i in live})
+        depths = {
+            d: Depth(int(rows[0][0] or 0), int(rows[0][1] or 0)) if rows else Depth()
+            for d, rows in zip(devices, depth_rows, strict=True)
         }
-        results: list[Appended] = []
-        stored: list[tuple[Envelope, int, int]] = []
-        seen: set[Ident] = set()
-        for (env, expires), seq in zip(items, seqs, strict=True):
-            ident = (env.recipient, env.message_id)
-            if ident in seen or ident in present:
-                results.append(Appended(Outcome.DUPLICATE))
-                continue
-            count, size = depth[env.recipient]
-            if count + 1 > limits.max_depth:
-                results.append(Appended(Outcome.REJECTED, limit="max_queue_depth"))
-                continue
-            if size + env.size > limits.max_bytes:
-                results.append(Appended(Outcome.REJECTED, limit="max_queue_bytes"))
-                continue
-            seen.add(ident)
-            depth[env.recipient] = (count + 1, size + env.size)
-            stored.append((env, expires, seq))
-            results.append(Appended(Outcome.STORED, seq=seq))
+        decisions = admit([e for e, _ in items], present, depths, limits)
+        stored = [
+            (env, expires, seq)
+            for (env, expires), seq, d in zip(items, seqs, decisions, strict=True)
+            if d.verdict is Verdict.ADMITTED
+        ]
         if stored:
-            await self._store(stored)
-        return results
+            await self._store(stored, now)
+        return [
+            d.appended(seq) if d.verdict is Verdict.ADMITTED else d.appended()
+            for d, seq in zip(decisions, seqs, strict=True)
+        ]
 
     async def _present(self, accepted: dict[Ident, Accepted]) -> set[Ident]:
-        """The accepted ids that are duplicates: acked, or with a stored row.
+        """The live accepted ids that are duplicates: acked, or with a stored row.
 
-        An id recorded without a row is an append that failed half-way (its sender was
-        answered UNAVAILABLE and retries): it is stored again.
+        A layout-2 id is never without its row (one mutation). A layout-1 id recorded
+        without a row is an append that failed half-way (its sender was answered
+        UNAVAILABLE and retries): it is stored again.
         """
-        present = {i for i, a in accepted.items() if a.acked}
+        present = {i for i, a in accepted.items() if a.acked or a.places}
         by_bucket: dict[tuple[Address, int], list[int]] = defaultdict(list)
         owner: dict[tuple[Address, int], Ident] = {}
         for ident, a in accepted.items():
-            for seq in () if a.acked else a.seqs:
+            for seq in () if ident in present else a.seqs:
                 by_bucket[(ident[0], bucket_of(seq, self._bucket_ms))].append(seq)
                 owner[(ident[0], seq)] = ident
+        if not by_bucket:
+            return present
         checks = list(by_bucket.items())
         found = await self._session.execute_many(
             [(_LIVE_SEQS, (*key(d), b, seqs)) for (d, b), seqs in checks],
@@ -227,9 +264,7 @@ class CassandraQueue:
             present.update(owner[(device, int(row[0]))] for row in rows)
         return present
 
-    async def _store(self, stored: list[tuple[Envelope, int, int]]) -> None:
-        now = self._clock.now_ms()
-        first = self._accepted.record(stored, now)
+    async def _store(self, stored: list[tuple[Envelope, int, int]], now: int) -> None:
         new_buckets = list(
             dict.fromkeys(
                 (e.recipient, bucket_of(s, self._bucket_ms))
@@ -237,32 +272,52 @@ class CassandraQueue:
                 if (e.recipient, bucket_of(s, self._bucket_ms)) not in self._buckets
             )
         )
-        first += [[(_REGISTER_BUCKET, (*key(d), b, self._bucket_ttl))] for d, b in new_buckets]
+        first: list[Statement] = [
+            (_REGISTER_BUCKET, (*key(d), b, self._bucket_ttl)) for d, b in new_buckets
+        ]
         hour_rows, hours = self._expiry.register(stored, now)
-        first += [[row] for row in hour_rows]
-        # Round 1: the ids, and the index rows that make rows and expiry entries reachable.
-        await self._session.execute_batches(first, op="append: record message ids")
-        for bucket_key in new_buckets:
-            _remember(self._buckets, bucket_key, None)
-        self._expiry.remember(hours)
-        # Round 2: the rows, their expiry entries and the depth counters.
-        rows: list[tuple[Hashable, Statement, int]] = []
-        added: dict[Address, tuple[int, int]] = {}
+        first += hour_rows
+        if first:
+            # The index rows that make rows and expiry entries reachable come first.
+            await self._session.execute_many(first, op="append: register buckets")
+            for bucket_key in new_buckets:
+                _remember(self._buckets, bucket_key, None)
+            self._expiry.remember(hours)
+        # One round: per partition its rows and their ids (one mutation), the expiry
+        # entries and the depth counters.
+        rows: dict[tuple[Address, int], list[tuple[Hashable, Statement, int]]] = {}
         for env, expires, seq in stored:
             bucket = bucket_of(seq, self._bucket_ms)
             s = env.sender
             values: tuple[Any, ...] = (*key(env.recipient), bucket, seq, env.message_id)
             values += (s.tenant, s.user, s.device, env.content, env.server_timestamp_ms)
             values += (expires, env.size, ttl_until(expires, now))
-            rows.append(((env.recipient, bucket), (INSERT_ROW, values), env.size))
-            count, size = added.get(env.recipient, (0, 0))
-            added[env.recipient] = (count + 1, size + env.size)
-        batches = partition_batches(rows) + self._expiry.entries(stored, now)
-        counters = [(ADD_DEPTH, (c, b, *key(d))) for d, (c, b) in added.items()]
+            mine = rows.setdefault((env.recipient, bucket), [])
+            mine.append((None, (INSERT_ROW, values), env.size))
+            mine.append((None, QueueIds.record(env, expires, seq, bucket, now), 64))
+        added = added_depth(e for e, _, _ in stored)
+        counters = [(ADD_DEPTH, (a.count, a.bytes, *key(d))) for d, a in added.items()]
         await gather_all(
-            self._session.execute_batches(batches, op="append: store envelopes"),
+            *(self._write_partition(p, items) for p, items in rows.items()),
+            self._session.execute_batches(
+                self._expiry.entries(stored, now), op="append: store expiry entries"
+            ),
             self._session.execute_many(counters, op="append: count depth", idempotent=False),
         )
+
+    async def _write_partition(
+        self, partition: tuple[Address, int], items: list[tuple[Hashable, Statement, int]]
+    ) -> None:
+        """Write one partition's rows and ids: large batches, one partition write at a time.
+
+        Each batch is one mutation of the partition. Concurrent mutations of one
+        partition contend in Cassandra's memtable (each retries its whole update), and
+        the ids, clustered by random message ids, make that costly in a big partition:
+        so appends of this process to one partition take turns (order is the seqs').
+        """
+        batches = partition_batches(items, max_rows=_APPEND_BATCH_ROWS)
+        async with self._write_turns.take(partition):
+            await self._session.execute_batches(batches, op="append: store envelopes")
 
     async def read(self, device: Address, after: int, limit: int, now_ms: int) -> QueuePage:
         """See ``MessageQueue.read``: from ``max(after, ack floor)``, bucket by bucket."""
@@ -278,46 +333,54 @@ class CassandraQueue:
             )
             if len(rows) >= want:
                 break
-        items: list[QueuedEnvelope] = []
-        cursor = after
-        for seq, mid, st, su, sd, content, ts, exp in rows[:limit]:
-            cursor = int(seq)
-            if int(exp) <= now_ms:
-                continue  # expired: skipped here, deleted by purge_expired
-            env = Envelope(
-                message_id=bytes(mid),
-                sender=Address(str(st), str(su), int(sd)),
-                recipient=device,
-                content=bytes(content),
-                server_timestamp_ms=int(ts or 0),
+        fetched = [
+            QueuedEnvelope(
+                int(seq),
+                Envelope(
+                    message_id=bytes(mid),
+                    sender=Address(str(st), str(su), int(sd)),
+                    recipient=device,
+                    content=bytes(content),
+                    server_timestamp_ms=int(ts or 0),
+                ),
+                int(exp),
             )
-            items.append(QueuedEnvelope(cursor, env, int(exp)))
-        return QueuePage(tuple(items), cursor, len(rows) > limit)
+            for seq, mid, st, su, sd, content, ts, exp in rows
+        ]
+        return page(fetched, after, limit, now_ms)
 
     async def ack(self, device: Address, message_ids: Sequence[bytes]) -> int:
-        """See ``MessageQueue.ack``: marks the ids acked, deletes every copy, moves the floor."""
-        found = await self._accepted.lookup(((device, m) for m in message_ids), op="ack")
+        """See ``MessageQueue.ack``: marks the ids acked, deletes every copy, moves the floor.
+
+        Per queue partition one batch deletes the rows and marks their ids acked.
+        """
+        now = self._clock.now_ms()
+        found = await self._lookup([(device, m) for m in message_ids], now, op="ack")
         newly = [(mid, a) for (_, mid), a in found.items() if not a.acked and a.seqs]
         # acked ones too: that ends an ack that failed half-way
         copies = sorted((s, mid) for (_, mid), a in found.items() for s in a.seqs)
-        seqs = [s for s, _ in copies]
-        deletes = partition_batches(
-            (
-                bucket_of(s, self._bucket_ms),
-                (DELETE_MESSAGE, (*key(device), bucket_of(s, self._bucket_ms), s, mid)),
-                32,
+        items: list[tuple[Hashable, Statement, int]] = []
+        for s, mid in copies:
+            bucket = bucket_of(s, self._bucket_ms)
+            items.append((bucket, (DELETE_MESSAGE, (*key(device), bucket, s, mid)), 32))
+        legacy: list[tuple[bytes, Accepted]] = []
+        for mid, a in newly:
+            items.extend(
+                (place[0], QueueIds.mark_acked(device, mid, a, place, now), 32)
+                for place in a.places
             )
-            for s, mid in copies
-        )
-        marks = self._accepted.mark_acked(device, newly, self._clock.now_ms())
+            buckets = a.buckets
+            if not buckets or any(bucket_of(s, self._bucket_ms) not in buckets for s in a.seqs):
+                legacy.append((mid, a))  # (also) a layout-1 record
+        batches = partition_batches(items) + self._legacy.mark_acked(device, legacy, now)
         removed, freed = len(newly), sum(a.size for _, a in newly)
         counters = [(ADD_DEPTH, (-removed, -freed, *key(device)))] if removed else []
         await gather_all(
-            self._session.execute_batches(marks + deletes, op="ack"),
+            self._session.execute_batches(batches, op="ack"),
             self._session.execute_many(counters, op="ack: count depth", idempotent=False),
         )
-        if seqs:
-            await self._advance_floor(device, seqs[0])
+        if copies:
+            await self._advance_floor(device, copies[0][0], copies[-1][0])
         return removed
 
     async def purge_expired(self, now_ms: int) -> int:
@@ -333,6 +396,7 @@ class CassandraQueue:
         )
         drops: list[Statement] = [(_DROP_BUCKET, (*key(device), b)) for b in index.buckets]
         drops += [(_DROP_ACCEPTED, (*key(device), s)) for s in range(ACCEPTED_SHARDS)]
+        drops.append(self._ids.drop(device, self._clock.now_ms()))
         drops.append((_DROP_DEPTH, key(device)))
         await self._session.execute_many(drops, op="purge a device: delete its queue")
         await self._session.execute(_DROP_INDEX, key(device), op="purge a device: drop its index")
@@ -355,21 +419,23 @@ class CassandraQueue:
         floor = int(rows[0][0] or 0) if rows else 0
         return _Index(floor, tuple(sorted(int(b) for _, b in rows if b is not None)))
 
-    async def _advance_floor(self, device: Address, lowest_acked: int) -> None:
+    async def _advance_floor(self, device: Address, lowest_acked: int, highest_acked: int) -> None:
         """Move the floor of ``device`` up to just below its first live row.
 
-        Skipped when every acked row lies above a live row seen before (the floor
-        cannot pass that one). The probe steps over the tombstones acked since the last
-        move, once; reads after it start above them.
+        Never past ``floor_lag_ms`` below ``highest_acked``, the newest seq this ack
+        read (module docstring). Skipped when every acked row lies above a live row seen
+        before (the floor cannot pass that one). The probe steps over the tombstones
+        acked since the last move, once; reads after it start above them.
         """
         async with self._floor_turns.take(device):  # racing floor writes would regress it
             known = self._first_live.get(device)
             if known is None or lowest_acked <= known:
-                await self._probe_floor(device)
+                # Below the smallest seq a writer whose clock is lag behind can make.
+                cap = seq_at(ms_of(highest_acked) - self._floor_lag_ms) - 1
+                await self._probe_floor(device, cap)
 
-    async def _probe_floor(self, device: Address) -> None:
+    async def _probe_floor(self, device: Address, cap: int) -> None:
         index = await self._index(device)
-        cap = seq_at(self._clock.now_ms() - self._floor_lag_ms)
         if index.floor >= cap:
             return
         first: int | None = None
