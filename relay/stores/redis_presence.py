@@ -3,7 +3,9 @@
 Keys (``{p}`` is ``presence.key_prefix``, ``relay:`` by default):
 
 - ``{p}presence:<tenant>/<user>/<device>``: hash ``node``, ``epoch``; expires after
-  ``presence.device_ttl_seconds`` unless the node's heartbeat refreshes it.
+  ``presence.device_ttl_seconds`` unless the node's heartbeat refreshes it. A release
+  drops ``node`` only: the epoch stays until the key expires, so the next claim's
+  epoch is larger even from a clock that is behind.
 - ``{p}node:<node id>``: where other nodes reach the node's link listener
   (``node.link_advertise``, by default the bound ``node.link_listen``); expires after
   ``presence.node_ttl_seconds``, so a dead node's devices count as offline at once.

@@ -35,7 +35,7 @@
 #   CASSANDRA_STORAGE_PORT   inter-node storage port   (default: 7000)
 #   CASSANDRA_READY_TIMEOUT  seconds to wait for CQL   (default: 180)
 #   CASSANDRA_HEAP_MIN       JVM -Xms                  (default: 256m)
-#   CASSANDRA_HEAP_MAX       JVM -Xmx                  (default: 1g)
+#   CASSANDRA_HEAP_MAX       JVM -Xmx                  (default: 2g)
 #   CASSANDRA_CLUSTER_NAME   cluster_name              (default: e2ee-relay-test)
 #   STOP_TIMEOUT             seconds between SIGTERM and SIGKILL (default: 30)
 #   PYTHON                   interpreter for the readiness check
@@ -70,7 +70,7 @@ CASSANDRA_TLS_PORT=${CASSANDRA_TLS_PORT:-9142}
 CASSANDRA_STORAGE_PORT=${CASSANDRA_STORAGE_PORT:-7000}
 CASSANDRA_READY_TIMEOUT=${CASSANDRA_READY_TIMEOUT:-180}
 CASSANDRA_HEAP_MIN=${CASSANDRA_HEAP_MIN:-256m}
-CASSANDRA_HEAP_MAX=${CASSANDRA_HEAP_MAX:-1g}
+CASSANDRA_HEAP_MAX=${CASSANDRA_HEAP_MAX:-2g}
 CASSANDRA_CLUSTER_NAME=${CASSANDRA_CLUSTER_NAME:-e2ee-relay-test}
 STOP_TIMEOUT=${STOP_TIMEOUT:-30}
 if [[ -n ${JAVA_HOME:-} && -x ${JAVA_HOME:-}/bin/java ]]; then
