@@ -3,7 +3,7 @@
 Each Hypothesis example sends a batch of ``BATCH`` requests and then checks that the
 servers still serve, so a test runs ``ceil(FUZZ_EXAMPLES / BATCH)`` examples.
 
-Without ``FUZZ_EXAMPLES`` (``make test``: 500) the run is derandomized, the same inputs
+Without ``FUZZ_EXAMPLES`` (``make test``: 200) the run is derandomized, the same inputs
 every time, and a failure is reported as generated, without shrinking: CI fails fast
 and only on a change of the code. With it (``make fuzz``) every run explores new
 inputs, failures are shrunk to a minimal request, and the example database in
@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 #: Generated requests per RPC and kind of input.
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 #: Whether this run explores (random inputs, shrinking) rather than repeats CI's inputs.
 EXPLORE = "FUZZ_EXAMPLES" in os.environ
 #: Requests per Hypothesis example.
