@@ -17,7 +17,10 @@ split for the relay and the forwarder so that their ratio is fair:
     (loadtest/cluster), every device online, recipients on any node (--cross-node):
     highest rate with p99 <= 10 ms by (a)'s ladder method, over (a)'s relay figure;
 direct_share: of the envelopes the relay answered in (a), the share answered DELIVERED
-    (pushed and acked by the online recipient before anything was stored).
+    (pushed and acked by the online recipient before anything was stored);
+rss_mb_slow_reader: peak RSS growth of a fresh relayd while 400 envelopes of 200 KiB go
+    to a receiver that stops reading but acks the ids it knows (loadtest/slowreader, the
+    scenario of tests/test_slow_reader.py).
 Then py-spy samples the relay at saturation and lists its hot spots.
 
 Writes --out (bench/results/latest.json) and prints its headline keys. Per-run reports,
@@ -43,7 +46,7 @@ from typing import Any
 
 import grpc
 
-from loadtest import cluster, plot, profiling, report, servers, storebench, sweep
+from loadtest import cluster, plot, profiling, report, servers, slowreader, storebench, sweep
 from loadtest.cli import parse_cpus
 from loadtest.config import LoadConfig
 from loadtest.devices import register_all
@@ -54,7 +57,7 @@ from relay.config import CassandraConfig
 
 P99_BOUND_MS = 10.0
 #: Phases of a bench, in order (``--only`` picks some, for iterating).
-PHASES = ("compare", "batched", "store", "scale", "cluster")
+PHASES = ("compare", "batched", "store", "scale", "cluster", "slowreader")
 #: Relay nodes and devices of (e), the cluster phase.
 CLUSTER_NODES = 3
 CLUSTER_DEVICES = 100
@@ -88,6 +91,7 @@ HEADLINE = (
     "throughput_10k_vs_100_ratio",
     "cluster_vs_single_ratio",
     "direct_share",
+    "rss_mb_slow_reader",
 )
 
 
@@ -655,6 +659,41 @@ class Bench:
             "the same number of devices costs a separate fresh relayd",
         }
 
+    # The slow reader ----------------------------------------------------------------
+    def slow_reader(self) -> dict[str, Any]:
+        """Peak RSS growth of a fresh relayd while a receiver that stops reading is sent 78 MiB."""
+        size_mib = slowreader.COUNT * slowreader.ENVELOPE / 2**20
+        print(
+            f"slow reader: {slowreader.COUNT} envelopes of {slowreader.ENVELOPE // 1024} KiB "
+            f"({size_mib:.1f} MiB) to a receiver that stops reading",
+            flush=True,
+        )
+        toml = self.work / "slowreader" / "relay.toml"
+        toml.parent.mkdir(parents=True, exist_ok=True)
+        toml.write_text(slowreader.limits_toml(), encoding="utf-8")
+        with self.relayd("slowreader", config=toml) as (proc, ep):
+            got = asyncio.run(slowreader.measure(ep.target, ep.keys, proc.pid))
+        out = got.as_dict()
+        if out["other_outcomes"] or len(got.outcomes) != slowreader.COUNT:
+            raise BenchError(f"slow reader: answers other than DELIVERED or STORED: {out}")
+        out.update(
+            bound_mb=slowreader.RSS_BOUND_MB,
+            limits=slowreader.LIMITS,
+            method="fresh relayd run (embedded store) with the limits above; alice sends "
+            f"{slowreader.COUNT} envelopes of {slowreader.ENVELOPE} bytes in batches of "
+            f"{slowreader.BATCH}, each answered before the next, to bob, whose receiving stream "
+            "is never read after its QueueEmpty marker while he acks every id sent to him; "
+            "growth = peak RSS during the push (VmHWM reset through /proc/PID/clear_refs "
+            "after one warm-up envelope, and VmRSS after every batch) minus VmRSS at that "
+            "reset; bound_mb is the test's (tests/test_slow_reader.py)",
+        )
+        print(
+            f"  rss_mb_slow_reader {out['rss_mb_slow_reader']} MiB (base {out['base_mib']}, "
+            f"peak {out['peak_mib']}; {out['delivered']} DELIVERED, {out['stored']} STORED)",
+            flush=True,
+        )
+        return out
+
     # All ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Every measurement in order; returns the results written to ``--out``."""
@@ -689,6 +728,8 @@ class Bench:
         if "cluster" in self.phases:
             single = details.get("relay_vs_forwarder", {}).get("relay_rate_p99_le_10ms")
             details["cluster"] = self.cluster_phase(single)
+        if "slowreader" in self.phases:
+            details["slow_reader"] = self.slow_reader()
         a = details.get("relay_vs_forwarder", {})
         b = details["store_vs_driver"]
         batched = details.get("batched", {})
@@ -704,6 +745,7 @@ class Bench:
             "cluster_vs_single_ratio": details.get("cluster", {}).get("cluster_vs_single_ratio"),
             "cluster_vs_single_reason": details.get("cluster", {}).get("reason"),
             "direct_share": a.get("direct_share"),
+            "rss_mb_slow_reader": details.get("slow_reader", {}).get("rss_mb_slow_reader"),
         }
         results["targets"] = {k: f"{op} {v:g}" for k, (op, v) in TARGETS.items()}
         results["meets_targets"] = {
@@ -845,6 +887,9 @@ def command(args: argparse.Namespace) -> int:
         print(f"  store_vs_driver_ratio: {results['store_vs_driver_reason']}")
     if results["cluster_vs_single_ratio"] is None and results["cluster_vs_single_reason"]:
         print(f"  cluster_vs_single_ratio: {results['cluster_vs_single_reason']}")
+    slow = results["details"].get("slow_reader")
+    if slow is not None:
+        print(f"  rss_mb_slow_reader: the test's bound is {slow['bound_mb']} MiB")
     cluster_rate = results["details"].get("cluster", {}).get("cluster_rate_p99_le_10ms")
     if cluster_rate is not None:
         print(f"  cluster rate with p99 <= 10 ms: {cluster_rate:g}/s")
@@ -853,3 +898,18 @@ def command(args: argparse.Namespace) -> int:
         f"servers on CPUs {args.server_cpus}, generator on {args.generator_cpus}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m loadtest.bench``: the same as ``relay-loadtest bench``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

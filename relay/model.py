@@ -113,6 +113,21 @@ def validate_user(user: str, *, field: str = "user") -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class EnvelopeKey:
+    """What names one envelope within its recipient's queue: its sender and message id.
+
+    Dedup and acks are keyed by it per recipient, never by ``message_id`` alone: message
+    ids are chosen by senders, so a device that learns (or guesses) the id another sender
+    will use could otherwise pre-claim it (that sender's envelope would answer DUPLICATE
+    and never be stored) or have it deleted by an ack. ``sender`` is the authenticated
+    sender, set by the relay core, never what a client wrote in the envelope.
+    """
+
+    sender: Address
+    message_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Envelope:
     """An opaque encrypted envelope as the relay sees it."""
 
@@ -128,6 +143,11 @@ class Envelope:
     def size(self) -> int:
         """Bytes the envelope costs in a device queue (content plus fixed overhead)."""
         return len(self.content) + 64
+
+    @property
+    def key(self) -> EnvelopeKey:
+        """The envelope's dedup and ack key in its recipient's queue: (sender, message_id)."""
+        return EnvelopeKey(self.sender, self.message_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +218,36 @@ class Pushed:
     seq: int = 0
     prev_seq: int = 0
     direct: bool = False
+    #: Forwarded to another node, whose ack this node waits to see (``Notice``).
+    report_ack: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Offered:
+    """An envelope pushed direct (not stored) to the session of ``epoch`` on another node.
+
+    ``after_seq``: the stored envelope of its pair it must follow (``DirectWait.after_seq``).
+    """
+
+    envelope: Envelope
+    epoch: int
+    after_seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A node's report on an envelope another node forwarded to one of its sessions.
+
+    ``acked``: the recipient device acked it (else: a direct one that could not be
+    delivered; its sender stores it). ``direct``: it was forwarded direct (an
+    ``Offered``), else stored with ``Pushed.report_ack``.
+    """
+
+    recipient: Address
+    sender: Address
+    message_id: bytes
+    acked: bool
+    direct: bool
 
 
 @dataclass(frozen=True, slots=True)

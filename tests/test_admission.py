@@ -15,6 +15,7 @@ from relay.core.admission import (
     Verdict,
     added_depth,
     admit,
+    ident,
     is_expired,
     live_ids,
     page,
@@ -23,19 +24,23 @@ from relay.model import Address, Envelope, Outcome, QueuedEnvelope, QueueLimits
 
 DEVICES = [Address("t", "bob", 1), Address("t", "bob", 2), Address("t", "carol", 1)]
 SENDER = Address("t", "alice", 1)
+SENDERS = [SENDER, Address("t", "mallory", 1)]
 IDS = [bytes([i]) * 16 for i in range(6)]  # few ids, so that repeats are common
 
 envelopes = st.lists(
     st.builds(
         Envelope,
         message_id=st.sampled_from(IDS),
-        sender=st.just(SENDER),
+        sender=st.sampled_from(SENDERS),
         recipient=st.sampled_from(DEVICES),
         content=st.binary(max_size=40),
     ),
     max_size=25,
 )
-accepted_ids = st.sets(st.tuples(st.sampled_from(DEVICES), st.sampled_from(IDS)), max_size=8)
+accepted_ids = st.sets(
+    st.tuples(st.sampled_from(DEVICES), st.sampled_from(SENDERS), st.sampled_from(IDS)),
+    max_size=8,
+)
 depths = st.dictionaries(
     st.sampled_from(DEVICES),
     st.builds(Depth, st.integers(0, 12), st.integers(0, 1200)),
@@ -55,7 +60,7 @@ def _replay(
     admitted: set[Ident] = set()
     depth = dict(start)
     for env, d in zip(envs, decisions, strict=True):
-        ident = (env.recipient, env.message_id)
+        ident = (env.recipient, env.sender, env.message_id)
         now = depth.get(env.recipient, Depth())
         fits_depth = now.count + 1 <= lim.max_depth
         fits_bytes = now.bytes + env.size <= lim.max_bytes
@@ -86,7 +91,7 @@ def test_admitted_envelopes_stay_within_the_limits_and_are_unique(
 ) -> None:
     decisions = admit(envs, accepted, start, lim)
     stored = [e for e, d in zip(envs, decisions, strict=True) if d.verdict is Verdict.ADMITTED]
-    idents = [(e.recipient, e.message_id) for e in stored]
+    idents = [(e.recipient, e.sender, e.message_id) for e in stored]
     assert len(set(idents)) == len(idents) and not set(idents) & accepted
     for device, added in added_depth(stored).items():
         before = start.get(device, Depth())
@@ -114,6 +119,19 @@ def test_a_rejected_envelope_takes_no_room(
     kept = [e for e, d in zip(envs, decisions, strict=True) if d.verdict is not Verdict.REJECTED]
     again = admit(kept, set(), start, lim)
     assert Verdict.REJECTED not in {d.verdict for d in again}
+
+
+def test_the_same_id_from_another_sender_is_another_envelope() -> None:
+    """A sender that used an id first does not make another sender's envelope a duplicate."""
+    mid = IDS[0]
+    honest = Envelope(mid, SENDERS[0], DEVICES[0], b"honest")
+    claim = Envelope(mid, SENDERS[1], DEVICES[0], b"pre-claim")
+    assert ident(honest) == (DEVICES[0], SENDERS[0], mid)
+    big = QueueLimits(100, 10_000)
+    assert admit([honest], {ident(claim)}, {}, big) == [Admission(Verdict.ADMITTED)]
+    assert admit([claim, honest], set(), {}, big) == [Admission(Verdict.ADMITTED)] * 2
+    assert admit([honest, honest], set(), {}, big)[1].verdict is Verdict.DUPLICATE
+    assert admit([honest], {ident(honest)}, {}, big)[0].verdict is Verdict.DUPLICATE
 
 
 def test_answers_name_the_limit() -> None:

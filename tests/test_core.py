@@ -203,6 +203,9 @@ class CountingQueue:
     async def ack(self, *a, **k):  # type: ignore[no-untyped-def]
         return await self.inner.ack(*a, **k)
 
+    def resume_point(self, cursor: int) -> int:
+        return self.inner.resume_point(cursor)
+
     async def purge_expired(self, *a, **k):  # type: ignore[no-untyped-def]
         return await self.inner.purge_expired(*a, **k)
 

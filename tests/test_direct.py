@@ -23,7 +23,7 @@ from relay.config import LimitsConfig
 from relay.core.delivery import Relay, SendOutcome
 from relay.core.sessions import Deliver, Session
 from relay.metrics import RelayMetrics
-from relay.model import Address, Envelope, Outcome, QueueLimits
+from relay.model import Address, Envelope, EnvelopeKey, Outcome, QueueLimits
 from relay.stores.sqlite_queue import SqliteQueue
 from tests.test_core import FakeIdentities
 
@@ -50,9 +50,9 @@ class CountingQueue:
         self.appended += [e.message_id for e in envelopes]
         return await self.inner.append(envelopes, expires_at_ms, limits)
 
-    async def ack(self, device: Address, message_ids: Sequence[bytes]) -> int:
-        self.acked += list(message_ids)
-        removed = await self.inner.ack(device, message_ids)
+    async def ack(self, device: Address, keys: Sequence[EnvelopeKey]) -> int:
+        self.acked += [k.message_id for k in keys]
+        removed = await self.inner.ack(device, keys)
         self.acking.set()
         return removed
 

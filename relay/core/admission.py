@@ -9,12 +9,15 @@ rejection names, or which rows a read skips:
 
 - ``live_ids``: an accepted id counts for dedup until its expiry (exclusive); past it,
   the id may be stored again.
-- ``admit``: per envelope, in call order: DUPLICATE if its (recipient, message_id) is a
-  live id or was admitted earlier in the same call; else REJECTED naming ``max_queue_depth``
-  (one more envelope would pass ``limits.max_depth``) or ``max_queue_bytes`` (its size
-  would pass ``limits.max_bytes``), depth checked first; else ADMITTED, and it counts
+- ``admit``: per envelope, in call order: DUPLICATE if its (recipient, sender,
+  message_id) (``ident``) is a live id or was admitted earlier in the same call; else
+  REJECTED naming ``max_queue_depth`` (one more envelope would pass
+  ``limits.max_depth``) or ``max_queue_bytes`` (its size would pass
+  ``limits.max_bytes``), depth checked first; else ADMITTED, and it counts
   against the limits of the envelopes after it. A rejected or duplicate envelope takes
-  no room.
+  no room. The sender is part of the key because senders choose message ids: keyed by
+  (recipient, message_id) alone, a device that learned the id another sender would use
+  could send first with it and that sender's envelope would be dropped as a duplicate.
 - ``page``: a read page of rows fetched ``limit + 1`` at a time: expired rows are
   skipped but still move the cursor, so a reader never fetches them again.
 """
@@ -37,8 +40,8 @@ from relay.model import (
 )
 
 K = TypeVar("K", bound=Hashable)
-#: A recipient's identity of one message: (recipient device, message_id).
-Ident = tuple[Address, bytes]
+#: A recipient's identity of one message: (recipient device, sender, message_id).
+Ident = tuple[Address, Address, bytes]
 
 
 class Limit(enum.Enum):
@@ -88,6 +91,11 @@ class Depth:
 EMPTY = Depth()
 
 
+def ident(envelope: Envelope) -> Ident:
+    """The dedup identity of ``envelope``: (recipient, sender, message_id)."""
+    return (envelope.recipient, envelope.sender, envelope.message_id)
+
+
 def is_expired(expires_at_ms: int, now_ms: int) -> bool:
     """Whether something expiring at ``expires_at_ms`` is gone at ``now_ms`` (inclusive)."""
     return expires_at_ms <= now_ms
@@ -106,15 +114,15 @@ def admit(
 ) -> list[Admission]:
     """Decide each envelope of one append, in order (module docstring).
 
-    ``accepted`` holds the live (recipient, message_id) pairs among the envelopes' ids
+    ``accepted`` holds the live (recipient, sender, message_id) idents among the envelopes
     (others may be there too); ``depths`` each recipient's queue now (missing: empty).
     """
     seen: set[Ident] = set()
     depth: dict[Address, Depth] = {}
     out: list[Admission] = []
     for env in envelopes:
-        ident = (env.recipient, env.message_id)
-        if ident in seen or ident in accepted:
+        key = ident(env)
+        if key in seen or key in accepted:
             out.append(DUPLICATE)
             continue
         now = depth.get(env.recipient) or depths.get(env.recipient, EMPTY)
@@ -124,7 +132,7 @@ def admit(
         if now.bytes + env.size > limits.max_bytes:
             out.append(Admission(Verdict.REJECTED, Limit.BYTES))
             continue
-        seen.add(ident)
+        seen.add(key)
         depth[env.recipient] = Depth(now.count + 1, now.bytes + env.size)
         out.append(ADMITTED)
     return out

@@ -1,9 +1,11 @@
 """The relay core: accept sends (durable before ack), open sessions, take acks.
 
 Contract (DESIGN.md section 3): a send is answered only once every copy is acked by
-its recipient device or durable; an envelope with a message id seen before for the same
-recipient is a duplicate; ephemeral envelopes reach only an online session and are never
-stored; limits reject with their configuration name.
+its recipient device or durable; an envelope with a (sender, message id) seen before for
+the same recipient is a duplicate (the same id from another sender is not: senders pick
+ids, so no device can pre-claim another's, nor have it removed by an ack); ephemeral
+envelopes reach only an online session and are never stored; limits reject with their
+configuration name.
 
 The direct path: an envelope to a device with a receiving session on this node is pushed
 to it first and answered DELIVERED if the device acks it within ``limits.direct_ack_ms``;
@@ -28,10 +30,11 @@ from dataclasses import dataclass
 
 from relay.clock import Clock
 from relay.config import LimitsConfig
-from relay.core.direct import DirectBatch, DirectWait, WaitState
+from relay.core.direct import DirectBatch, DirectTarget, DirectWait, WaitState
 from relay.core.peers import PeerInbox
 from relay.core.ports import CoreMetrics, IdentityKeys, MessageQueue, NodeLinks, Presence
 from relay.core.presence_local import LocalPresence, NoLinks
+from relay.core.remote import PeerOffers, RemoteWaits
 from relay.core.routing import Router
 from relay.core.sendorder import Pair, SendOrder, Turn
 from relay.core.sessions import Session, SessionRegistry
@@ -50,6 +53,8 @@ from relay.model import (
     Address,
     DeviceListMismatch,
     Envelope,
+    EnvelopeKey,
+    Location,
     Outcome,
     Pushed,
     QueueLimits,
@@ -72,7 +77,9 @@ class _Planned:
     order: SendOrder
     pair: Pair
     wait: DirectWait | None = None
-    session: Session | None = None
+    session: DirectTarget | None = None
+    #: Where the recipient's session is when it is on another node (located at dispatch).
+    where: Location | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +125,20 @@ class Relay:
             else limits.session_repoll_seconds
         )
         self.router = Router(node_id, self._registry, self._presence, self._links)
-        #: What peer nodes send over their links, checked before it is acted on.
-        self.peers = PeerInbox(self.router, self._registry, self._presence, clock, metrics)
         self._queue_limits = QueueLimits(limits.max_queue_depth, limits.max_queue_bytes)
         self._direct_seconds = limits.direct_ack_ms / 1000
+        #: Direct envelopes this node pushed to sessions on other nodes.
+        self.remote = RemoteWaits(self._links)
+        #: What peer nodes send over their links, checked before it is acted on.
+        self.peers = PeerInbox(
+            self.router,
+            self._registry,
+            self._presence,
+            clock,
+            metrics,
+            remote=self.remote,
+            offers=PeerOffers(self._registry, self._links, self._direct_seconds),
+        )
         #: Devices removed while this node ran, oldest first (bounded).
         self._removed: OrderedDict[Address, None] = OrderedDict()
 
@@ -305,8 +322,9 @@ class Relay:
                     ephemeral.append((i, env))
                 else:
                     accepted.append((i, env, now + ttl * 1000))
+            located = await self._locate_remote(order, accepted)
             await turn.dispatch_turn()
-            plan.extend(self._dispatch(order, turn, batch, item) for item in accepted)
+            plan.extend(self._dispatch(order, turn, batch, item, located) for item in accepted)
         finally:
             turn.dispatched()
         await turn.resolve_turn()
@@ -321,28 +339,52 @@ class Relay:
             results[i] = SendOutcome(env.message_id, env.recipient, outcome)
         return [r for r in results if r is not None]
 
+    async def _locate_remote(
+        self, order: SendOrder, accepted: list[tuple[int, Envelope, int]]
+    ) -> Mapping[Address, Location]:
+        """Where the recipients without a session here are, if this stream may go direct.
+
+        Located for stored envelopes too: their node reports their acks, which make the
+        pair clean (``relay.core.remote``, rule 4).
+        """
+        if not (order.direct and self._links.remote and self._direct_seconds > 0):
+            return {}
+        away = {
+            env.recipient for _, env, _ in accepted if self._registry.get(env.recipient) is None
+        }
+        if not away:
+            return {}
+        located = await self.router.locate(away)
+        return {a: w for a, w in located.items() if w.node_id != self._node_id}
+
     def _dispatch(
         self,
         order: SendOrder,
         turn: Turn,
         batch: DirectBatch,
         planned: tuple[int, Envelope, int],
+        located: Mapping[Address, Location],
     ) -> _Planned:
         """Push the envelope direct if its pair allows it, else plan it for the store path."""
         i, env, expires = planned
         pair = order.pair(env.recipient)
         turn.follow(pair)
-        session = self._registry.get(env.recipient) if self._direct_seconds > 0 else None
-        if session is not None and order.may_go_direct(pair, session):
-            wait = batch.add(env.message_id, len(env.content))
-            if session.offer_direct(env, wait):
-                pair.session = session
+        target: DirectTarget | None = None
+        where = located.get(env.recipient)
+        if self._direct_seconds > 0:
+            target = self._registry.get(env.recipient)
+            if target is None and where is not None:
+                target = self.remote.target(where, env.recipient)
+        if target is not None and order.may_go_direct(pair, target):
+            wait = batch.add(env.message_id, len(env.content), env.sender, order.after_seq(pair))
+            if target.offer_direct(env, wait):
+                pair.session = target
                 pair.outstanding += 1
-                return _Planned(i, env, expires, order, pair, wait, session)
+                return _Planned(i, env, expires, order, pair, wait, target, where)
             wait.fail()
         pair.clean = False
         pair.storing += 1
-        return _Planned(i, env, expires, order, pair)
+        return _Planned(i, env, expires, order, pair, where=where)
 
     async def _resolve(
         self, plan: list[_Planned], batch: DirectBatch, results: list[SendOutcome | None]
@@ -364,6 +406,7 @@ class Relay:
                     self._metrics.copy(direct=True)
                 else:
                     p.pair.clean = False
+                    p.pair.missed = True
                     p.pair.storing += 1
                     store.append(p)
             if not store:
@@ -385,7 +428,7 @@ class Relay:
             for p in store:
                 p.pair.storing -= 1
         live: list[Pushed] = []
-        late: dict[Address, list[bytes]] = {}
+        late: dict[Address, list[EnvelopeKey]] = {}
         for p, result in zip(store, appended, strict=True):
             env = p.envelope
             error = None
@@ -394,16 +437,21 @@ class Relay:
             else:
                 p.pair.watching = env.message_id
                 if p.wait is not None and p.wait.late_ack:
-                    late.setdefault(env.recipient, []).append(env.message_id)
+                    late.setdefault(env.recipient, []).append(env.key)
                     p.order.acked_stored(env.recipient, env.message_id)
                 elif result.outcome is Outcome.STORED:
-                    live.append(Pushed(env, result.seq, p.pair.last_seq))
                     there = self._registry.get(env.recipient)
+                    report = there is None and p.where is not None
+                    live.append(Pushed(env, result.seq, p.pair.last_seq, report_ack=report))
                     if there is not None:
-                        there.watch(env.message_id, p.order)
+                        there.watch(env.key, p.order)
+                    elif report:
+                        self.remote.watch(env.recipient, env.sender, env.message_id, p.order)
                 if result.outcome is Outcome.STORED:
                     p.pair.last_seq = result.seq
                     self._metrics.copy(direct=False)
+                elif result.outcome is Outcome.DUPLICATE:
+                    p.pair.last_seq = 0  # its copy's seq is unknown: only its ack anchors
             results[p.index] = SendOutcome(env.message_id, env.recipient, result.outcome, error)
         for recipient, ids in late.items():
             # Acked while it was being stored: the device holds it, drop the stored copy.
@@ -578,8 +626,10 @@ class Relay:
     async def ack(self, session: Session, message_ids: Sequence[bytes]) -> int:
         """Take the device's acks: end direct waits, remove stored envelopes from its queue.
 
-        Only the session's own queue is touched (never anyone else's). Returns how many
-        stored envelopes were removed.
+        Only the session's own queue is touched (never anyone else's), and in it only
+        the (sender, message_id) keys this session delivered with the acked ids
+        (``Session.acked``): ids it never delivered are ignored. Returns how many stored
+        envelopes were removed.
         """
         for mid in message_ids:
             if len(mid) != MESSAGE_ID_BYTES:

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from typing import Protocol
+
+from relay.model import Address, Envelope
 
 
 class WaitState(enum.Enum):
@@ -29,15 +32,37 @@ class WaitState(enum.Enum):
 class DirectWait:
     """One envelope pushed to a session, waiting for the device's ack."""
 
-    __slots__ = ("_batch", "late_ack", "message_id", "size", "state")
+    __slots__ = (
+        "_batch",
+        "after_seq",
+        "late_ack",
+        "message_id",
+        "read_gen",
+        "sender",
+        "size",
+        "state",
+    )
 
-    def __init__(self, batch: DirectBatch, message_id: bytes, size: int) -> None:
+    def __init__(
+        self, batch: DirectBatch, message_id: bytes, size: int, sender: Address, after_seq: int = 0
+    ) -> None:
         self._batch = batch
         self.message_id = message_id
         self.size = size
+        self.sender = sender
+        #: Seq of the latest envelope of the same pair that was stored before this one (0:
+        #: none may still wait): the session delivers this one only after that one.
+        self.after_seq = after_seq
+        #: The receiving session's count of queue reads begun when it took this one.
+        self.read_gen = 0
         self.state = WaitState.PENDING
         #: The device acked it after it had FAILED (it holds a copy: ack the stored one).
         self.late_ack = False
+
+    @property
+    def pending(self) -> bool:
+        """Neither acked nor failed yet."""
+        return self.state is WaitState.PENDING
 
     def acked(self) -> None:
         """The recipient device acked the envelope."""
@@ -54,6 +79,21 @@ class DirectWait:
             self._batch.one_done()
 
 
+class DirectTarget(Protocol):
+    """Where a direct envelope goes: a local ``Session`` or one on another node.
+
+    Two targets compare equal when they are the same receiving session.
+    """
+
+    def offer_direct(self, envelope: Envelope, wait: DirectWait) -> bool:
+        """Push ``envelope`` unstored; ``wait`` ends with the device's ack. False: refused."""
+        ...
+
+    def settle(self, wait: DirectWait) -> None:
+        """The sender has acted on ``wait``'s outcome: forget it."""
+        ...
+
+
 class DirectBatch:
     """The direct waits of one send; ``wait`` returns once all have ended."""
 
@@ -65,9 +105,12 @@ class DirectBatch:
         self._future: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, message_id: bytes, size: int) -> DirectWait:
-        """A new pending wait of this batch."""
-        wait = DirectWait(self, message_id, size)
+    def add(self, message_id: bytes, size: int, sender: Address, after_seq: int = 0) -> DirectWait:
+        """A new pending wait of this batch (``after_seq``: see ``DirectWait.after_seq``)."""
+        return self.join(DirectWait(self, message_id, size, sender, after_seq))
+
+    def join(self, wait: DirectWait) -> DirectWait:
+        """Count ``wait`` (made with this batch, still pending) among this batch's waits."""
         self.waits.append(wait)
         self._pending += 1
         return wait

@@ -22,6 +22,9 @@ up to three kinds of item. The rules for believing them live here, whatever carr
 4. **Forwards** go to the router. A session delivers a forwarded envelope directly only
    when its ``prev_seq`` proves it next in order, so a peer that can forward can also
    deliver what it likes: that is why links off loopback need mutual TLS.
+5. **Direct forwards and notices** (the direct path across nodes) follow the rules of
+   ``relay.core.remote``: a direct forward reaches only the session of the epoch it
+   names; a notice ends only a wait this node holds on that very peer.
 
 Everything ignored is counted in ``relay_link_refused_total{reason}`` and logged at most
 once per ``LOG_INTERVAL_MS`` per peer and reason (with the count since the last line).
@@ -35,10 +38,11 @@ from dataclasses import dataclass, field
 
 from relay.clock import Clock
 from relay.core.ports import CoreMetrics, Presence
+from relay.core.remote import PeerOffers, RemoteWaits
 from relay.core.routing import Router
 from relay.core.sessions import SessionRegistry
 from relay.errors import InvalidArgument, PermissionDenied, RelayError
-from relay.model import Address, Pushed
+from relay.model import Address, Notice, Offered, Pushed
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +94,12 @@ class PeerInbox:
         presence: Presence,
         clock: Clock,
         metrics: CoreMetrics,
+        *,
+        remote: RemoteWaits,
+        offers: PeerOffers,
     ) -> None:
+        self._remote = remote
+        self.offers = offers
         self._router = router
         self._sessions = sessions
         self._presence = presence
@@ -119,7 +128,20 @@ class PeerInbox:
 
     def accept(self, peer: str, items: Sequence[Pushed]) -> None:
         """Envelopes ``peer`` forwards for sessions here (see rule 4)."""
-        self._router.accept(items)
+        taken = self._router.accept(items)
+        watched = [(i.envelope.recipient, i.envelope) for i in taken if i.report_ack]
+        if watched:
+            self.offers.watch(peer, watched)
+
+    def offer(self, peer: str, items: Sequence[Offered]) -> None:
+        """Direct (unstored) envelopes ``peer`` pushes to sessions here (see rule 5)."""
+        self.offers.offer(peer, items)
+
+    def notices(self, peer: str, notices: Sequence[Notice]) -> None:
+        """What ``peer`` reports of envelopes this node forwarded to it (see rule 5)."""
+        ignored = self._remote.notices(peer, notices)
+        if ignored:
+            self._metrics.link_refused("notice_late")
 
     def repoll_all(self, peer: str) -> bool:
         """``peer`` asks every session here to re-read; return whether they were told to."""

@@ -10,7 +10,10 @@ from relay.model import (
     Address,
     Appended,
     Envelope,
+    EnvelopeKey,
     Location,
+    Notice,
+    Offered,
     Outcome,
     Pushed,
     QueueLimits,
@@ -26,11 +29,24 @@ class MessageQueue(Protocol):
     ) -> list[Appended]:
         """Durably store each envelope in its recipient's queue; one answer per envelope.
 
-        Idempotent by (recipient, message_id): an id accepted before (even if since acked,
-        until it expires) answers DUPLICATE and stores nothing. A recipient whose queue
+        Idempotent by (recipient, sender, message_id) (``Envelope.key`` per recipient; the
+        envelope's ``sender`` is the authenticated one, set by the core): a key accepted
+        before (even if since acked, until it expires) answers DUPLICATE and stores
+        nothing. The same id from another sender is another envelope (both are stored),
+        so no device can pre-claim an id that another sender will use. A recipient whose queue
         would pass ``limits`` answers REJECTED naming the limit. Returns only once the
         STORED envelopes are durable. Within one call and across calls, envelopes to one
         recipient are queued in call order.
+        """
+        ...
+
+    def resume_point(self, cursor: int) -> int:
+        """Where a reader that has read a device's queue up to ``cursor`` reads on from.
+
+        Every envelope appended after that read completed has a seq above the returned
+        value (which may be below ``cursor``: the reader then skips what it delivered).
+        A backend whose seqs are made by several writers' clocks steps back by their
+        allowed lag; one with a single writer returns ``cursor``.
         """
         ...
 
@@ -41,10 +57,13 @@ class MessageQueue(Protocol):
         """
         ...
 
-    async def ack(self, device: Address, message_ids: Sequence[bytes]) -> int:
-        """Remove the named envelopes from ``device``'s queue; return how many were there.
+    async def ack(self, device: Address, keys: Sequence[EnvelopeKey]) -> int:
+        """Remove the envelopes named by (sender, message_id) from ``device``'s queue.
 
-        Unknown ids are ignored (acks are idempotent). An acked id is never delivered again.
+        Returns how many were there. Only those keys go: an envelope with the same id
+        from another sender stays. Unknown keys are ignored (acks are idempotent). An
+        acked envelope is never delivered again, and its key stays a duplicate until it
+        expires.
         """
         ...
 
@@ -134,6 +153,22 @@ class NodeLinks(Protocol):
 
     def displace(self, node_id: str, device: Address, epoch: int) -> None:
         """Tell ``node_id`` that sessions of ``device`` older than ``epoch`` must end."""
+        ...
+
+    def offer(self, node_id: str, items: Sequence[Offered]) -> None:
+        """Push envelopes direct (unstored) to sessions on ``node_id`` (see ``Notice``).
+
+        Dropped if the link is full or down: the sender then stores them at its deadline.
+        """
+        ...
+
+    def report(self, node_id: str, notices: Sequence[Notice]) -> None:
+        """Tell ``node_id`` what became of envelopes it forwarded here (acks, refusals)."""
+        ...
+
+    @property
+    def remote(self) -> bool:
+        """Whether there can be other nodes at all (False: a single process)."""
         ...
 
 

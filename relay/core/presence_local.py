@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from relay.model import Address, Location, Pushed
+from relay.model import Address, Location, Notice, Offered, Pushed
 
 
 class LocalPresence:
@@ -55,3 +55,14 @@ class NoLinks:
 
     def displace(self, node_id: str, device: Address, epoch: int) -> None:
         """Never called with a remote node in a single process."""
+
+    def offer(self, node_id: str, items: Sequence[Offered]) -> None:
+        """Never called: ``remote`` is False."""
+
+    def report(self, node_id: str, notices: Sequence[Notice]) -> None:
+        """Never called with a remote node in a single process."""
+
+    @property
+    def remote(self) -> bool:
+        """A single process has no other node."""
+        return False

@@ -46,7 +46,7 @@ class Router:
         online = {s.address for s in local}
         if not remote:
             return online
-        locations = await self._locate({i.envelope.recipient for i in remote})
+        locations = await self.locate({i.envelope.recipient for i in remote})
         by_node: dict[str, list[Pushed]] = defaultdict(list)
         for item in remote:
             where = locations.get(item.envelope.recipient)
@@ -57,22 +57,26 @@ class Router:
             self._links.forward(node_id, group)
         return online
 
-    async def _locate(self, devices: set[Address]) -> dict[Address, Location]:
+    async def locate(self, devices: set[Address]) -> dict[Address, Location]:
+        """Where ``devices`` are online (presence, maybe cached); {} if presence is down."""
         try:
             return await self._presence.locate(sorted(devices))
         except RelayError as exc:
             log.warning("presence lookup failed, envelopes wait in the store: %s", exc)
             return {}
 
-    def accept(self, items: Sequence[Pushed]) -> None:
-        """Envelopes forwarded by another node for sessions here."""
+    def accept(self, items: Sequence[Pushed]) -> list[Pushed]:
+        """Envelopes forwarded by another node for sessions here; return those taken."""
         by_session: dict[Session, list[Pushed]] = defaultdict(list)
+        taken: list[Pushed] = []
         for item in items:
             session = self._registry.get(item.envelope.recipient)
             if session is not None:
                 by_session[session].append(item)
+                taken.append(item)
         for session, group in by_session.items():
             session.push(group)
+        return taken
 
     def displace(self, device: Address, epoch: int) -> bool:
         """End ``device``'s session here if it is older than ``epoch``; return whether it was.

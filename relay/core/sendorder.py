@@ -17,13 +17,21 @@ The rule that keeps a recipient device's view of one sender in send order, whate
 mix of paths: an envelope to recipient R may go direct only when
 
 - the stream sends on the device's receiving session (one per device, so no other stream
-  of it interleaves), and R has a receiving session on this node, and
-- the pair is *clean*: the latest envelope of the pair that took the store path has been
-  acked by R, as seen on this node (a device acks in queue order, so everything stored
-  before it has reached R too); a new stream starts unclean, so its first envelope to R
-  is stored and proves, once acked, that nothing older waits in R's queue, and
+  of it interleaves), and R has a receiving session, on this node or (located through
+  presence) on another one (``relay.core.remote``), and
+- the pair is *clean* or *anchored*. Clean: the latest envelope of the pair that took the
+  store path has been acked by R, as seen on this node or reported by R's node (a device
+  acks in queue order, so everything stored before it has reached R too). Anchored: the
+  latest store-path envelope of the pair is appended and its seq known (``last_seq``);
+  the direct one then carries it (``DirectWait.after_seq``) and R's session delivers it
+  only after that stored one (``Session``), so a sender need not wait for an ack to come
+  back before it goes direct again; but after a direct envelope of the pair went unacked
+  (``Pair.missed``) only a clean pair goes direct. A new stream starts neither, so its
+  first envelope to R is stored and proves, once acked, that nothing older waits in R's
+  queue, and
 - every direct envelope of the pair still unresolved went to that same session (so the
-  session's own FIFO orders them).
+  session's own FIFO orders them; one node link, itself FIFO, carries them to a remote
+  one).
 
 Otherwise the envelope takes the store path and the pair is unclean until that
 envelope's ack is seen. Store-path envelopes of a pair are appended in send order (the
@@ -42,7 +50,7 @@ from typing import TYPE_CHECKING
 from relay.model import Address
 
 if TYPE_CHECKING:
-    from relay.core.sessions import Session
+    from relay.core.direct import DirectTarget
 
 #: Recipients whose pair state a stream keeps, most recently used (the oldest idle one is
 #: forgotten past it: unclean again, its next envelope is stored, which costs speed, never
@@ -60,9 +68,13 @@ class Pair:
     #: Store-path envelopes dispatched and not yet appended (the pair is not clean).
     storing: int = 0
     #: Where the unresolved direct envelopes of the pair went, and how many there are.
-    session: Session | None = None
+    session: DirectTarget | None = None
     outstanding: int = 0
-    #: Seq of the latest envelope stored to the recipient (``Pushed.prev_seq`` of the next).
+    #: A direct envelope of the pair went unacked (a slow or stalled device): only a
+    #: clean pair goes direct again, so a slow reader is not made to time out each one.
+    missed: bool = False
+    #: Seq of the latest envelope stored to the recipient (``Pushed.prev_seq`` of the next);
+    #: 0 when unknown (none yet, or the latest was a duplicate of one stored before).
     last_seq: int = 0
     #: Resolution of the latest batch with an envelope of the pair (the next one waits).
     resolving: asyncio.Future[None] | None = None
@@ -147,17 +159,25 @@ class SendOrder:
             self._pairs.move_to_end(recipient)
         return pair
 
-    def may_go_direct(self, pair: Pair, session: Session | None) -> bool:
+    def may_go_direct(self, pair: Pair, session: DirectTarget | None) -> bool:
         """Whether the next envelope of ``pair`` may be pushed to ``session`` unstored."""
-        if not self.direct or session is None or not pair.clean or pair.storing:
+        if not self.direct or session is None or pair.storing:
             return False
-        return pair.outstanding == 0 or pair.session is session
+        if not (pair.clean or (pair.last_seq and not pair.missed)):
+            return False
+        return pair.outstanding == 0 or pair.session == session
+
+    @staticmethod
+    def after_seq(pair: Pair) -> int:
+        """The stored envelope a direct one of ``pair`` must follow (0: none waits)."""
+        return 0 if pair.clean else pair.last_seq
 
     def acked_stored(self, recipient: Address, message_id: bytes) -> None:
         """The recipient acked a store-path envelope of this stream."""
         pair = self._pairs.get(recipient)
         if pair is not None and pair.watching == message_id:
             pair.clean = True
+            pair.missed = False
             pair.watching = b""
 
     def _forget_idle(self) -> None:

@@ -5,11 +5,14 @@ then one QueueEmpty marker, then live envelopes as they are pushed to it (from t
 or, over node links, from others), re-reading its queue whenever order cannot be proven.
 
 Envelopes pushed *direct* (not stored, ``offer_direct``) are delivered in the order they
-were offered, but never ahead of a pending re-read: whatever the queue holds from before
-comes first. Their senders wait for the device's ack (``relay.core.direct``); a session
-that ends fails every wait it holds at once, so those envelopes are stored. Pushed and
-unacked envelopes are bounded per session by count and bytes: past either, a direct
-offer is refused (the sender stores it) and stored pushes are left to the next re-read.
+were offered, but never ahead of a pending re-read (whatever the queue holds from before
+comes first), nor ahead of the stored envelope of their pair they must follow
+(``DirectWait.after_seq``: the session re-reads until it has delivered it, or until a
+read begun after the offer has completed without it, i.e. it was acked). Their senders
+wait for the device's ack (``relay.core.direct``); a session that ends fails every wait
+it holds at once, so those envelopes are stored. Pushed and unacked envelopes are bounded
+per session by count and bytes: past either, a direct offer is refused (the sender
+stores it) and stored pushes are left to the next re-read.
 
 Any session (receiving or send-only) can be ended from outside with the error its
 stream must close with: ``displace`` (a newer session of the device took over) or
@@ -23,13 +26,14 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from relay.clock import Clock
 from relay.core.direct import DirectWait
 from relay.core.ports import MessageQueue
 from relay.core.sendorder import SendOrder
 from relay.errors import ClientError, SessionDisplaced
-from relay.model import Address, Envelope, Pushed
+from relay.model import Address, Envelope, EnvelopeKey, Pushed
 
 #: Ephemeral envelopes buffered per session; older ones are dropped past it
 #: (they are typing indicators and the like, never stored by contract).
@@ -40,6 +44,14 @@ MAX_WATCHED_ACKS = 4096
 #: Content bytes per Deliver frame (a frame carries at least one envelope); well under
 #: the 16 MiB message limit of the servers and the SDK.
 MAX_DELIVER_FRAME_BYTES = 4 * 1024 * 1024
+
+
+class AckWatcher(Protocol):
+    """Told when the device acks a stored envelope it watches (a ``SendOrder``, or a peer's)."""
+
+    def acked_stored(self, recipient: Address, message_id: bytes) -> None:
+        """``recipient`` acked the stored envelope ``message_id``."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,19 +116,30 @@ class Session:
         #: Content bytes of the stored envelopes in ``_pending`` (direct ones: ``_direct_bytes``).
         self._pending_bytes = 0
         self._ephemeral: deque[Envelope] = deque(maxlen=MAX_EPHEMERAL_BUFFER)
-        #: Ids delivered in this session and not acked yet (never delivered twice here).
-        self._delivered: set[bytes] = set()
+        #: Keys delivered in this session and not seen removed yet (never delivered twice
+        #: here), as message id -> its senders: an ack names ids only (``acked``).
+        self._delivered: dict[bytes, set[Address]] = {}
         #: Per sender: seq of the last envelope delivered from it.
         self._last_from: dict[Address, int] = {}
         #: The send order of this session's own sends (direct path for receiving ones).
         self.order = SendOrder(direct=receive)
         self._max_inflight = max_inflight
         self._max_inflight_bytes = max_inflight_bytes
-        #: Direct envelopes offered and not resolved, by id; and their bytes.
-        self._direct: dict[bytes, DirectWait] = {}
+        #: Direct envelopes offered and not resolved, by key.
+        self._direct: dict[EnvelopeKey, DirectWait] = {}
+        #: Direct envelopes this session holds memory for: unresolved, or still in
+        #: ``_pending`` (not yet written to the device), with their sizes; and the bytes.
+        self._held: dict[EnvelopeKey, int] = {}
+        self._queued: set[EnvelopeKey] = set()
         self._direct_bytes = 0
         #: Store-path envelopes whose ack a sender stream waits to see.
-        self._watched: dict[bytes, SendOrder] = {}
+        self._watched: dict[EnvelopeKey, AckWatcher] = {}
+        #: Queue reads begun, and the count of reads begun before the latest one that
+        #: completed (a direct envelope taken before that read began follows what it read).
+        self._reads_begun = 0
+        self._reads_done = 0
+        #: Where the next queue read starts (``MessageQueue.resume_point`` of the last).
+        self._resume = 0
 
     @property
     def displaced(self) -> bool:
@@ -147,32 +170,40 @@ class Session:
         """Take an envelope that is not stored, to deliver in offer order; False: refused.
 
         Refused when the session has ended or holds its limit of unacked envelopes (by
-        count or bytes); the caller then stores it. Accepted, ``wait`` ends when the
-        device acks it (ACKED) or the session ends (FAILED).
+        count or bytes), or when an envelope of the same (sender, message_id) is offered
+        and unresolved; the caller then stores it. Accepted, ``wait`` ends when the
+        device acks it (ACKED) or the session ends (FAILED). Envelopes of one id from
+        two senders are two offers (waits are keyed by (sender, message_id)).
         """
-        if self._closed or envelope.message_id in self._direct:
+        key = envelope.key
+        if self._closed or key in self._held:
             return False
         if (
-            len(self._direct) >= self._max_inflight
+            len(self._held) >= self._max_inflight
             or self._direct_bytes + wait.size > self._max_inflight_bytes
         ):
             return False
-        self._direct[envelope.message_id] = wait
+        self._direct[key] = wait
+        self._held[key] = wait.size
         self._direct_bytes += wait.size
+        wait.read_gen = self._reads_begun
+        self._queued.add(key)
         self._pending.append(Pushed(envelope, direct=True))
         self._wake.set()
         return True
 
     def settle(self, wait: DirectWait) -> None:
         """Forget a resolved direct envelope (its sender has acted on the outcome)."""
-        if self._direct.get(wait.message_id) is wait:
-            del self._direct[wait.message_id]
-            self._direct_bytes -= wait.size
+        key = EnvelopeKey(wait.sender, wait.message_id)
+        if self._direct.get(key) is wait:
+            del self._direct[key]
+            if key not in self._queued:
+                self._release(key)
 
-    def watch(self, message_id: bytes, order: SendOrder) -> None:
+    def watch(self, key: EnvelopeKey, order: AckWatcher) -> None:
         """Tell ``order`` when the device acks this stored envelope (see ``SendOrder``)."""
         if len(self._watched) < MAX_WATCHED_ACKS:
-            self._watched[message_id] = order
+            self._watched[key] = order
 
     def reread(self) -> None:
         """Make the session re-read its queue (wake-ups may have been lost)."""
@@ -212,9 +243,10 @@ class Session:
             wait.fail()
         self._watched.clear()
 
-    def removed(self, message_ids: Sequence[bytes]) -> None:
-        """Acked ids are gone from the queue: a re-read cannot deliver them again."""
-        self._delivered.difference_update(message_ids)
+    def removed(self, keys: Sequence[EnvelopeKey]) -> None:
+        """Acked keys are gone from the queue: a re-read cannot deliver them again."""
+        for key in keys:
+            self._forget_delivered(key)
 
     async def ended(self) -> None:
         """Wait until the session is ended from outside, then raise why."""
@@ -222,24 +254,44 @@ class Session:
         assert self._end is not None
         raise self._end
 
-    def acked(self, message_ids: Sequence[bytes]) -> list[bytes]:
-        """The device acked ``message_ids``; return those to remove from its queue.
+    def acked(self, message_ids: Sequence[bytes]) -> list[EnvelopeKey]:
+        """The device acked ``message_ids``; return the keys to remove from its queue.
 
-        Acks of direct envelopes end their waits (their senders answer DELIVERED, nothing
-        was stored: no queue work); acks of watched stored envelopes tell their senders.
+        The device names ids only: each id stands for the (sender, message_id) keys this
+        session delivered with it and has not seen removed (normally one; one per sender
+        if several senders used the id). An id this session never delivered is ignored,
+        so a device cannot remove an envelope it was not given here (it is delivered,
+        and acked, again). Acks of direct envelopes end their waits (their senders
+        answer DELIVERED, nothing was stored: no queue work); acks of watched stored
+        envelopes tell their senders.
         """
-        stored: list[bytes] = []
-        for mid in message_ids:
-            wait = self._direct.get(mid)
-            if wait is not None:
-                self._delivered.discard(mid)
-                wait.acked()  # PENDING: delivered; FAILED: its sender acks the stored copy
-                continue
-            stored.append(mid)  # still "delivered" until the queue has removed it
-            order = self._watched.pop(mid, None)
-            if order is not None:
-                order.acked_stored(self.address, mid)
+        stored: list[EnvelopeKey] = []
+        for mid in dict.fromkeys(message_ids):
+            for sender in tuple(self._delivered.get(mid, ())):
+                key = EnvelopeKey(sender, mid)
+                wait = self._direct.get(key)
+                if wait is not None:
+                    self._forget_delivered(key)
+                    wait.acked()  # PENDING: delivered; FAILED: its sender acks the stored copy
+                    continue
+                stored.append(key)  # still "delivered" until the queue has removed it
+                order = self._watched.pop(key, None)
+                if order is not None:
+                    order.acked_stored(self.address, mid)
         return stored
+
+    def _was_delivered(self, envelope: Envelope) -> bool:
+        return envelope.sender in self._delivered.get(envelope.message_id, ())
+
+    def _mark_delivered(self, envelope: Envelope) -> None:
+        self._delivered.setdefault(envelope.message_id, set()).add(envelope.sender)
+
+    def _forget_delivered(self, key: EnvelopeKey) -> None:
+        senders = self._delivered.get(key.message_id)
+        if senders is not None:
+            senders.discard(key.sender)
+            if not senders:
+                del self._delivered[key.message_id]
 
     async def events(self) -> AsyncIterator[SessionEvent]:
         """Yield stored envelopes, then QueueEmpty, then live envelopes, until ended.
@@ -298,14 +350,23 @@ class Session:
         for item in self._pending:
             env = item.envelope
             if item.direct:
-                if self._reread:
+                wait = self._direct.get(env.key)
+                if wait is None:
+                    self._dequeue(env.key)
+                    continue  # resolved by its sender: acked, or stored (the queue has it)
+                if not self._follows(wait):
+                    held.append(item)
+                    self._reread = True  # the stored one before it is in the queue
+                elif self._reread:
                     held.append(item)  # the stored ones from before go first
-                elif env.message_id not in self._delivered:
-                    out.append(env)
-                    self._delivered.add(env.message_id)
+                else:
+                    self._dequeue(env.key)
+                    if not self._was_delivered(env):
+                        out.append(env)
+                        self._mark_delivered(env)
                 continue
             in_order = item.prev_seq != 0 and self._last_from.get(env.sender) == item.prev_seq
-            if env.message_id in self._delivered:
+            if self._was_delivered(env):
                 if in_order:
                     self._last_from[env.sender] = item.seq  # delivered direct already
                 continue
@@ -315,15 +376,43 @@ class Session:
             if self._reread:
                 continue  # something before it must come from the store first
             out.append(env)
-            self._delivered.add(env.message_id)
+            self._mark_delivered(env)
             self._last_from[env.sender] = item.seq
         self._pending = held
         self._pending_bytes = 0
         return tuple(out)
 
+    def _dequeue(self, key: EnvelopeKey) -> None:
+        """A direct envelope left ``_pending``; its memory goes once its wait is settled too."""
+        self._queued.discard(key)
+        if key not in self._direct:
+            self._release(key)
+
+    def _release(self, key: EnvelopeKey) -> None:
+        size = self._held.pop(key, None)
+        if size is not None:
+            self._direct_bytes -= size
+
+    def _follows(self, wait: DirectWait) -> bool:
+        """Whether the stored envelope a direct one must follow (``after_seq``) is behind it.
+
+        It is when this session has delivered it (or a later one of its sender), or when
+        a queue read that began after the direct one was taken has completed: that read
+        found it, unless it was acked (it is appended before the direct one is offered).
+        """
+        if wait.after_seq == 0 or self._last_from.get(wait.sender, 0) >= wait.after_seq:
+            return True
+        return self._reads_done > wait.read_gen
+
     async def _read_queue(self) -> AsyncIterator[Deliver]:
-        """Everything unacked in the queue that this session has not delivered, in order."""
-        cursor = 0
+        """Everything unacked in the queue that this session has not delivered, in order.
+
+        Reads on from where the last complete read ended (``MessageQueue.resume_point``),
+        not from the start: what lies before it was delivered in this session.
+        """
+        gen = self._reads_begun
+        self._reads_begun += 1
+        cursor = self._resume
         while True:
             self._raise_if_ended()
             page = await self._queue.read(self.address, cursor, self._page, self._clock.now_ms())
@@ -333,13 +422,15 @@ class Session:
                 env = item.envelope
                 if item.seq > self._last_from.get(env.sender, 0):
                     self._last_from[env.sender] = item.seq
-                if env.message_id in self._delivered:
+                if self._was_delivered(env):
                     continue
                 fresh.append(env)
-                self._delivered.add(env.message_id)
+                self._mark_delivered(env)
             for frame in _frames(fresh):
                 yield frame
             if not page.more:
+                self._reads_done = max(self._reads_done, gen + 1)
+                self._resume = max(self._resume, self._queue.resume_point(cursor))
                 return
 
 

@@ -2,10 +2,11 @@
 
 One outbound stream per peer node, opened lazily and reopened after failures. Callers
 only append to a bounded buffer; a task per peer drains it into ``NodeBatch`` messages
-(as many items per message as are waiting, up to ``MAX_BATCH``). Everything carried is
-already durable in the store, so a full buffer or a broken stream drops wake-ups, never
-envelopes; the first batch after a (re)connect says ``repoll_all`` so the peer's sessions
-re-read their queues.
+(as many items per message as are waiting, up to ``MAX_BATCH``). Stored forwards are
+already durable and a direct forward's sender stores it unless the peer's ``Notice`` of
+the device's ack comes back in time (``relay.core.remote``), so a full buffer or a broken
+stream drops wake-ups and costs store writes, never envelopes; the first batch after a
+(re)connect says ``repoll_all`` so the peer's sessions re-read their queues.
 
 Links run on each node's link listener (``node.link_listen``), never on the device port.
 With ``[tls]`` configured they are mutual TLS: a node dials its peers with its own
@@ -35,7 +36,7 @@ from relay.core.peers import PeerInbox
 from relay.core.ports import Presence
 from relay.errors import RelayError
 from relay.metrics import RelayMetrics
-from relay.model import Address, Pushed
+from relay.model import Address, Notice, Offered, Pushed
 from relaypb.node.v1 import node_pb2, node_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class _Peer:
     def __init__(self, node_id: str, links: GrpcNodeLinks) -> None:
         self.node_id = node_id
         self._links = links
-        self._items: deque[node_pb2.Forward | node_pb2.Displace] = deque()
+        self._items: deque[node_pb2.Forward | node_pb2.Displace | node_pb2.Notice] = deque()
         self._ready = asyncio.Event()
         metrics = links.metrics
         # Bound once per peer: the loops below count without label lookups.
@@ -64,7 +65,7 @@ class _Peer:
             self._run(), name=f"link-{node_id}", context=outside_calls()
         )
 
-    def put(self, item: node_pb2.Forward | node_pb2.Displace) -> None:
+    def put(self, item: node_pb2.Forward | node_pb2.Displace | node_pb2.Notice) -> None:
         if len(self._items) >= MAX_BUFFER:
             self._dropped.inc()
             return
@@ -112,10 +113,14 @@ class _Peer:
             while True:
                 await self._ready.wait()
                 batch = node_pb2.NodeBatch(from_node=self._links.node_id, repoll_all=first)
-                while self._items and len(batch.forwards) + len(batch.displaces) < MAX_BATCH:
+                size = 0
+                while self._items and size < MAX_BATCH:
                     item = self._items.popleft()
+                    size += 1
                     if isinstance(item, node_pb2.Forward):
                         batch.forwards.append(item)
+                    elif isinstance(item, node_pb2.Notice):
+                        batch.notices.append(item)
                     else:
                         batch.displaces.append(item)
                 if not self._items:
@@ -178,9 +183,44 @@ class GrpcNodeLinks:
         for item in items:
             peer.put(
                 node_pb2.Forward(
-                    envelope=envelope_to_pb(item.envelope), seq=item.seq, prev_seq=item.prev_seq
+                    envelope=envelope_to_pb(item.envelope),
+                    seq=item.seq,
+                    prev_seq=item.prev_seq,
+                    report_ack=item.report_ack,
                 )
             )
+
+    def offer(self, node_id: str, items: Sequence[Offered]) -> None:
+        """Queue direct (unstored) envelopes for sessions on ``node_id``."""
+        peer = self._peer(node_id)
+        for item in items:
+            peer.put(
+                node_pb2.Forward(
+                    envelope=envelope_to_pb(item.envelope),
+                    direct=True,
+                    epoch=item.epoch,
+                    prev_seq=item.after_seq,
+                )
+            )
+
+    def report(self, node_id: str, notices: Sequence[Notice]) -> None:
+        """Queue notices for ``node_id`` about envelopes it forwarded here."""
+        peer = self._peer(node_id)
+        for n in notices:
+            peer.put(
+                node_pb2.Notice(
+                    recipient=address_to_pb(n.recipient),
+                    sender=address_to_pb(n.sender),
+                    message_id=n.message_id,
+                    acked=n.acked,
+                    direct=n.direct,
+                )
+            )
+
+    @property
+    def remote(self) -> bool:
+        """Links reach other nodes."""
+        return True
 
     def displace(self, node_id: str, device: Address, epoch: int) -> None:
         """Tell ``node_id`` to end sessions of ``device`` older than ``epoch``."""
@@ -225,17 +265,37 @@ class NodeLinkServicer(node_pb2_grpc.NodeLinkServicer):
                 )
                 if batch.repoll_all:
                     self._peers.repoll_all(peer)
+                if batch.notices:
+                    self._peers.notices(peer, [_notice(n) for n in batch.notices])
                 if batch.forwards:
-                    self._peers.accept(
-                        peer,
-                        [
-                            Pushed(envelope_from_wire(f.envelope), f.seq, f.prev_seq)
-                            for f in batch.forwards
-                        ],
-                    )
+                    stored = [
+                        Pushed(
+                            envelope_from_wire(f.envelope),
+                            f.seq,
+                            f.prev_seq,
+                            report_ack=f.report_ack,
+                        )
+                        for f in batch.forwards
+                        if not f.direct
+                    ]
+                    if stored:
+                        self._peers.accept(peer, stored)
+                    direct = [
+                        Offered(envelope_from_wire(f.envelope), f.epoch, f.prev_seq)
+                        for f in batch.forwards
+                        if f.direct
+                    ]
+                    if direct:
+                        self._peers.offer(peer, direct)
                 for d in batch.displaces:
                     await self._peers.displace(peer, address_from_pb(d.device), d.epoch)
                 count += 1
         except RelayError as exc:
             await abort(context, exc)
         return node_pb2.LinkSummary(batches=count)
+
+
+def _notice(n: node_pb2.Notice) -> Notice:
+    return Notice(
+        address_from_pb(n.recipient), address_from_pb(n.sender), n.message_id, n.acked, n.direct
+    )

@@ -6,8 +6,8 @@ limits and expired rows by ``relay.core.admission``) and passes the same conform
 suite (``tests/conformance/queue.py``).
 
 Per device: the rows in seq order (a dict keeps insertion order, and seqs only grow),
-the accepted ids with their expiry, and the depth. Seqs count up from 1 across devices,
-never reused.
+the accepted (sender, message_id) keys with their expiry, and the depth. Seqs count up
+from 1 across devices, never reused.
 """
 
 from __future__ import annotations
@@ -23,25 +23,34 @@ from relay.core.admission import (
     Ident,
     Verdict,
     admit,
+    ident,
     is_expired,
     live_ids,
     page,
 )
-from relay.model import Address, Appended, Envelope, QueuedEnvelope, QueueLimits, QueuePage
+from relay.model import (
+    Address,
+    Appended,
+    Envelope,
+    EnvelopeKey,
+    QueuedEnvelope,
+    QueueLimits,
+    QueuePage,
+)
 
 
 @dataclass(slots=True)
 class _Device:
     seqs: list[int] = field(default_factory=list)  # ascending, of the rows still there
     rows: dict[int, QueuedEnvelope] = field(default_factory=dict)
-    by_id: dict[bytes, int] = field(default_factory=dict)  # message_id -> seq of its row
-    accepted: dict[bytes, int] = field(default_factory=dict)  # message_id -> expiry
+    by_key: dict[EnvelopeKey, int] = field(default_factory=dict)  # -> seq of its row
+    accepted: dict[EnvelopeKey, int] = field(default_factory=dict)  # -> expiry
     depth: Depth = EMPTY
 
     def remove(self, seq: int) -> QueuedEnvelope:
         row = self.rows.pop(seq)
         del self.seqs[bisect.bisect_left(self.seqs, seq)]
-        self.by_id.pop(row.envelope.message_id, None)
+        self.by_key.pop(row.envelope.key, None)
         self.depth = Depth(self.depth.count - 1, self.depth.bytes - row.envelope.size)
         return row
 
@@ -76,8 +85,9 @@ class MemoryQueue:
             if d is None:
                 continue
             depths[env.recipient] = d.depth
-            if env.message_id in d.accepted:
-                accepted[(env.recipient, env.message_id)] = d.accepted[env.message_id]
+            expires = d.accepted.get(env.key)
+            if expires is not None:
+                accepted[ident(env)] = expires
         decisions = admit(envelopes, live_ids(accepted, self._clock.now_ms()), depths, limits)
         out: list[Appended] = []
         for (env, expires), decision in zip(items, decisions, strict=True):
@@ -85,18 +95,22 @@ class MemoryQueue:
                 out.append(decision.appended())
                 continue
             d = self._device(env.recipient)
-            old = d.by_id.get(env.message_id)
-            if old is not None:  # an expired copy of an id stored again
+            old = d.by_key.get(env.key)
+            if old is not None:  # an expired copy of a key stored again
                 d.remove(old)
             self._last_seq += 1
             seq = self._last_seq
             d.rows[seq] = QueuedEnvelope(seq, env, expires)
             d.seqs.append(seq)
-            d.by_id[env.message_id] = seq
-            d.accepted[env.message_id] = expires
+            d.by_key[env.key] = seq
+            d.accepted[env.key] = expires
             d.depth = Depth(d.depth.count + 1, d.depth.bytes + env.size)
             out.append(decision.appended(seq))
         return out
+
+    def resume_point(self, cursor: int) -> int:
+        """See ``MessageQueue.resume_point``: one writer, seqs only grow, so ``cursor``."""
+        return cursor
 
     async def read(self, device: Address, after: int, limit: int, now_ms: int) -> QueuePage:
         """See ``MessageQueue.read``."""
@@ -107,14 +121,14 @@ class MemoryQueue:
         rows = [d.rows[s] for s in d.seqs[start : start + limit + 1]]
         return page(rows, after, limit, now_ms)
 
-    async def ack(self, device: Address, message_ids: Sequence[bytes]) -> int:
+    async def ack(self, device: Address, keys: Sequence[EnvelopeKey]) -> int:
         """See ``MessageQueue.ack``."""
         d = self._devices.get(device)
         if d is None:
             return 0
         removed = 0
-        for mid in dict.fromkeys(message_ids):
-            seq = d.by_id.get(mid)
+        for k in dict.fromkeys(keys):
+            seq = d.by_key.get(k)
             if seq is not None:
                 d.remove(seq)
                 removed += 1

@@ -20,7 +20,7 @@ import pytest
 from relay.clock import FakeClock, SystemClock
 from relay.common.cassandra.session import CassandraSession
 from relay.errors import Unavailable
-from relay.model import Address, Envelope, Outcome
+from relay.model import Address, Envelope, EnvelopeKey, Outcome
 from relay.stores.cassandra.layout import DEFAULT_BUCKET_MS, bucket_of
 from relay.stores.cassandra.queue import DEFAULT_FLOOR_LAG_MS, CassandraQueue
 from tests.conformance.queue import ALICE, BIG
@@ -84,7 +84,7 @@ async def test_next_page_after_100k_acked_scans_few_tombstones(fresh: CassandraS
     await append([last])
 
     async def ack(batch: list[bytes]) -> None:
-        assert await queue.ack(DEVICE, batch) == len(batch)
+        assert await queue.ack(DEVICE, [EnvelopeKey(ALICE, m) for m in batch]) == len(batch)
 
     ack_s = await in_batches([*batches, [last]], ack)
     assert await queue.depth(DEVICE) == (0, 0)

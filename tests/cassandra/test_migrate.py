@@ -10,7 +10,7 @@ import pytest
 from relay.clock import FakeClock
 from relay.common.cassandra.session import CassandraSession
 from relay.config import CassandraConfig, ConfigError
-from relay.model import Outcome
+from relay.model import Address, Envelope, Outcome
 from relay.stores.cassandra.accepted import Accepted, AcceptedIds
 from relay.stores.cassandra.layout import DEFAULT_BUCKET_MS, bucket_of, key, seq_at
 from relay.stores.cassandra.migrate import (
@@ -24,6 +24,8 @@ from relay.stores.cassandra.queue import INSERT_ROW, CassandraQueue
 from tests.conformance.queue import BIG, BOB, NOW, env, read_all
 
 pytestmark = pytest.mark.services
+
+MALLORY = Address("t", "mallory", 1)
 
 
 def test_migrations_are_numbered_and_split() -> None:
@@ -130,14 +132,24 @@ async def test_ids_accepted_under_layout_1_stay_found_after_the_upgrade(
                 Outcome.DUPLICATE,
                 Outcome.STORED,
             ]
-            got = [e.message_id for e in await read_all(queue, BOB)]
-            assert got == [stored.message_id, new.message_id]
-            assert await queue.ack(BOB, [stored.message_id, acked.message_id]) == 1
-            assert [e.message_id for e in await read_all(queue, BOB)] == [new.message_id]
-            res = await queue.append([stored, new], [NOW + 10**9] * 2, BIG)
-            assert [r.outcome for r in res] == [Outcome.DUPLICATE, Outcome.DUPLICATE]
-            assert await queue.ack(BOB, [new.message_id]) == 1
+            # Layout-1 ids read as keyed by sender: the stored one is its row's sender's,
+            # so another sender's envelope of that id is stored; the one acked under
+            # layout 1 has no row (no sender) and stays a duplicate for every sender.
+            other = Envelope(stored.message_id, MALLORY, BOB, b"other")
+            blind = Envelope(acked.message_id, MALLORY, BOB, b"blind")
+            res = await queue.append([other, blind], [NOW + 10**9] * 2, BIG)
+            assert [r.outcome for r in res] == [Outcome.STORED, Outcome.DUPLICATE]
+            got = [e.key for e in await read_all(queue, BOB)]
+            assert got == [stored.key, new.key, other.key]
+            assert await queue.ack(BOB, [stored.key, acked.key]) == 1  # not mallory's copy
+            assert [e.key for e in await read_all(queue, BOB)] == [new.key, other.key]
+            # Acked on layout 2, the layout-1 copy is recorded acked in queue_ids.
+            res = await queue.append([stored, new, other], [NOW + 10**9] * 3, BIG)
+            assert [r.outcome for r in res] == [Outcome.DUPLICATE] * 3
+            assert await queue.ack(BOB, [new.key, other.key]) == 2
             assert await read_all(queue, BOB) == []
+            res = await queue.append([stored], [NOW + 10**9], BIG)
+            assert res[0].outcome is Outcome.DUPLICATE
     finally:
         async with CassandraSession(config, keyspace="") as admin:
             await admin.execute_ddl(f"DROP KEYSPACE IF EXISTS {config.keyspace}", op="drop")

@@ -12,6 +12,7 @@ from relay.clock import FakeClock
 from relay.common.cassandra.session import CassandraSession
 from relay.config import CassandraConfig
 from relay.errors import Unavailable
+from relay.model import EnvelopeKey
 from relay.stores.cassandra.migrate import migrate
 from relay.stores.cassandra.queue import CassandraQueue
 from tests.conformance.queue import BIG, BOB, NOW, env
@@ -43,7 +44,7 @@ async def test_queue_operations_raise_unavailable(down: CassandraSession) -> Non
     assert info.value.retryable and info.value.__cause__ is not None
     for call in (
         queue.read(BOB, 0, 10, NOW),
-        queue.ack(BOB, [b"x" * 16]),
+        queue.ack(BOB, [EnvelopeKey(BOB, b"x" * 16)]),
         queue.purge_expired(NOW),
     ):
         with pytest.raises(Unavailable):

@@ -9,12 +9,12 @@ import pytest
 
 from relay.clock import FakeClock
 from relay.common.cassandra.session import CassandraSession
-from relay.model import Address, Outcome, QueueLimits
+from relay.model import Address, Envelope, Outcome, QueueLimits
 from relay.stores.cassandra.accepted import AcceptedIds
 from relay.stores.cassandra.ids import LAYOUT_VERSION, Layout
 from relay.stores.cassandra.layout import DEFAULT_BUCKET_MS, SeqSource, bucket_of, key, seq_at
 from relay.stores.cassandra.queue import DEFAULT_FLOOR_LAG_MS, CassandraQueue
-from tests.conformance.queue import BIG, BOB, NOW, QueueConformance, env, read_all
+from tests.conformance.queue import BIG, BOB, MALLORY, NOW, QueueConformance, env, read_all
 
 pytestmark = pytest.mark.services
 
@@ -35,7 +35,7 @@ async def test_half_done_append_is_stored_again(fresh: CassandraSession) -> None
     assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.STORED
     assert [x.message_id for x in await read_all(queue, BOB)] == [e.message_id]
     assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.DUPLICATE
-    assert await queue.ack(BOB, [e.message_id]) == 1
+    assert await queue.ack(BOB, [e.key]) == 1
     assert await read_all(queue, BOB) == []
 
 
@@ -45,7 +45,7 @@ async def test_racing_appends_of_one_id_are_acked_together(fresh: CassandraSessi
     results = await asyncio.gather(*(q.append([e], [NOW + 1000], BIG) for q in nodes))
     assert {r[0].outcome for r in results} <= {Outcome.STORED, Outcome.DUPLICATE}
     assert Outcome.STORED in {r[0].outcome for r in results}
-    assert await nodes[0].ack(BOB, [e.message_id]) == 1
+    assert await nodes[0].ack(BOB, [e.key]) == 1
     assert await read_all(nodes[1], BOB) == []
 
 
@@ -58,11 +58,11 @@ async def test_acks_move_the_floor_past_acked_rows(fresh: CassandraSession) -> N
     new = [env() for _ in range(6)]
     res_new = await queue.append(new, [NOW + 10**9] * 6, BIG)
     # The newest acked seq (new[0]'s) bounds the floor: LAG below it, past every old row.
-    assert await queue.ack(BOB, [e.message_id for e in old + new[:1]]) == 5
+    assert await queue.ack(BOB, [e.key for e in old + new[:1]]) == 5
     floor = await queue.floor(BOB)
     assert floor == seq_at(NOW + 1000) - 1
     assert max(r.seq for r in res_old) < floor < res_new[1].seq
-    await queue.ack(BOB, [e.message_id for e in new[1:3]])
+    await queue.ack(BOB, [e.key for e in new[1:3]])
     assert await queue.floor(BOB) == floor  # new[2] is not LAG older than itself
     assert [x.message_id for x in await read_all(queue, BOB)] == [e.message_id for e in new[3:]]
 
@@ -80,7 +80,7 @@ async def test_the_floor_follows_the_acked_seqs_not_the_acking_clock(
     acker = CassandraQueue(fresh, ahead)
     first = env()
     (res,) = await writer.append([first], [NOW + 10**9], BIG)
-    assert await acker.ack(BOB, [first.message_id]) == 1
+    assert await acker.ack(BOB, [first.key]) == 1
     assert await writer.floor(BOB) <= seq_at(NOW - DEFAULT_FLOOR_LAG_MS) < res.seq
     late = env()  # written after the ack by the node with the right clock
     await writer.append([late], [NOW + 10**9], BIG)
@@ -123,7 +123,7 @@ async def test_an_append_costs_a_few_statements(fresh: CassandraSession) -> None
     assert (await queue.append(envs[:5], [DAY] * 5, BIG))[0].outcome is Outcome.DUPLICATE
     assert count[0] == 2  # nothing to write
     count[0] = 0
-    assert await queue.ack(BOB, [e.message_id for e in envs]) == 20
+    assert await queue.ack(BOB, [e.key for e in envs]) == 20
     assert count[0] <= 6  # lookup, one batch, counter, the floor's index read and probe
 
 
@@ -151,7 +151,7 @@ async def test_the_floor_stays_behind_the_clock(fresh: CassandraSession) -> None
     queue = CassandraQueue(fresh, clock)
     e = env()
     await queue.append([e], [NOW + 1000], BIG)
-    await queue.ack(BOB, [e.message_id])
+    await queue.ack(BOB, [e.key])
     # A write still in flight from another node may land just after the ack.
     assert await queue.floor(BOB) <= seq_at(NOW - DEFAULT_FLOOR_LAG_MS)
 
@@ -171,7 +171,7 @@ async def test_purge_skips_acked_and_finishes_past_hours(fresh: CassandraSession
     queue = CassandraQueue(fresh, FakeClock(NOW))
     acked, kept = env(), env()
     await queue.append([acked, kept], [NOW + 10, NOW + 10], BIG)
-    await queue.ack(BOB, [acked.message_id])
+    await queue.ack(BOB, [acked.key])
     assert await queue.purge_expired(NOW + 10 * 3_600_000) == 1
     assert await queue.purge_expired(NOW + 20 * 3_600_000) == 0
     hours = await fresh.execute("SELECT hour FROM {ks}.queue_expiry_hours", op="test")
@@ -214,7 +214,7 @@ async def test_two_writers_with_the_same_seq_lose_nothing(fresh: CassandraSessio
     assert ra.seq == rb.seq and ra.outcome is rb.outcome is Outcome.STORED
     got = {x.content for x in await read_all(nodes[0], BOB)}
     assert got == {b"from node a", b"from node b"}
-    assert await nodes[0].ack(BOB, [a.message_id]) == 1  # acks one, not its twin
+    assert await nodes[0].ack(BOB, [a.key]) == 1  # acks one, not its twin
     assert [x.content for x in await read_all(nodes[1], BOB)] == [b"from node b"]
 
 
@@ -227,3 +227,25 @@ def test_writers_make_different_seqs_in_one_millisecond() -> None:
     seqs_two = [two.next() for _ in range(100)]
     assert seqs_one == sorted(seqs_one) and len(set(seqs_one)) == 100
     assert not set(seqs_one) & set(seqs_two)
+
+
+async def test_one_id_from_two_senders_costs_no_more_statements(fresh: CassandraSession) -> None:
+    """Keys by (sender, message_id): the same 5 + 2 + 6 requests as with distinct ids."""
+    queue = CassandraQueue(fresh, FakeClock(NOW))
+    await queue.append([env()], [DAY], BIG)  # registers the bucket and expiry hour
+    count = _count_statements(fresh)
+    alice = [env(content=b"a") for _ in range(10)]
+    mallory = [Envelope(e.message_id, MALLORY, BOB, b"m") for e in alice]
+    res = await queue.append(mallory + alice, [DAY] * 20, BIG)
+    assert {r.outcome for r in res} == {Outcome.STORED}
+    assert count[0] == 5
+    count[0] = 0
+    res = await queue.append(alice[:3] + mallory[:2], [DAY] * 5, BIG)
+    assert {r.outcome for r in res} == {Outcome.DUPLICATE}
+    assert count[0] == 2
+    count[0] = 0
+    assert await queue.ack(BOB, [e.key for e in alice]) == 10
+    assert count[0] <= 6
+    got = await read_all(queue, BOB)
+    assert [x.content for x in got][1:] == [b"m"] * 10  # the first is the warm-up's
+    assert {x.sender for x in got[1:]} == {MALLORY}

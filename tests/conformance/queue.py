@@ -10,13 +10,14 @@ import asyncio
 import os
 
 from relay.core.ports import MessageQueue
-from relay.model import Address, Envelope, Outcome, QueueLimits
+from relay.model import Address, Envelope, EnvelopeKey, Outcome, QueueLimits
 
 NOW = 1_700_000_000_000
 BIG = QueueLimits(max_depth=1_000_000, max_bytes=1 << 40)
 ALICE = Address("t", "alice", 1)
 BOB = Address("t", "bob", 1)
 BOB2 = Address("t", "bob", 2)
+MALLORY = Address("t", "mallory", 1)
 
 
 def env(recipient: Address = BOB, content: bytes = b"x", sender: Address = ALICE) -> Envelope:
@@ -54,7 +55,7 @@ class QueueConformance:
         e = env()
         assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.STORED
         assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.DUPLICATE
-        assert await queue.ack(BOB, [e.message_id]) == 1
+        assert await queue.ack(BOB, [e.key]) == 1
         assert (await queue.append([e], [NOW + 1000], BIG))[0].outcome is Outcome.DUPLICATE
         assert await read_all(queue, BOB) == []
 
@@ -67,9 +68,9 @@ class QueueConformance:
     async def test_ack_removes_only_named_and_is_idempotent(self, queue: MessageQueue) -> None:
         envs = [env() for _ in range(5)]
         await queue.append(envs, [NOW + 1000] * 5, BIG)
-        assert await queue.ack(BOB, [envs[1].message_id, envs[3].message_id]) == 2
-        assert await queue.ack(BOB, [envs[1].message_id]) == 0
-        assert await queue.ack(BOB2, [envs[0].message_id]) == 0  # not BOB2's
+        assert await queue.ack(BOB, [envs[1].key, envs[3].key]) == 2
+        assert await queue.ack(BOB, [envs[1].key]) == 0
+        assert await queue.ack(BOB2, [envs[0].key]) == 0  # not BOB2's
         left = [e.message_id for e in await read_all(queue, BOB)]
         assert left == [envs[i].message_id for i in (0, 2, 4)]
 
@@ -80,7 +81,7 @@ class QueueConformance:
         assert [(r.outcome, r.limit) for r in res[3:]] == [
             (Outcome.REJECTED, "max_queue_depth")
         ] * 2
-        first = (await queue.read(BOB, 0, 10, NOW)).items[0].envelope.message_id
+        first = (await queue.read(BOB, 0, 10, NOW)).items[0].envelope.key
         await queue.ack(BOB, [first])
         res = await queue.append([env()], [NOW + 1000], limits)
         assert res[0].outcome is Outcome.STORED
@@ -120,11 +121,28 @@ class QueueConformance:
         a = env()
         await queue.append([a], [NOW + 1000], BIG)
         page = await queue.read(BOB, 0, 10, NOW)
-        await queue.ack(BOB, [a.message_id])
+        await queue.ack(BOB, [a.key])
         b = env()
         await queue.append([b], [NOW + 1000], BIG)
         nxt = await queue.read(BOB, page.cursor, 10, NOW)
         assert [i.envelope.message_id for i in nxt.items] == [b.message_id]
+
+    async def test_a_resume_point_finds_everything_appended_after_the_read(
+        self, queue: MessageQueue
+    ) -> None:
+        early = [env(content=b"%d" % i) for i in range(5)]
+        await queue.append(early, [NOW + 1000] * 5, BIG)
+        page = await queue.read(BOB, 0, 10, NOW)
+        assert not page.more
+        resume = queue.resume_point(page.cursor)
+        assert 0 <= resume <= page.cursor
+        late = [env(content=b"late %d" % i) for i in range(3)]
+        await queue.append(late, [NOW + 1000] * 3, BIG)
+        again = await queue.read(BOB, resume, 100, NOW)
+        found = [i.envelope.message_id for i in again.items]
+        assert found[-3:] == [e.message_id for e in late]
+        assert set(found) <= {e.message_id for e in early + late}
+        assert queue.resume_point(0) == 0
 
     async def test_concurrent_appends_keep_per_call_order(self, queue: MessageQueue) -> None:
         senders = [Address("t", f"s{i}", 1) for i in range(8)]
@@ -174,8 +192,9 @@ class QueueConformance:
     async def test_ack_of_many_ids_with_repeats(self, queue: MessageQueue) -> None:
         envs = [env() for _ in range(1200)]
         await queue.append(envs, [NOW + 1000] * 1200, BIG)
-        ids = [e.message_id for e in envs[:1100]]
-        assert await queue.ack(BOB, ids + ids[:50] + [os.urandom(16)]) == 1100
+        keys = [e.key for e in envs[:1100]]
+        unknown = EnvelopeKey(ALICE, os.urandom(16))
+        assert await queue.ack(BOB, keys + keys[:50] + [unknown]) == 1100
         assert [e.message_id for e in await read_all(queue, BOB)] == [
             e.message_id for e in envs[1100:]
         ]
@@ -184,10 +203,10 @@ class QueueConformance:
         mine = [env(BOB) for _ in range(5)]
         theirs = [env(BOB2) for _ in range(2)]
         await queue.append(mine + theirs, [NOW + 1000] * 7, BIG)
-        assert await queue.ack(BOB, [mine[0].message_id]) == 1
+        assert await queue.ack(BOB, [mine[0].key]) == 1
         assert await queue.purge(BOB) == 4
         assert await read_all(queue, BOB) == []
-        assert await queue.ack(BOB, [e.message_id for e in mine]) == 0  # nothing left to ack
+        assert await queue.ack(BOB, [e.key for e in mine]) == 0  # nothing left to ack
         assert [e.message_id for e in await read_all(queue, BOB2)] == [e.message_id for e in theirs]
 
     async def test_purge_is_idempotent(self, queue: MessageQueue) -> None:
@@ -215,7 +234,7 @@ class QueueConformance:
         assert (await queue.append([again], [NOW + 1000], BIG))[0].outcome is Outcome.STORED
         assert [x.content for x in await read_all(queue, BOB)] == [b"again"]
         assert (await queue.append([again], [NOW + 1000], BIG))[0].outcome is Outcome.DUPLICATE
-        assert await queue.ack(BOB, [e.message_id]) == 1
+        assert await queue.ack(BOB, [e.key]) == 1
         assert await read_all(queue, BOB) == []
 
     async def test_a_queue_works_again_after_a_purge(self, queue: MessageQueue) -> None:
@@ -224,3 +243,35 @@ class QueueConformance:
         again = env()
         assert (await queue.append([again], [NOW + 1000], BIG))[0].outcome is Outcome.STORED
         assert [e.message_id for e in await read_all(queue, BOB)] == [again.message_id]
+
+    # -- dedup and acks are keyed by (sender, message_id) per recipient -------------------
+
+    async def test_two_senders_of_one_id_are_two_envelopes(self, queue: MessageQueue) -> None:
+        """A device that uses another sender's id first does not make that one a duplicate."""
+        claim = env(content=b"pre-claim", sender=MALLORY)
+        honest = Envelope(claim.message_id, ALICE, BOB, b"honest", server_timestamp_ms=NOW)
+        assert (await queue.append([claim], [NOW + 1000], BIG))[0].outcome is Outcome.STORED
+        assert (await queue.append([honest], [NOW + 1000], BIG))[0].outcome is Outcome.STORED
+        got = await read_all(queue, BOB)
+        assert [(e.sender, e.content) for e in got] == [(MALLORY, b"pre-claim"), (ALICE, b"honest")]
+        assert {e.message_id for e in got} == {claim.message_id}
+        # The same sender resending is still a duplicate, either way round and in one call.
+        res = await queue.append([honest, claim], [NOW + 1000] * 2, BIG)
+        assert [r.outcome for r in res] == [Outcome.DUPLICATE, Outcome.DUPLICATE]
+        third = Envelope(claim.message_id, BOB2, BOB, b"third")
+        res = await queue.append([third, third], [NOW + 1000] * 2, BIG)
+        assert [r.outcome for r in res] == [Outcome.STORED, Outcome.DUPLICATE]
+
+    async def test_an_ack_removes_only_the_named_sender(self, queue: MessageQueue) -> None:
+        one = env(content=b"from alice")
+        two = Envelope(one.message_id, MALLORY, BOB, b"from mallory")
+        await queue.append([one, two], [NOW + 1000] * 2, BIG)
+        assert await queue.ack(BOB, [EnvelopeKey(BOB2, one.message_id)]) == 0  # nobody's
+        assert await queue.ack(BOB, [one.key]) == 1
+        assert [e.content for e in await read_all(queue, BOB)] == [b"from mallory"]
+        assert await queue.ack(BOB, [one.key]) == 0
+        # Acked, alice's key stays a duplicate; mallory's is still there to ack.
+        assert (await queue.append([one], [NOW + 1000], BIG))[0].outcome is Outcome.DUPLICATE
+        assert (await queue.append([two], [NOW + 1000], BIG))[0].outcome is Outcome.DUPLICATE
+        assert await queue.ack(BOB, [two.key, one.key]) == 1
+        assert await read_all(queue, BOB) == []

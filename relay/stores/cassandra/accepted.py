@@ -4,6 +4,16 @@ Since layout 2 (``ids.py``, migration 0005) new ids go to ``queue_ids``; this ta
 only read (and acks marked in it) while ids accepted before the upgrade may still be
 live, so that dedup and acks keep working across the upgrade.
 
+Its rows are keyed by (recipient, message_id) without the sender, because layout 1
+deduplicated by that. Since dedup and acks are keyed by (recipient, sender,
+message_id), the queue reads a record of this table as keyed by sender like this
+(``CassandraQueue._lookup``): each stored copy's queue row holds its sender, so the
+copies whose rows are still there belong to the sender their rows name; a record
+acked under layout 1 has no row left, so its sender is unknown, and it counts as acked
+for every sender (as it did before the upgrade) until it expires. An ack of such a
+copy on layout 2 writes an acked ``queue_ids`` record under the row's sender in the
+batch that deletes the row, so it is precise from then on; this table is not written.
+
 One row per (recipient, message_id) until the envelope expires (TTL): the seqs stored
 under the id (normally one; two after a residual race), its size, its expiry, and
 whether it was acked. An append answers DUPLICATE from it; an ack finds every copy of
@@ -53,7 +63,7 @@ class Accepted:
 
     ``places``: the (queue partition bucket, sender) of each ``queue_ids`` row that holds
     it (layout 2, ``ids.py``); empty for an id found in this module's ``queue_accepted``
-    (layout 1).
+    (layout 1). ``legacy``: the seqs among ``seqs`` recorded only in ``queue_accepted``.
     """
 
     seqs: tuple[int, ...]
@@ -61,6 +71,7 @@ class Accepted:
     expires_at: int
     size: int
     places: tuple[tuple[int, Address], ...] = ()
+    legacy: tuple[int, ...] = ()
 
     @property
     def buckets(self) -> set[int]:
@@ -80,10 +91,12 @@ class Accepted:
             expires_at=last.expires_at,
             size=last.size,
             places=tuple(dict.fromkeys(self.places + other.places)),
+            legacy=tuple(sorted(set(self.legacy) | set(other.legacy))),
         )
 
 
-Ident = tuple[Address, bytes]
+#: Layout 1's key of an accepted id: (recipient, message_id), no sender.
+LegacyIdent = tuple[Address, bytes]
 
 
 class AcceptedIds:
@@ -92,7 +105,9 @@ class AcceptedIds:
     def __init__(self, session: CassandraSession) -> None:
         self._session = session
 
-    async def lookup(self, idents: Iterable[Ident], *, op: str) -> dict[Ident, Accepted]:
+    async def lookup(
+        self, idents: Iterable[LegacyIdent], *, op: str
+    ) -> dict[LegacyIdent, Accepted]:
         """The accepted ids among ``idents`` (one IN query per partition and chunk)."""
         by_partition: dict[tuple[Address, int], list[bytes]] = defaultdict(list)
         for device, mid in dict.fromkeys(idents):
@@ -103,7 +118,7 @@ class AcceptedIds:
                 chunk = mids[i : i + _IN_CHUNK]
                 queries.append((device, (_LOOKUP, (*key(device), shard, chunk))))
         found = await self._session.execute_many([q for _, q in queries], op=op)
-        out: dict[Ident, Accepted] = {}
+        out: dict[LegacyIdent, Accepted] = {}
         for (device, _), rows in zip(queries, found, strict=True):
             for mid, seqs, acked, expires_at, size in rows:
                 out[(device, bytes(mid))] = Accepted(

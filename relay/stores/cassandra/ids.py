@@ -14,9 +14,14 @@ one bucket of slack on each side for writers' clock skew (33 partitions for day
 buckets and a 30-day TTL). Partitions that do not exist cost the replica a bloom
 filter check each; the statement is one round trip.
 
-Dedup is still by (recipient, message_id): the rows of one id from several senders are
-merged (``Accepted.merge``). With the sender in the key, dedup and acks by (recipient,
-sender, message_id) need no migration, only acks that name the sender.
+Dedup and acks are by (recipient, sender, message_id): the sender is in the row key
+(as migration 0005 made it), so a lookup returns one record per sender of an id and
+only the asked senders' records count; the rows of one id from several senders are
+never merged. This needed no new migration or layout: every ``queue_ids`` row was
+written under its envelope's authenticated sender, so the rows written before this
+keying are read exactly as the rows written after it. (During a rolling upgrade, nodes
+still on the older code merge the senders of one id: a second sender's envelope may be
+answered DUPLICATE there, and their acks remove every sender's copy of an id.)
 
 Layout 1 (``accepted.py``: ``queue_accepted``, 16 shard partitions per device) is read
 too while ids accepted under it may be live (``Layout.legacy_until_ms``), so an
@@ -29,9 +34,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay.common.cassandra.session import CassandraSession, Statement
+from relay.core.admission import Ident
 from relay.errors import Unavailable
 from relay.model import Address, Envelope
-from relay.stores.cassandra.accepted import Accepted, Ident
+from relay.stores.cassandra.accepted import Accepted
 from relay.stores.cassandra.layout import TTL_GRACE_SECONDS, bucket_of, key, seq_at, ttl_until
 
 #: The queue layout this code writes (``queue_layout.version``).
@@ -53,6 +59,11 @@ RECORD = (
     " acked = false" + _ID_ROW
 )
 MARK_ACKED = "UPDATE {ks}.queue_ids USING TTL ? SET acked = true" + _ID_ROW
+#: A layout-1 copy acked on layout 2: its record, acked, under its row's sender.
+RECORD_ACKED = (
+    "UPDATE {ks}.queue_ids USING TTL ? SET seqs = seqs + ?, expires_at = ?, size = ?,"
+    " acked = true" + _ID_ROW
+)
 _DROP = "DELETE FROM {ks}.queue_ids WHERE tenant = ? AND user = ? AND device = ? AND bucket IN ?"
 _LAYOUT = "SELECT version, upgraded_at, legacy_ids FROM {ks}.queue_layout WHERE ring = 0"
 _ANY_LEGACY = "SELECT shard FROM {ks}.queue_accepted LIMIT 1"
@@ -113,10 +124,16 @@ class QueueIds:
     async def lookup(
         self, idents: Iterable[Ident], now_ms: int, *, op: str
     ) -> dict[Ident, Accepted]:
-        """The accepted ids among ``idents``: one query per device and 100 ids."""
+        """The records of ``idents`` (recipient, sender, id): one query per device and 100 ids.
+
+        A record of one id from another sender than those asked is not returned.
+        """
+        asked = set(idents)
         by_device: dict[Address, list[bytes]] = {}
-        for device, mid in dict.fromkeys(idents):
+        for device, _, mid in asked:
             by_device.setdefault(device, []).append(mid)
+        for device, mids in by_device.items():
+            by_device[device] = sorted(set(mids))
         window = self.window(now_ms)
         queries: list[tuple[Address, Statement]] = []
         for device, mids in by_device.items():
@@ -127,14 +144,17 @@ class QueueIds:
         out: dict[Ident, Accepted] = {}
         for (device, _), rows in zip(queries, found, strict=True):
             for bucket, mid, st, su, sd, seqs, acked, expires_at, size in rows:
+                sender = Address(str(st), str(su), int(sd))
+                ident = (device, sender, bytes(mid))
+                if ident not in asked:
+                    continue
                 record = Accepted(
                     seqs=tuple(sorted(int(s) for s in seqs or ())),
                     acked=bool(acked),
                     expires_at=int(expires_at or 0),
                     size=int(size or 0),
-                    places=((int(bucket), Address(str(st), str(su), int(sd))),),
+                    places=((int(bucket), sender),),
                 )
-                ident = (device, bytes(mid))
                 known = out.get(ident)
                 out[ident] = record if known is None else known.merge(record)
         return out
@@ -158,6 +178,21 @@ class QueueIds:
         ttl = ttl_until(accepted.expires_at, now_ms)
         bucket, sender = place
         return (MARK_ACKED, (ttl, *key(device), bucket, message_id, *key(sender)))
+
+    @staticmethod
+    def record_acked(
+        ident: Ident, accepted: Accepted, bucket: int, seqs: set[int], now_ms: int
+    ) -> Statement:
+        """The statement recording layout-1 copies (``seqs`` in ``bucket``) acked here.
+
+        For the batch that deletes their rows: from then on the key ``ident``
+        (recipient, sender, message_id) is found, acked, in ``queue_ids`` under its
+        sender (the sender the rows named).
+        """
+        device, sender, message_id = ident
+        ttl = ttl_until(accepted.expires_at, now_ms)
+        row = (ttl, seqs, accepted.expires_at, accepted.size, *key(device), bucket, message_id)
+        return (RECORD_ACKED, (*row, *key(sender)))
 
     def drop(self, device: Address, now_ms: int) -> Statement:
         """The statement deleting every id partition of ``device`` that may hold live ids."""

@@ -4,9 +4,9 @@ Tables (``migrations/0001_queue.cql``, ``0005_queue_ids.cql``):
 
 - ``queue``: partition (tenant, user, device, day bucket), clustered by ``seq``; every
   row has a TTL (its expiry plus a grace); TimeWindowCompactionStrategy by day.
-- ``queue_ids``: the accepted message ids, in the partition of their row (``ids.py``);
-  ``queue_accepted``, layout 1's ids, is still read while they may be live
-  (``accepted.py``).
+- ``queue_ids``: the accepted (sender, message_id) keys, in the partition of their row
+  (``ids.py``); ``queue_accepted``, layout 1's ids (no sender), is still read while
+  they may be live, each copy under the sender its row names (``accepted.py``).
 - ``queue_index``: per device, the static ``floor`` (every seq <= floor is acked,
   expired or purged) and one row per bucket that may hold envelopes.
 - ``queue_depth``: counters of envelopes and bytes per device (the limits).
@@ -21,6 +21,9 @@ clock plays no part). A read from 0 skips the acked rows instead of scanning the
 tombstones. Buckets below the floor leave the index; old buckets expire whole, with
 their SSTables.
 
+Dedup and acks are keyed by (recipient, sender, message_id) (``MessageQueue``): the
+same id from two senders is two envelopes, and an ack names the sender.
+
 An append is, in the steady state, two rounds: one read round (per recipient one
 lookup of its ids, and its depth; decided by ``relay.core.admission``), then one
 write round: per partition one unlogged batch of its rows and their ids (one mutation:
@@ -31,9 +34,9 @@ and expiry entries reachable are written before them. For 20 envelopes to one de
 that is 5 statements (layout 1 sent 24-32, in three dependent rounds). Residual races,
 trade-offs rather than losses:
 
-- two concurrent appends of one id (two nodes, or a retry racing its original) may
-  both store it: a duplicate on the wire, which the SDK drops by message_id; the ack
-  then removes both copies;
+- two concurrent appends of one key (two nodes, or a retry racing its original) may
+  both store it: a duplicate on the wire, which the SDK drops by (sender, message_id);
+  the ack then removes both copies;
 - depth is read, then counted: concurrent appends to one device may pass a limit by
   their number, and a retried counter update may count twice (counters are approximate);
 - purge_expired run by several nodes at once may give back a device's depth twice;
@@ -66,17 +69,23 @@ from relay.common.cassandra.session import (
 )
 from relay.common.cassandra.turns import Turns
 from relay.config import DEFAULT_TTL_SECONDS
-from relay.core.admission import Depth, Verdict, added_depth, admit, live_ids, page
+from relay.core.admission import Depth, Ident, Verdict, added_depth, admit, ident, live_ids, page
 from relay.model import (
     Address,
     Appended,
     Envelope,
+    EnvelopeKey,
     QueuedEnvelope,
     QueueLimits,
     QueuePage,
 )
 from relay.stores.cassandra import layout
-from relay.stores.cassandra.accepted import ACCEPTED_SHARDS, Accepted, AcceptedIds, Ident
+from relay.stores.cassandra.accepted import (
+    ACCEPTED_SHARDS,
+    Accepted,
+    AcceptedIds,
+    LegacyIdent,
+)
 from relay.stores.cassandra.expiry import ADD_DEPTH, DELETE_MESSAGE, ExpiryIndex
 from relay.stores.cassandra.ids import Layout, QueueIds, read_layout
 from relay.stores.cassandra.layout import bucket_of, key, ms_of, seq_at, ttl_until
@@ -108,9 +117,9 @@ INSERT_ROW = (
     " sender_user, sender_device, content, server_ts, expires_at, size)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
 )
-_LIVE_SEQS = (
-    "SELECT seq FROM {ks}.queue WHERE tenant = ? AND user = ? AND device = ? AND bucket = ?"
-    " AND seq IN ?"
+_ROW_SENDERS = (
+    "SELECT seq, message_id, sender_tenant, sender_user, sender_device FROM {ks}.queue"
+    " WHERE tenant = ? AND user = ? AND device = ? AND bucket = ? AND seq IN ?"
 )
 _PAGE = (
     "SELECT seq, message_id, sender_tenant, sender_user, sender_device, content, server_ts,"
@@ -139,7 +148,7 @@ class _Index:
     buckets: tuple[int, ...]
 
 
-async def _nothing() -> dict[Ident, Accepted]:
+async def _nothing() -> dict[LegacyIdent, Accepted]:
     return {}
 
 
@@ -194,18 +203,62 @@ class CassandraQueue:
         return now_ms < self._layout.legacy_until_ms
 
     async def _lookup(self, idents: list[Ident], now_ms: int, *, op: str) -> dict[Ident, Accepted]:
-        """The accepted ids among ``idents``, both layouts, merged per id."""
+        """The records of ``idents`` (recipient, sender, message_id), both layouts, per key.
+
+        Every record returned is a duplicate while it is live: a layout-2 id is never
+        without its row (one mutation), and layout-1 records are read as keyed by sender
+        (``_by_sender``).
+        """
         legacy = await self._legacy_live(now_ms)
         found: dict[Ident, Accepted]
-        old: dict[Ident, Accepted]
+        old: dict[LegacyIdent, Accepted]
         found, old = await gather_all(
             self._ids.lookup(idents, now_ms, op=op),
-            self._legacy.lookup(idents, op=op) if legacy else _nothing(),
+            self._legacy.lookup([(d, m) for d, _, m in idents], op=op) if legacy else _nothing(),
         )
-        for ident, record in old.items():
-            known = found.get(ident)
-            found[ident] = record if known is None else known.merge(record)
+        if old:
+            for ident, record in (await self._by_sender(idents, old, op=op)).items():
+                known = found.get(ident)
+                found[ident] = record if known is None else known.merge(record)
         return found
+
+    async def _by_sender(
+        self, idents: list[Ident], old: dict[LegacyIdent, Accepted], *, op: str
+    ) -> dict[Ident, Accepted]:
+        """Layout-1 records (no sender) as records of the asked keys (``accepted.py``).
+
+        One read per queue partition of the copies' rows: a copy belongs to the sender
+        its row names. A record acked under layout 1 counts as acked for every sender
+        (its rows are gone, and with them its sender). A record with no row left and
+        not acked is an append that failed half-way (its sender was answered
+        UNAVAILABLE and retries) or an ack that did: it is no duplicate.
+        """
+        by_bucket: dict[tuple[Address, int], list[int]] = defaultdict(list)
+        for (device, _), a in old.items():
+            for seq in a.seqs:
+                by_bucket[(device, bucket_of(seq, self._bucket_ms))].append(seq)
+        senders: dict[tuple[Address, int, bytes], Address] = {}
+        if by_bucket:
+            checks = list(by_bucket.items())
+            found = await self._session.execute_many(
+                [(_ROW_SENDERS, (*key(d), b, seqs)) for (d, b), seqs in checks],
+                op=f"{op}: read the rows of layout-1 ids",
+            )
+            for ((device, _), _), rows in zip(checks, found, strict=True):
+                for seq, mid, st, su, sd in rows:
+                    senders[(device, int(seq), bytes(mid))] = Address(str(st), str(su), int(sd))
+        out: dict[Ident, Accepted] = {}
+        for asked in dict.fromkeys(idents):
+            device, sender, mid = asked
+            record = old.get((device, mid))
+            if record is None:
+                continue
+            mine = tuple(s for s in record.seqs if senders.get((device, s, mid)) == sender)
+            if mine or record.acked:
+                out[asked] = Accepted(
+                    mine, record.acked, record.expires_at, record.size, legacy=mine
+                )
+        return out
 
     async def append(
         self, envelopes: Sequence[Envelope], expires_at_ms: Sequence[int], limits: QueueLimits
@@ -216,12 +269,11 @@ class CassandraQueue:
         devices = list(dict.fromkeys(e.recipient for e, _ in items))
         now = self._clock.now_ms()
         accepted, depth_rows = await gather_all(
-            self._lookup([(e.recipient, e.message_id) for e, _ in items], now, op="append"),
+            self._lookup([ident(e) for e, _ in items], now, op="append"),
             self._session.execute_many([(_DEPTH, key(d)) for d in devices], op="append"),
         )
-        # Past its expiry an id may be stored again (its old copy stays ackable).
-        live = live_ids({i: a.expires_at for i, a in accepted.items()}, now)
-        present = await self._present({i: accepted[i] for i in live})
+        # Past its expiry a key may be stored again (its old copy stays ackable).
+        present = live_ids({i: a.expires_at for i, a in accepted.items()}, now)
         depths = {
             d: Depth(int(rows[0][0] or 0), int(rows[0][1] or 0)) if rows else Depth()
             for d, rows in zip(devices, depth_rows, strict=True)
@@ -238,31 +290,6 @@ class CassandraQueue:
             d.appended(seq) if d.verdict is Verdict.ADMITTED else d.appended()
             for d, seq in zip(decisions, seqs, strict=True)
         ]
-
-    async def _present(self, accepted: dict[Ident, Accepted]) -> set[Ident]:
-        """The live accepted ids that are duplicates: acked, or with a stored row.
-
-        A layout-2 id is never without its row (one mutation). A layout-1 id recorded
-        without a row is an append that failed half-way (its sender was answered
-        UNAVAILABLE and retries): it is stored again.
-        """
-        present = {i for i, a in accepted.items() if a.acked or a.places}
-        by_bucket: dict[tuple[Address, int], list[int]] = defaultdict(list)
-        owner: dict[tuple[Address, int], Ident] = {}
-        for ident, a in accepted.items():
-            for seq in () if ident in present else a.seqs:
-                by_bucket[(ident[0], bucket_of(seq, self._bucket_ms))].append(seq)
-                owner[(ident[0], seq)] = ident
-        if not by_bucket:
-            return present
-        checks = list(by_bucket.items())
-        found = await self._session.execute_many(
-            [(_LIVE_SEQS, (*key(d), b, seqs)) for (d, b), seqs in checks],
-            op="append: check retried messages",
-        )
-        for ((device, _), _), rows in zip(checks, found, strict=True):
-            present.update(owner[(device, int(row[0]))] for row in rows)
-        return present
 
     async def _store(self, stored: list[tuple[Envelope, int, int]], now: int) -> None:
         new_buckets = list(
@@ -319,6 +346,17 @@ class CassandraQueue:
         async with self._write_turns.take(partition):
             await self._session.execute_batches(batches, op="append: store envelopes")
 
+    def resume_point(self, cursor: int) -> int:
+        """See ``MessageQueue.resume_point``: ``floor_lag_ms`` below ``cursor``.
+
+        Seqs are made by the writers' clocks: a write still in flight from another node
+        (or one whose clock is behind) may land below ``cursor``, but not by more than the
+        lag the ack floor also allows for.
+        """
+        if cursor <= 0:
+            return 0
+        return max(0, seq_at(ms_of(cursor) - self._floor_lag_ms) - 1)
+
     async def read(self, device: Address, after: int, limit: int, now_ms: int) -> QueuePage:
         """See ``MessageQueue.read``: from ``max(after, ack floor)``, bucket by bucket."""
         index = await self._index(device)
@@ -349,30 +387,33 @@ class CassandraQueue:
         ]
         return page(fetched, after, limit, now_ms)
 
-    async def ack(self, device: Address, message_ids: Sequence[bytes]) -> int:
-        """See ``MessageQueue.ack``: marks the ids acked, deletes every copy, moves the floor.
+    async def ack(self, device: Address, keys: Sequence[EnvelopeKey]) -> int:
+        """See ``MessageQueue.ack``: marks the keys acked, deletes their copies, moves the floor.
 
-        Per queue partition one batch deletes the rows and marks their ids acked.
+        Per queue partition one batch deletes the rows and marks their keys acked (a
+        layout-1 copy gets its acked ``queue_ids`` record there, under its row's sender).
         """
         now = self._clock.now_ms()
-        found = await self._lookup([(device, m) for m in message_ids], now, op="ack")
-        newly = [(mid, a) for (_, mid), a in found.items() if not a.acked and a.seqs]
+        found = await self._lookup([(device, k.sender, k.message_id) for k in keys], now, op="ack")
+        newly = [(i, a) for i, a in found.items() if not a.acked and a.seqs]
         # acked ones too: that ends an ack that failed half-way
-        copies = sorted((s, mid) for (_, mid), a in found.items() for s in a.seqs)
+        copies = sorted({(s, mid) for (_, _, mid), a in found.items() for s in a.seqs})
         items: list[tuple[Hashable, Statement, int]] = []
         for s, mid in copies:
             bucket = bucket_of(s, self._bucket_ms)
             items.append((bucket, (DELETE_MESSAGE, (*key(device), bucket, s, mid)), 32))
-        legacy: list[tuple[bytes, Accepted]] = []
-        for mid, a in newly:
+        for acked, a in newly:
             items.extend(
-                (place[0], QueueIds.mark_acked(device, mid, a, place, now), 32)
+                (place[0], QueueIds.mark_acked(device, acked[2], a, place, now), 32)
                 for place in a.places
             )
-            buckets = a.buckets
-            if not buckets or any(bucket_of(s, self._bucket_ms) not in buckets for s in a.seqs):
-                legacy.append((mid, a))  # (also) a layout-1 record
-        batches = partition_batches(items) + self._legacy.mark_acked(device, legacy, now)
+            legacy: dict[int, set[int]] = defaultdict(set)
+            for s in a.legacy:
+                legacy[bucket_of(s, self._bucket_ms)].add(s)
+            items.extend(
+                (b, QueueIds.record_acked(acked, a, b, seqs, now), 32) for b, seqs in legacy.items()
+            )
+        batches = partition_batches(items)
         removed, freed = len(newly), sum(a.size for _, a in newly)
         counters = [(ADD_DEPTH, (-removed, -freed, *key(device)))] if removed else []
         await gather_all(

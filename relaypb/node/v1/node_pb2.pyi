@@ -27,12 +27,27 @@ class Forward(_message.Message):
     ENVELOPE_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     PREV_SEQ_FIELD_NUMBER: _builtins.int
+    DIRECT_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    REPORT_ACK_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """The envelope's position in the recipient's queue (0 for ephemeral envelopes)."""
     prev_seq: _builtins.int
     """seq of the previous envelope from the same sender session to the same recipient;
     0 when unknown. The recipient's session delivers directly only when it matches
     what it delivered last from that sender, else it re-reads its queue in order.
+    """
+    direct: _builtins.bool
+    """Direct path: the envelope is not stored (seq is 0; prev_seq is the seq of the stored
+    envelope of its pair it must follow, 0 if none waits). The target delivers it only to
+    the recipient's receiving session of this epoch, after that stored one, and reports
+    the device's ack (or that it could not take it) in a Notice; the sender stores it
+    otherwise.
+    """
+    epoch: _builtins.int
+    report_ack: _builtins.bool
+    """A stored forward whose ack the sending node waits to see (its send order, see
+    relay/core/sendorder.py): the target reports the device's ack in a Notice.
     """
     @_builtins.property
     def envelope(self) -> _relay_pb2.Envelope: ...
@@ -42,14 +57,56 @@ class Forward(_message.Message):
         envelope: _relay_pb2.Envelope | None = ...,
         seq: _builtins.int = ...,
         prev_seq: _builtins.int = ...,
+        direct: _builtins.bool = ...,
+        epoch: _builtins.int = ...,
+        report_ack: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "prev_seq", b"prev_seq", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct", b"direct", "envelope", b"envelope", "epoch", b"epoch", "prev_seq", b"prev_seq", "report_ack", b"report_ack", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Forward: _TypeAlias = Forward  # noqa: Y015
+
+@_typing.final
+class Notice(_message.Message):
+    """What became of a forward the sending node asked about (direct or report_ack)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    ACKED_FIELD_NUMBER: _builtins.int
+    DIRECT_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.bytes
+    acked: _builtins.bool
+    """True: the recipient device acked it. False: a direct forward the target could not
+    deliver (no such session, session full or ended): the sender stores it now.
+    """
+    direct: _builtins.bool
+    """The forward was direct (else report_ack)."""
+    @_builtins.property
+    def recipient(self) -> _address_pb2.Address: ...
+    @_builtins.property
+    def sender(self) -> _address_pb2.Address: ...
+    def __init__(
+        self,
+        *,
+        recipient: _address_pb2.Address | None = ...,
+        sender: _address_pb2.Address | None = ...,
+        message_id: _builtins.bytes = ...,
+        acked: _builtins.bool = ...,
+        direct: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recipient", b"recipient", "sender", b"sender"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked", "direct", b"direct", "message_id", b"message_id", "recipient", b"recipient", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Notice: _TypeAlias = Notice  # noqa: Y015
 
 @_typing.final
 class Displace(_message.Message):
@@ -83,6 +140,7 @@ class NodeBatch(_message.Message):
     FORWARDS_FIELD_NUMBER: _builtins.int
     DISPLACES_FIELD_NUMBER: _builtins.int
     REPOLL_ALL_FIELD_NUMBER: _builtins.int
+    NOTICES_FIELD_NUMBER: _builtins.int
     from_node: _builtins.str
     repoll_all: _builtins.bool
     """Set on the first batch after the link (re)connects: batches may have been lost,
@@ -92,6 +150,8 @@ class NodeBatch(_message.Message):
     def forwards(self) -> _containers.RepeatedCompositeFieldContainer[Global___Forward]: ...
     @_builtins.property
     def displaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___Displace]: ...
+    @_builtins.property
+    def notices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Notice]: ...
     def __init__(
         self,
         *,
@@ -99,10 +159,11 @@ class NodeBatch(_message.Message):
         forwards: _abc.Iterable[Global___Forward] | None = ...,
         displaces: _abc.Iterable[Global___Displace] | None = ...,
         repoll_all: _builtins.bool = ...,
+        notices: _abc.Iterable[Global___Notice] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["displaces", b"displaces", "forwards", b"forwards", "from_node", b"from_node", "repoll_all", b"repoll_all"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["displaces", b"displaces", "forwards", b"forwards", "from_node", b"from_node", "notices", b"notices", "repoll_all", b"repoll_all"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

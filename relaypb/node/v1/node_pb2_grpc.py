@@ -46,8 +46,9 @@ class NodeLinkServicer:
 
     def Link(self, request_iterator, context):
         """A long-lived stream from one node to another, carrying batches of live traffic.
-        Everything on it is already durable in the store: a lost batch delays delivery
-        (until the recipient's next queue read), it never loses an envelope.
+        A lost batch delays delivery, it never loses an envelope: stored forwards are
+        durable (the recipient's next queue read finds them) and a direct forward's sender
+        stores it unless an ACKED notice for it comes back in time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

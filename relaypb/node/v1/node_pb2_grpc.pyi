@@ -33,8 +33,9 @@ class NodeLinkStub:
     def __new__(cls, channel: _aio.Channel) -> NodeLinkAsyncStub: ...
     Link: _grpc.StreamUnaryMultiCallable[_node_pb2.NodeBatch, _node_pb2.LinkSummary]
     """A long-lived stream from one node to another, carrying batches of live traffic.
-    Everything on it is already durable in the store: a lost batch delays delivery
-    (until the recipient's next queue read), it never loses an envelope.
+    A lost batch delays delivery, it never loses an envelope: stored forwards are
+    durable (the recipient's next queue read finds them) and a direct forward's sender
+    stores it unless an ACKED notice for it comes back in time.
     """
 
 @_typing.type_check_only
@@ -42,8 +43,9 @@ class NodeLinkAsyncStub(NodeLinkStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Link: _aio.StreamUnaryMultiCallable[_node_pb2.NodeBatch, _node_pb2.LinkSummary]  # type: ignore[assignment]
     """A long-lived stream from one node to another, carrying batches of live traffic.
-    Everything on it is already durable in the store: a lost batch delays delivery
-    (until the recipient's next queue read), it never loses an envelope.
+    A lost batch delays delivery, it never loses an envelope: stored forwards are
+    durable (the recipient's next queue read finds them) and a direct forward's sender
+    stores it unless an ACKED notice for it comes back in time.
     """
 
 class NodeLinkServicer(metaclass=_abc_1.ABCMeta):
@@ -54,8 +56,9 @@ class NodeLinkServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.LinkSummary, _abc.Awaitable[_node_pb2.LinkSummary]]:
         """A long-lived stream from one node to another, carrying batches of live traffic.
-        Everything on it is already durable in the store: a lost batch delays delivery
-        (until the recipient's next queue read), it never loses an envelope.
+        A lost batch delays delivery, it never loses an envelope: stored forwards are
+        durable (the recipient's next queue read finds them) and a direct forward's sender
+        stores it unless an ACKED notice for it comes back in time.
         """
 
 def add_NodeLinkServicer_to_server(servicer: NodeLinkServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,252 @@
+"""The direct path across nodes (relay.core.remote): two relay cores, in-memory links.
+
+Both cores share one SQLite queue and one presence (as nodes of a cluster share
+Cassandra and Redis); a ``Wire`` carries what one core's links send to the other's
+``PeerInbox``, FIFO per direction and asynchronously (``call_soon``), as a node link does.
+Real sessions; the recipients are ``Reader`` tasks of tests/test_direct.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+from relay.clock import SystemClock
+from relay.config import LimitsConfig
+from relay.core.delivery import Relay
+from relay.core.peers import PeerInbox
+from relay.core.presence_local import LocalPresence
+from relay.metrics import RelayMetrics
+from relay.model import Address, Location, Notice, Offered, Outcome, Pushed
+from relay.stores.sqlite_queue import SqliteQueue
+from tests.test_core import FakeIdentities
+from tests.test_direct import (
+    ALICE,
+    BOB,
+    CAROL,
+    CountingQueue,
+    env,
+    reading,
+    send,
+    stored_ids,
+    until_seen,
+)
+
+
+class SharedPresence(LocalPresence):
+    """LocalPresence that, like Redis, locates devices on any node of the test.
+
+    ``gate``: the next ``locate`` waits until it is set (``gated`` says it is waiting).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+        self.gated = asyncio.Event()
+
+    async def locate(self, devices: Sequence[Address]) -> dict[Address, Location]:
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            self.gated.set()
+            await gate.wait()
+        found = {d: await self.current(d) for d in devices}
+        return {d: loc for d, loc in found.items() if loc is not None}
+
+
+class Wire:
+    """In-memory node links between the cores of one test; ``cut`` drops everything."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Relay] = {}
+        self.cut = False
+        self.carried: list[tuple[str, str, str]] = []  # (from, to, kind)
+        self.notices: list[Notice] = []
+        self.tasks: set[asyncio.Future[bool]] = set()
+        self.presence = SharedPresence()
+
+    def links(self, me: str) -> _Links:
+        return _Links(self, me)
+
+    def carry(self, me: str, to: str, kind: str, deliver: Callable[[PeerInbox], object]) -> None:
+        if self.cut:
+            return
+        self.carried.append((me, to, kind))
+        asyncio.get_running_loop().call_soon(deliver, self.nodes[to].peers)
+
+
+class _Links:
+    def __init__(self, wire: Wire, me: str) -> None:
+        self._wire = wire
+        self._me = me
+
+    @property
+    def remote(self) -> bool:
+        return True
+
+    def forward(self, node_id: str, items: Sequence[Pushed]) -> None:
+        self._wire.carry(self._me, node_id, "forward", lambda p: p.accept(self._me, items))
+
+    def displace(self, node_id: str, device: Address, epoch: int) -> None:
+        def go(p: PeerInbox) -> None:
+            task = asyncio.ensure_future(p.displace(self._me, device, epoch))
+            self._wire.tasks.add(task)
+            task.add_done_callback(self._wire.tasks.discard)
+
+        self._wire.carry(self._me, node_id, "displace", go)
+
+    def offer(self, node_id: str, items: Sequence[Offered]) -> None:
+        self._wire.carry(self._me, node_id, "offer", lambda p: p.offer(self._me, items))
+
+    def report(self, node_id: str, notices: Sequence[Notice]) -> None:
+        self._wire.notices += notices
+        self._wire.carry(self._me, node_id, "notice", lambda p: p.notices(self._me, notices))
+
+
+@contextlib.asynccontextmanager
+async def two_nodes(
+    direct_ack_ms: int = 5_000,
+) -> AsyncIterator[tuple[Relay, Relay, CountingQueue, Wire]]:
+    """Nodes "a" and "b" sharing a queue and presence, linked by a Wire."""
+    with tempfile.TemporaryDirectory() as tmp:
+        async with SqliteQueue(Path(tmp) / "q.db") as sqlite:
+            queue = CountingQueue(sqlite)
+            identities = FakeIdentities()
+            for who in (ALICE, BOB, CAROL):
+                identities.keys[who] = os.urandom(32)
+            presence = SharedPresence()
+            wire = Wire()
+            wire.presence = presence
+            for name in ("a", "b"):
+                wire.nodes[name] = Relay(
+                    queue=queue,  # type: ignore[arg-type]
+                    identities=identities,
+                    clock=SystemClock(),
+                    limits=LimitsConfig(direct_ack_ms=direct_ack_ms),
+                    metrics=RelayMetrics(),
+                    node_id=name,
+                    presence=presence,
+                    links=wire.links(name),
+                )
+            yield wire.nodes["a"], wire.nodes["b"], queue, wire
+
+
+async def test_a_recipient_on_another_node_gets_it_direct_once_the_pair_is_proven() -> None:
+    """The first envelope to a device on node b is stored and forwarded with report_ack;
+    b reports the device's ack, so the next ones go direct over the link: DELIVERED,
+    never appended, in send order."""
+    async with two_nodes() as (a, b, queue, wire), a.session(ALICE, receive=True) as alice:
+        history: list[bytes] = []
+        async with reading(b, BOB, history):
+            first = env()
+            (out,) = await send(a, alice, first)
+            assert out.outcome is Outcome.STORED
+            await queue.until_acked(first.message_id)
+            assert ("b", "a", "notice") in wire.carried  # the stored one's ack came back
+            later = [env(content=b"%d" % i) for i in range(5)]
+            outs = await send(a, alice, *later)
+            assert [o.outcome for o in outs] == [Outcome.DELIVERED] * 5
+            assert queue.appended == [first.message_id]
+            assert history == [first.message_id, *(e.message_id for e in later)]
+            assert len(a.remote) == 0  # every wait settled
+        assert await stored_ids(a, queue, BOB) == []
+
+
+async def prove(a: Relay, alice: object, queue: CountingQueue) -> None:
+    """Make the (alice -> bob) pair clean: one stored envelope, acked on bob's node."""
+    first = env()
+    (out,) = await send(a, alice, first)  # type: ignore[arg-type]
+    assert out.outcome is Outcome.STORED
+    await queue.until_acked(first.message_id)
+
+
+async def test_a_session_ending_on_the_far_node_stores_at_once() -> None:
+    """With a 60 s ack window, bob's session on b ending answers alice STORED right away
+    (b reports it), and bob's next session reads it from the queue."""
+    async with (
+        two_nodes(direct_ack_ms=60_000) as (a, b, queue, _wire),
+        a.session(ALICE, receive=True) as alice,
+    ):
+        history: list[bytes] = []
+        async with reading(b, BOB, history) as bob:
+            await prove(a, alice, queue)
+            bob.ack = False
+            pending = env()
+            answer = asyncio.create_task(send(a, alice, pending))
+            await until_seen(bob, pending.message_id)  # pushed direct, held unacked
+            # A notice counts only from the node the envelope went to (rule 1).
+            forged = Notice(BOB, ALICE, pending.message_id, acked=True, direct=True)
+            a.peers.notices("c", [forged])
+            assert refused(a, "notice_late") == 1
+            assert not answer.done()
+        # the block above ended bob's session
+        (out,) = await asyncio.wait_for(answer, 10)
+        assert out.outcome is Outcome.STORED
+        assert await stored_ids(a, queue, BOB) == [pending.message_id]
+        async with reading(b, BOB, history) as again:
+            await until_seen(again, pending.message_id)
+
+
+def refused(relay: Relay, reason: str) -> float:
+    """relay_link_refused_total{reason} of ``relay``'s metrics."""
+    metrics = relay._metrics
+    assert isinstance(metrics, RelayMetrics)
+    value = metrics.registry.get_sample_value("relay_link_refused_total", {"reason": reason})
+    return value or 0.0
+
+
+async def test_a_direct_forward_for_another_session_is_refused_at_once() -> None:
+    """b offers a direct forward only to the session of the epoch a located (rule 2)."""
+    async with two_nodes() as (_a, b, _queue, wire), reading(b, BOB, []) as bob:
+        stale = env()
+        b.peers.offer("a", [Offered(stale, bob.session.epoch - 1)])
+        assert wire.notices == [Notice(BOB, ALICE, stale.message_id, acked=False, direct=True)]
+        fresh = env()
+        b.peers.offer("a", [Offered(fresh, bob.session.epoch)])
+        await until_seen(bob, fresh.message_id)
+        assert wire.notices[1:] == [Notice(BOB, ALICE, fresh.message_id, acked=True, direct=True)]
+        assert stale.message_id not in bob.seen
+
+
+async def test_a_cut_link_costs_a_store_write_not_the_envelope() -> None:
+    """Nothing comes back over a cut link: the direct envelope waits out its deadline,
+    is stored and answered STORED, and bob's next queue read delivers it."""
+    async with (
+        two_nodes(direct_ack_ms=200) as (a, b, queue, wire),
+        a.session(ALICE, receive=True) as alice,
+    ):
+        history: list[bytes] = []
+        async with reading(b, BOB, history) as bob:
+            await prove(a, alice, queue)
+            wire.cut = True
+            lost = env()
+            (out,) = await send(a, alice, lost)
+            assert out.outcome is Outcome.STORED
+            assert await stored_ids(a, queue, BOB) == [lost.message_id]
+            b.router.reread_all()
+            await until_seen(bob, lost.message_id)
+
+
+async def test_a_direct_envelope_overtaking_its_stored_predecessor_waits_for_it() -> None:
+    """alice's stored envelope is appended but its forward to b is held up (its route is
+    still locating bob); her next one goes direct at once, anchored to it (after_seq),
+    and reaches b first. bob's session delivers it only after the stored one, which it
+    re-reads from the queue: FIFO without waiting for an ack to come back."""
+    async with two_nodes() as (a, b, queue, wire), a.session(ALICE, receive=True) as alice:
+        history: list[bytes] = []
+        async with reading(b, BOB, history) as bob:
+            first, second = env(), env()  # a new stream: its first to bob is stored
+            task1 = asyncio.create_task(send(a, alice, first))
+            await queue.appending.wait()
+            gate = wire.presence.gate = asyncio.Event()
+            await wire.presence.gated.wait()  # first's route waits to locate bob
+            task2 = asyncio.create_task(send(a, alice, second))
+            await until_seen(bob, second.message_id)
+            assert history == [first.message_id, second.message_id]
+            assert queue.appended == [first.message_id]  # second was pushed, not stored
+            gate.set()  # (second's answer waits for first's: answers are in send order)
+            (out1,), (out2,) = await asyncio.gather(task1, task2)
+            assert (out1.outcome, out2.outcome) == (Outcome.STORED, Outcome.DELIVERED)
