@@ -134,33 +134,56 @@ async def two_nodes(
             yield wire.nodes["a"], wire.nodes["b"], queue, wire
 
 
-async def test_a_recipient_on_another_node_gets_it_direct_once_the_pair_is_proven() -> None:
-    """The first envelope to a device on node b is stored and forwarded with report_ack;
-    b reports the device's ack, so the next ones go direct over the link: DELIVERED,
-    never appended, in send order."""
+async def test_a_recipient_on_another_node_gets_it_direct() -> None:
+    """Envelopes to a device on node b go over the link unstored and are answered
+    DELIVERED once b reports the device's acks: never appended, in send order."""
     async with two_nodes() as (a, b, queue, wire), a.session(ALICE, receive=True) as alice:
         history: list[bytes] = []
         async with reading(b, BOB, history):
             first = env()
             (out,) = await send(a, alice, first)
-            assert out.outcome is Outcome.STORED
-            await queue.until_acked(first.message_id)
-            assert ("b", "a", "notice") in wire.carried  # the stored one's ack came back
+            assert out.outcome is Outcome.DELIVERED
             later = [env(content=b"%d" % i) for i in range(5)]
             outs = await send(a, alice, *later)
             assert [o.outcome for o in outs] == [Outcome.DELIVERED] * 5
-            assert queue.appended == [first.message_id]
+            assert queue.appended == []
             assert history == [first.message_id, *(e.message_id for e in later)]
             assert len(a.remote) == 0  # every wait settled
+            assert ("a", "b", "offer") in wire.carried and ("b", "a", "notice") in wire.carried
         assert await stored_ids(a, queue, BOB) == []
 
 
+async def test_a_missed_pair_goes_direct_again_once_the_far_node_reports_an_ack() -> None:
+    """bob does not ack in time: the envelope is stored and the pair goes to the store
+    path; its next envelope is stored and forwarded with report_ack. When bob acks it, b
+    reports the ack, and the pair goes direct again."""
+    async with (
+        two_nodes(direct_ack_ms=100) as (a, b, queue, wire),
+        a.session(ALICE, receive=True) as alice,
+    ):
+        history: list[bytes] = []
+        async with reading(b, BOB, history, ack=False) as bob:
+            e1, e2 = env(), env()
+            (out1,) = await send(a, alice, e1)
+            assert out1.outcome is Outcome.STORED  # pushed, not acked in time
+            (out2,) = await send(a, alice, e2)
+            assert out2.outcome is Outcome.STORED  # a missed pair stores at once
+            await until_seen(bob, e2.message_id)
+            bob.ack = True
+            await b.ack(bob.session, [e1.message_id, e2.message_id])
+            notice = Notice(BOB, ALICE, e2.message_id, acked=True, direct=False)
+            assert notice in wire.notices  # the ack of the stored forward, reported
+            e3 = env()
+            (out3,) = await send(a, alice, e3)
+            assert out3.outcome is Outcome.DELIVERED
+            assert queue.appended == [e1.message_id, e2.message_id]
+            assert history == [e1.message_id, e2.message_id, e3.message_id]
+
+
 async def prove(a: Relay, alice: object, queue: CountingQueue) -> None:
-    """Make the (alice -> bob) pair clean: one stored envelope, acked on bob's node."""
-    first = env()
-    (out,) = await send(a, alice, first)  # type: ignore[arg-type]
-    assert out.outcome is Outcome.STORED
-    await queue.until_acked(first.message_id)
+    """Make the (alice -> bob) pair clean: one envelope delivered direct and acked."""
+    (out,) = await send(a, alice, env())  # type: ignore[arg-type]
+    assert out.outcome is Outcome.DELIVERED
 
 
 async def test_a_session_ending_on_the_far_node_stores_at_once() -> None:
@@ -230,23 +253,24 @@ async def test_a_cut_link_costs_a_store_write_not_the_envelope() -> None:
             await until_seen(bob, lost.message_id)
 
 
-async def test_a_direct_envelope_overtaking_its_stored_predecessor_waits_for_it() -> None:
-    """alice's stored envelope is appended but its forward to b is held up (its route is
-    still locating bob); her next one goes direct at once, anchored to it (after_seq),
-    and reaches b first. bob's session delivers it only after the stored one, which it
-    re-reads from the queue: FIFO without waiting for an ack to come back."""
+async def test_a_first_direct_envelope_waits_for_what_the_queue_holds_from_before() -> None:
+    """An envelope alice sent earlier (a unary send: stored) is appended but its forward
+    to b is held up (its route is still locating bob). Her receiving stream's first
+    envelope to bob goes direct at once (FRESH_READ) and reaches b first; bob's session
+    delivers it only after a queue read, which finds the earlier one: FIFO per sender
+    device with no store write and no ack coming back first."""
     async with two_nodes() as (a, b, queue, wire), a.session(ALICE, receive=True) as alice:
         history: list[bytes] = []
-        async with reading(b, BOB, history) as bob:
-            first, second = env(), env()  # a new stream: its first to bob is stored
-            task1 = asyncio.create_task(send(a, alice, first))
+        async with reading(b, BOB, history):
+            old, new = env(), env()
+            earlier = asyncio.create_task(a.send(ALICE, [old]))  # no session: stored
             await queue.appending.wait()
             gate = wire.presence.gate = asyncio.Event()
-            await wire.presence.gated.wait()  # first's route waits to locate bob
-            task2 = asyncio.create_task(send(a, alice, second))
-            await until_seen(bob, second.message_id)
-            assert history == [first.message_id, second.message_id]
-            assert queue.appended == [first.message_id]  # second was pushed, not stored
-            gate.set()  # (second's answer waits for first's: answers are in send order)
-            (out1,), (out2,) = await asyncio.gather(task1, task2)
-            assert (out1.outcome, out2.outcome) == (Outcome.STORED, Outcome.DELIVERED)
+            await wire.presence.gated.wait()  # old's route waits to locate bob
+            (out,) = await send(a, alice, new)
+            assert out.outcome is Outcome.DELIVERED
+            assert history == [old.message_id, new.message_id]
+            assert queue.appended == [old.message_id]  # new was pushed, not stored
+            gate.set()
+            (out_old,) = await earlier
+            assert out_old.outcome is Outcome.STORED

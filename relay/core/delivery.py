@@ -400,6 +400,10 @@ class Relay:
                     continue
                 p.pair.outstanding -= 1
                 if p.wait.state is WaitState.ACKED:
+                    if not p.pair.storing and not p.pair.missed:
+                        # Delivered after whatever it had to follow (``after_seq``): the
+                        # pair's next direct envelopes need follow nothing but it.
+                        p.pair.clean = True
                     results[p.index] = SendOutcome(
                         p.envelope.message_id, p.envelope.recipient, Outcome.DELIVERED
                     )

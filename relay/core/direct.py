@@ -20,6 +20,11 @@ from typing import Protocol
 
 from relay.model import Address, Envelope
 
+#: ``DirectWait.after_seq`` of a direct envelope whose pair has no known stored envelope
+#: (a new stream's first to a device): the session delivers it only after a queue read
+#: begun after it was offered, so whatever the queue holds from before comes first.
+FRESH_READ = (1 << 63) - 1
+
 
 class WaitState(enum.Enum):
     """Where a pushed envelope stands."""

@@ -19,25 +19,26 @@ mix of paths: an envelope to recipient R may go direct only when
 - the stream sends on the device's receiving session (one per device, so no other stream
   of it interleaves), and R has a receiving session, on this node or (located through
   presence) on another one (``relay.core.remote``), and
-- the pair is *clean* or *anchored*. Clean: the latest envelope of the pair that took the
-  store path has been acked by R, as seen on this node or reported by R's node (a device
-  acks in queue order, so everything stored before it has reached R too). Anchored: the
-  latest store-path envelope of the pair is appended and its seq known (``last_seq``);
-  the direct one then carries it (``DirectWait.after_seq``) and R's session delivers it
-  only after that stored one (``Session``), so a sender need not wait for an ack to come
-  back before it goes direct again; but after a direct envelope of the pair went unacked
-  (``Pair.missed``) only a clean pair goes direct. A new stream starts neither, so its
-  first envelope to R is stored and proves, once acked, that nothing older waits in R's
-  queue, and
+- no store-path envelope of the pair is still being appended, and the pair has not
+  *missed* (a direct envelope of it went unacked: a slow or stalled device) since it was
+  last *clean*. The direct envelope then names what R's session must deliver before it
+  (``DirectWait.after_seq``, see ``Session``): nothing when the pair is clean (the latest
+  store-path envelope of it has been acked by R, as seen on this node or reported by R's
+  node; a device acks in queue order), else the seq of the pair's latest stored envelope
+  (``last_seq``: delivered first, or gone because acked), else, for a new stream's first
+  envelope to R, ``FRESH_READ``: a queue read of R's session begun after the offer, so
+  whatever the queue holds from earlier streams of the sender comes first. No sender
+  waits for an ack to come back before it goes direct, and
 - every direct envelope of the pair still unresolved went to that same session (so the
   session's own FIFO orders them; one node link, itself FIFO, carries them to a remote
   one).
 
 Otherwise the envelope takes the store path and the pair is unclean until that
-envelope's ack is seen. Store-path envelopes of a pair are appended in send order (the
-resolve step is ordered), and a direct envelope that fails is appended before anything
-sent after it. A session delivers direct envelopes only when it has no queue re-read
-pending (``Session``), so stored envelopes from before come first.
+envelope's ack is seen (a missed pair goes direct again only then). Store-path envelopes
+of a pair are appended in send order (the resolve step is ordered), and a direct
+envelope that fails is appended before anything sent after it. A session delivers direct
+envelopes only when it has no queue re-read pending (``Session``), so stored envelopes
+from before come first.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from relay.core.direct import FRESH_READ
 from relay.model import Address
 
 if TYPE_CHECKING:
@@ -163,14 +165,20 @@ class SendOrder:
         """Whether the next envelope of ``pair`` may be pushed to ``session`` unstored."""
         if not self.direct or session is None or pair.storing:
             return False
-        if not (pair.clean or (pair.last_seq and not pair.missed)):
+        if pair.missed and not pair.clean:
             return False
         return pair.outstanding == 0 or pair.session == session
 
     @staticmethod
     def after_seq(pair: Pair) -> int:
-        """The stored envelope a direct one of ``pair`` must follow (0: none waits)."""
-        return 0 if pair.clean else pair.last_seq
+        """What a direct envelope of ``pair`` must follow (``DirectWait.after_seq``).
+
+        0 when the pair is clean (nothing of it waits), its latest stored envelope's seq
+        when that is known, else FRESH_READ (whatever the queue holds from before).
+        """
+        if pair.clean:
+            return 0
+        return pair.last_seq or FRESH_READ
 
     def acked_stored(self, recipient: Address, message_id: bytes) -> None:
         """The recipient acked a store-path envelope of this stream."""

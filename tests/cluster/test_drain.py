@@ -29,6 +29,8 @@ from tests.process import Relayd
 pytestmark = [pytest.mark.services, pytest.mark.integration]
 
 DRAIN_DELAY = 1.5
+#: Messages sent across the drain: enough to outlast it on a fast relay (the direct path).
+TOTAL = 12_000
 GRACE = 2.0
 #: The drained node's devices must be Ready elsewhere this soon after the delay.
 BACK_WITHIN = 2.0
@@ -138,7 +140,7 @@ async def test_sigterm_a_node_mid_traffic_drains_it_gracefully(
 
             mover = asyncio.create_task(back_elsewhere())
             # Sending goes on across the whole drain: an error raises out of here.
-            await t.send(3000, on_acked=count)
+            await t.send(TOTAL, on_acked=count)
             await mover
             async with asyncio.timeout(10):
                 await watcher
@@ -149,7 +151,7 @@ async def test_sigterm_a_node_mid_traffic_drains_it_gracefully(
         assert seen["still_on_it"] == len(drained), "the node stopped serving during the delay"
         back = seen["back"] - seen["sigterm"]
         assert back < DRAIN_DELAY + BACK_WITHIN, f"devices back after {back:.2f} s"
-        assert acked_at["back"] < 3000, "traffic ended before the drain: nothing was tested"
+        assert acked_at["back"] < TOTAL, "traffic ended before the drain: nothing was tested"
         await check_after(t, victim)
     finally:
         await t.close()
@@ -161,7 +163,7 @@ async def check_after(t: Traffic, victim: Relayd) -> None:
     code = await asyncio.to_thread(victim.proc.wait, DRAIN_DELAY + GRACE + 10)
     assert code == 0, victim.log()
     await t.wait_delivered(60)
-    assert t.check() == 3000
+    assert t.check() == TOTAL
     assert all(c.node_id != "relay-1" for c in t.clients)
     assert all(c.error is None for c in t.clients)
     log = victim.log()
