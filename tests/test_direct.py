@@ -110,6 +110,14 @@ async def reading(
                 await task
 
 
+def registered() -> FakeIdentities:
+    """Identity keys of ALICE, BOB and CAROL (the devices of these tests)."""
+    identities = FakeIdentities()
+    for who in (ALICE, BOB, CAROL):
+        identities.keys[who] = os.urandom(32)
+    return identities
+
+
 @contextlib.asynccontextmanager
 async def core(
     direct_ack_ms: int = 1000, **limits: int
@@ -117,12 +125,9 @@ async def core(
     with tempfile.TemporaryDirectory() as tmp:
         async with SqliteQueue(Path(tmp) / "q.db") as sqlite:
             queue = CountingQueue(sqlite)
-            identities = FakeIdentities()
-            for who in (ALICE, BOB, CAROL):
-                identities.keys[who] = os.urandom(32)
             relay = Relay(
                 queue=queue,  # type: ignore[arg-type]
-                identities=identities,
+                identities=registered(),
                 clock=SystemClock(),
                 limits=LimitsConfig(direct_ack_ms=direct_ack_ms, **limits),  # type: ignore[arg-type]
                 metrics=RelayMetrics(),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -23,14 +22,13 @@ from relay.core.presence_local import LocalPresence
 from relay.metrics import RelayMetrics
 from relay.model import Address, Location, Notice, Offered, Outcome, Pushed
 from relay.stores.sqlite_queue import SqliteQueue
-from tests.test_core import FakeIdentities
 from tests.test_direct import (
     ALICE,
     BOB,
-    CAROL,
     CountingQueue,
     env,
     reading,
+    registered,
     send,
     stored_ids,
     until_seen,
@@ -114,9 +112,7 @@ async def two_nodes(
     with tempfile.TemporaryDirectory() as tmp:
         async with SqliteQueue(Path(tmp) / "q.db") as sqlite:
             queue = CountingQueue(sqlite)
-            identities = FakeIdentities()
-            for who in (ALICE, BOB, CAROL):
-                identities.keys[who] = os.urandom(32)
+            identities = registered()
             presence = SharedPresence()
             wire = Wire()
             wire.presence = presence

@@ -333,6 +333,8 @@ class Relay:
             live = await self._resolve(plan, batch, results)
         if ephemeral:
             live.extend(Pushed(env) for _, env in ephemeral)
+        # Located again, not from _locate_remote: only a lookup after the append sees a
+        # session that claimed the device meanwhile (its first read may have missed it).
         online = await self.router.route(live) if live else set()
         for i, env in ephemeral:
             outcome = Outcome.DELIVERED if env.recipient in online else Outcome.RECIPIENT_OFFLINE

@@ -129,7 +129,7 @@ class PeerInbox:
     def accept(self, peer: str, items: Sequence[Pushed]) -> None:
         """Envelopes ``peer`` forwards for sessions here (see rule 4)."""
         taken = self._router.accept(items)
-        watched = [(i.envelope.recipient, i.envelope) for i in taken if i.report_ack]
+        watched = [i.envelope for i in taken if i.report_ack]
         if watched:
             self.offers.watch(peer, watched)
 

@@ -133,28 +133,32 @@ class RemoteWaits:
 class _ReportingWait(DirectWait):
     """A direct envelope from another node: its outcome is reported back to that node."""
 
-    __slots__ = ("_notice", "_offers", "_peer")
+    __slots__ = ("_links", "_peer", "_recipient")
 
-    def __init__(self, batch: DirectBatch, item: Offered, peer: str, offers: PeerOffers) -> None:
+    def __init__(self, batch: DirectBatch, item: Offered, peer: str, links: NodeLinks) -> None:
         envelope = item.envelope
         super().__init__(
             batch, envelope.message_id, len(envelope.content), envelope.sender, item.after_seq
         )
-        self._offers = offers
+        self._links = links
         self._peer = peer
-        self._notice = (envelope.recipient, envelope.sender, envelope.message_id)
+        self._recipient = envelope.recipient
 
     def acked(self) -> None:
         pending = self.pending
         super().acked()
         if pending:
-            self._offers.report(self._peer, self._notice, acked=True)
+            self._report(acked=True)
 
     def fail(self) -> None:
         pending = self.pending
         super().fail()
         if pending:
-            self._offers.report(self._peer, self._notice, acked=False)
+            self._report(acked=False)
+
+    def _report(self, *, acked: bool) -> None:
+        notice = Notice(self._recipient, self.sender, self.message_id, acked, direct=True)
+        self._links.report(self._peer, [notice])
 
 
 class PeerOffers:
@@ -173,7 +177,7 @@ class PeerOffers:
         for item in items:
             env = item.envelope
             session = self._registry.get(env.recipient)
-            wait = batch.join(_ReportingWait(batch, item, peer, self))
+            wait = batch.join(_ReportingWait(batch, item, peer, self._links))
             if session is None or session.epoch != item.epoch or self._hold <= 0:
                 wait.fail()
             elif session.offer_direct(env, wait):
@@ -192,36 +196,22 @@ class PeerOffers:
             for session, wait in held:
                 session.settle(wait)
 
-    def watch(self, peer: str, items: Sequence[tuple[Address, Envelope]]) -> None:
+    def watch(self, peer: str, envelopes: Sequence[Envelope]) -> None:
         """Report the device's ack of these stored forwards to ``peer`` (rule 4)."""
-        for recipient, env in items:
-            session = self._registry.get(recipient)
+        for env in envelopes:
+            session = self._registry.get(env.recipient)
             if session is not None:
-                session.watch(env.key, _PeerWatch(self, peer, env.sender))
-
-    def report(self, peer: str, what: tuple[Address, Address, bytes], *, acked: bool) -> None:
-        """Send ``peer`` a direct notice."""
-        recipient, sender, message_id = what
-        self._links.report(peer, [Notice(recipient, sender, message_id, acked, direct=True)])
-
-    def report_stored(self, peer: str, recipient: Address, sender: Address, mid: bytes) -> None:
-        """Send ``peer`` the notice of an ack of a stored forward."""
-        self._links.report(peer, [Notice(recipient, sender, mid, acked=True, direct=False)])
-
-    async def close(self) -> None:
-        """Stop holding: every wait still held ends (reported not-acked)."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+                session.watch(env.key, _PeerWatch(self._links, peer, env.sender))
 
 
 @dataclass(frozen=True, slots=True)
 class _PeerWatch:
     """Watches one stored forward's ack for the peer that forwarded it."""
 
-    offers: PeerOffers
+    links: NodeLinks
     peer: str
     sender: Address
 
     def acked_stored(self, recipient: Address, message_id: bytes) -> None:
-        self.offers.report_stored(self.peer, recipient, self.sender, message_id)
+        notice = Notice(recipient, self.sender, message_id, acked=True, direct=False)
+        self.links.report(self.peer, [notice])
