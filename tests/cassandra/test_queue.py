@@ -12,7 +12,14 @@ from relay.common.cassandra.session import CassandraSession
 from relay.model import Address, Envelope, Outcome, QueueLimits
 from relay.stores.cassandra.accepted import AcceptedIds
 from relay.stores.cassandra.ids import LAYOUT_VERSION, Layout
-from relay.stores.cassandra.layout import DEFAULT_BUCKET_MS, SeqSource, bucket_of, key, seq_at
+from relay.stores.cassandra.layout import (
+    DEFAULT_BUCKET_MS,
+    SeqSource,
+    bucket_of,
+    key,
+    ms_of,
+    seq_at,
+)
 from relay.stores.cassandra.queue import DEFAULT_FLOOR_LAG_MS, CassandraQueue
 from tests.conformance.queue import BIG, BOB, MALLORY, NOW, QueueConformance, env, read_all
 
@@ -85,6 +92,30 @@ async def test_the_floor_follows_the_acked_seqs_not_the_acking_clock(
     late = env()  # written after the ack by the node with the right clock
     await writer.append([late], [NOW + 10**9], BIG)
     assert [x.message_id for x in await read_all(acker, BOB)] == [late.message_id]
+
+
+
+async def test_acks_out_of_order_keep_moving_the_floor(fresh: CassandraSession) -> None:
+    """An ack whose cap is below the floor still forgets the first live row it deleted.
+
+    (Regression, seen in CI as READ_TOO_MANY_TOMBSTONES after 100k acks: a later ack
+    remembered row ``a`` as the first live one; ``a``'s own ack found the floor above its
+    cap and returned early, so the deleted ``a`` stayed remembered and every later ack
+    skipped the probe, leaving the floor below all of their tombstones.)
+    """
+    clock = FakeClock(NOW)
+    queue = CassandraQueue(fresh, clock)
+    rows = []
+    for _ in range(3):
+        e = env()
+        (res,) = await queue.append([e], [NOW + 10**9], BIG)
+        rows.append((e, res.seq))
+        clock.advance(2 * DEFAULT_FLOOR_LAG_MS)
+    (a, _), (b, _), (c, c_seq) = rows
+    assert await queue.ack(BOB, [b.key]) == 1  # the probe finds a live: floor just below a
+    assert await queue.ack(BOB, [a.key]) == 1  # a's cap is below that floor
+    assert await queue.ack(BOB, [c.key]) == 1
+    assert await queue.floor(BOB) == seq_at(ms_of(c_seq) - DEFAULT_FLOOR_LAG_MS) - 1
 
 
 DAY = NOW + 86_400_000  # an expiry hour in the future: registered once

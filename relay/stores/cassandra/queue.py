@@ -478,6 +478,9 @@ class CassandraQueue:
     async def _probe_floor(self, device: Address, cap: int) -> None:
         index = await self._index(device)
         if index.floor >= cap:
+            # The remembered first live row may be one this ack deleted: forget it, or
+            # every later ack above it would skip its probe and leave the floor here.
+            self._first_live.pop(device, None)
             return
         first: int | None = None
         for bucket in index.buckets:
