@@ -94,7 +94,6 @@ async def test_the_floor_follows_the_acked_seqs_not_the_acking_clock(
     assert [x.message_id for x in await read_all(acker, BOB)] == [late.message_id]
 
 
-
 async def test_acks_out_of_order_keep_moving_the_floor(fresh: CassandraSession) -> None:
     """An ack whose cap is below the floor still forgets the first live row it deleted.
 
