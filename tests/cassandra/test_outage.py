@@ -6,6 +6,8 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from cassandra.cluster import NoHostAvailable
+from cassandra.connection import ConnectionShutdown
 
 from keyserver.cassandra_store import CassandraDeviceDirectory, CassandraPrekeyStore
 from relay.clock import FakeClock
@@ -61,3 +63,39 @@ async def test_key_stores_raise_unavailable(down: CassandraSession) -> None:
 async def test_migrate_raises_unavailable() -> None:
     with pytest.raises(Unavailable, match=r"connect to 127\.0\.0\.1"):
         await migrate(CassandraConfig(port=unused_port(), request_timeout_seconds=1.0))
+
+
+async def test_connect_retries_once_after_the_drivers_crc_bug(
+    cassandra_config: CassandraConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PYTHON-1337: a frame-header CRC mismatch while connecting is retried, once."""
+    import relay.common.cassandra.session as module
+
+    real = module.build_cluster
+    built: list[object] = []
+    always = [False]
+
+    class Flaky:
+        def connect(self) -> object:
+            bug = ConnectionShutdown(
+                'CRC mismatch on header 85dbe7. Received 40000", computed 86fbb.'
+            )
+            raise NoHostAvailable("Unable to connect to any servers", {"127.0.0.1:9042": bug})
+
+        def shutdown(self) -> None:
+            pass
+
+    def build(config: CassandraConfig) -> object:
+        built.append(config)
+        return Flaky() if len(built) == 1 or always[0] else real(config)
+
+    monkeypatch.setattr(module, "build_cluster", build)
+    async with CassandraSession(cassandra_config) as session:
+        await session.connect()
+        assert session.connected and len(built) == 2
+    built.clear()
+    always[0] = True  # every attempt hits the bug
+    async with CassandraSession(cassandra_config) as session:
+        with pytest.raises(Unavailable, match="CRC mismatch"):
+            await session.connect()
+    assert len(built) == 2  # once, not forever

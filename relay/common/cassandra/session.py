@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import cassandra
 from cassandra.auth import PlainTextAuthProvider
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, NoHostAvailable
 from cassandra.policies import (
     DCAwareRoundRobinPolicy,
     ExponentialReconnectionPolicy,
@@ -184,6 +184,12 @@ def _settle(fut: asyncio.Future[T], value: T | None, exc: BaseException | None) 
         fut.set_result(value)  # type: ignore[arg-type]
 
 
+def crc_mismatch(exc: BaseException) -> bool:
+    """Whether a failed connect is the driver's v5 frame-header CRC bug (PYTHON-1337)."""
+    errors = getattr(exc, "errors", None) or {}
+    return any("CRC mismatch" in str(e) for e in errors.values())
+
+
 class CassandraSession:
     """One connection pool to a cluster; an async context manager.
 
@@ -256,7 +262,17 @@ class CassandraSession:
             cluster = build_cluster(self.config)  # ConfigError (e.g. a TLS file) raises
             self._last_attempt = time.monotonic()
             try:
-                session = await asyncio.to_thread(cluster.connect)
+                try:
+                    session = await asyncio.to_thread(cluster.connect)
+                except NoHostAvailable as exc:
+                    if not crc_mismatch(exc):
+                        raise
+                    # PYTHON-1337: the driver's v5 framing now and then misreads a frame
+                    # header while it connects; a second attempt on a new cluster works.
+                    log.warning("cassandra connect hit the driver's v5 CRC bug; retrying once")
+                    await asyncio.to_thread(cluster.shutdown)
+                    cluster = build_cluster(self.config)
+                    session = await asyncio.to_thread(cluster.connect)
             except (*OUTAGES, cassandra.RequestValidationException) as exc:
                 self._last_error = exc
                 await asyncio.to_thread(cluster.shutdown)
