@@ -226,12 +226,14 @@ class Pushed:
 class Offered:
     """An envelope pushed direct (not stored) to the session of ``epoch`` on another node.
 
-    ``after_seq``: the stored envelope of its pair it must follow (``DirectWait.after_seq``).
+    ``after_seq``: the stored envelope of its pair it must follow (``DirectWait.after_seq``);
+    ``follows``: the direct one (``DirectWait.follows``).
     """
 
     envelope: Envelope
     epoch: int
     after_seq: int = 0
+    follows: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,9 +77,15 @@ class Reader:
     acked: set[bytes] = field(default_factory=set)
     got: asyncio.Event = field(default_factory=asyncio.Event)
     caught_up: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Cleared: the device stops pulling events (its stream stalls) until it is set.
+    flowing: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.flowing.set()
 
     async def run(self, history: list[bytes]) -> None:
         async for event in self.session.events():
+            await self.flowing.wait()
             if not isinstance(event, Deliver):
                 self.caught_up.set()  # QueueEmpty
                 continue
@@ -301,6 +307,7 @@ steps = st.lists(
         st.tuples(st.just("await"), st.just(0)),  # wait for every send so far
         st.tuples(st.just("reconnect"), st.integers(0, 2)),  # bob: acks / no acks / away
         st.tuples(st.just("pause"), st.integers(1, 15)),  # ms
+        st.tuples(st.just("stall"), st.integers(0, 1)),  # bob stops / starts pulling
     ),
     min_size=1,
     max_size=14,
@@ -351,6 +358,9 @@ async def scenario(plan: list[Step], old: int) -> None:
                 if arg < 2:
                     bob_cm = reading(relay, BOB, history, ack=arg == 0)
                     bob = await bob_cm.__aenter__()
+            elif kind == "stall":
+                if bob is not None:
+                    (bob.flowing.clear if arg == 0 else bob.flowing.set)()
             else:
                 await asyncio.sleep(arg / 1000)
         outcomes = [o for t in await asyncio.gather(*tasks) for o in t]
@@ -379,7 +389,7 @@ async def scenario(plan: list[Step], old: int) -> None:
 )
 @given(plan=steps, old=st.integers(0, 2))
 def test_fifo_per_pair_holds_across_direct_and_stored(plan: list[Step], old: int) -> None:
-    """Any mix of pipelined sends, acks, silences, reconnects and pauses: every
+    """Any mix of pipelined sends, acks, silences, stalls, reconnects and pauses: every
     envelope reaches bob, first deliveries in send order per sender, and DELIVERED was
     only answered for what bob had acked. ``old`` envelopes of alice's wait in bob's queue
     unannounced when alice's stream starts: they still come first."""
@@ -400,3 +410,36 @@ async def test_direct_path_off_stores_everything(ack_ms: int) -> None:
                 assert out.outcome is Outcome.STORED
                 await until_seen(bob, e.message_id)
         assert len(queue.appended) == 3
+
+
+async def test_a_direct_envelope_that_timed_out_unread_is_not_overtaken() -> None:
+    """E2 and E3 go direct to a session whose device has stopped pulling; E2's deadline
+    passes first and it is stored. When the device pulls again, E3 (still inside its own
+    window) must not be delivered before E2's stored copy. (Regression: the session
+    dropped the resolved E2 from its pending envelopes and delivered E3 direct, then E2
+    from the queue: 3 before 2. Seen in the cluster test of a Redis restart.)"""
+    async with (
+        core(direct_ack_ms=150) as (relay, _queue),
+        relay.session(ALICE, receive=True) as alice,
+    ):
+        history: list[bytes] = []
+        async with reading(relay, BOB, history):
+            (out,) = await send(relay, alice, env())
+            assert out.outcome is Outcome.DELIVERED  # the pair is clean
+        async with relay.session(BOB, receive=True) as session:
+            events = session.events()
+            assert not isinstance(await anext(events), Deliver)  # QueueEmpty; then a pause
+            e2, e3 = env(content=b"2"), env(content=b"3")
+            two = asyncio.create_task(send(relay, alice, e2))
+            three = asyncio.create_task(send(relay, alice, e3))
+            assert [o.outcome for o in await two] == [Outcome.STORED]
+            assert not three.done()  # its window began when e2's ended
+            got: list[bytes] = []
+            while e2.message_id not in got or e3.message_id not in got:
+                event = await asyncio.wait_for(anext(events), 10)
+                assert isinstance(event, Deliver)
+                got += [e.message_id for e in event.envelopes]
+                await relay.ack(session, [e.message_id for e in event.envelopes])
+            await three
+            await events.aclose()
+        assert got == [e2.message_id, e3.message_id]

@@ -61,6 +61,8 @@ class Wire:
     def __init__(self) -> None:
         self.nodes: dict[str, Relay] = {}
         self.cut = False
+        #: Offers (direct forwards) to lose before carrying any again.
+        self.lose_offers = 0
         self.carried: list[tuple[str, str, str]] = []  # (from, to, kind)
         self.notices: list[Notice] = []
         self.tasks: set[asyncio.Future[bool]] = set()
@@ -97,6 +99,9 @@ class _Links:
         self._wire.carry(self._me, node_id, "displace", go)
 
     def offer(self, node_id: str, items: Sequence[Offered]) -> None:
+        if self._wire.lose_offers:
+            self._wire.lose_offers -= 1
+            return
         self._wire.carry(self._me, node_id, "offer", lambda p: p.offer(self._me, items))
 
     def report(self, node_id: str, notices: Sequence[Notice]) -> None:
@@ -270,3 +275,28 @@ async def test_a_first_direct_envelope_waits_for_what_the_queue_holds_from_befor
             gate.set()
             (out_old,) = await earlier
             assert out_old.outcome is Outcome.STORED
+
+
+async def test_a_lost_direct_forward_is_not_overtaken_by_the_next() -> None:
+    """The link loses E2's direct forward (a stream broke, a buffer was dropped) and
+    carries E3's: b must not deliver E3 before E2, which a stores at its deadline.
+    E3 names the direct envelope of its pair it follows; b has not seen it and refuses
+    E3 at once, so a stores it after E2. (Regression: seen in the cluster test of a
+    Redis restart, where the link dropped its buffer while presence was down.)"""
+    async with (
+        two_nodes(direct_ack_ms=200) as (a, b, queue, wire),
+        a.session(ALICE, receive=True) as alice,
+    ):
+        history: list[bytes] = []
+        async with reading(b, BOB, history) as bob:
+            await prove(a, alice, queue)
+            e2, e3 = env(content=b"2"), env(content=b"3")
+            wire.lose_offers = 1
+            two = asyncio.create_task(send(a, alice, e2))
+            three = asyncio.create_task(send(a, alice, e3))
+            assert [o.outcome for o in await two] == [Outcome.STORED]
+            assert [o.outcome for o in await three] == [Outcome.STORED]
+            assert queue.appended[-2:] == [e2.message_id, e3.message_id]
+            b.router.reread_all()
+            await until_seen(bob, e3.message_id)
+            assert history[-2:] == [e2.message_id, e3.message_id]

@@ -378,10 +378,17 @@ class Relay:
             if target is None and where is not None:
                 target = self.remote.target(where, env.recipient)
         if target is not None and order.may_go_direct(pair, target):
-            wait = batch.add(env.message_id, len(env.content), env.sender, order.after_seq(pair))
+            wait = batch.add(
+                env.message_id,
+                len(env.content),
+                env.sender,
+                order.after_seq(pair),
+                follows=order.follows(pair),
+            )
             if target.offer_direct(env, wait):
                 pair.session = target
                 pair.outstanding += 1
+                pair.last_direct = env.message_id
                 return _Planned(i, env, expires, order, pair, wait, target, where)
             wait.fail()
         pair.clean = False

@@ -40,6 +40,7 @@ class DirectWait:
     __slots__ = (
         "_batch",
         "after_seq",
+        "follows",
         "late_ack",
         "message_id",
         "read_gen",
@@ -49,7 +50,14 @@ class DirectWait:
     )
 
     def __init__(
-        self, batch: DirectBatch, message_id: bytes, size: int, sender: Address, after_seq: int = 0
+        self,
+        batch: DirectBatch,
+        message_id: bytes,
+        size: int,
+        sender: Address,
+        after_seq: int = 0,
+        *,
+        follows: bytes = b"",
     ) -> None:
         self._batch = batch
         self.message_id = message_id
@@ -58,6 +66,9 @@ class DirectWait:
         #: Seq of the latest envelope of the same pair that was stored before this one (0:
         #: none may still wait): the session delivers this one only after that one.
         self.after_seq = after_seq
+        #: Message id of the previous direct envelope of the pair, if it was unresolved
+        #: when this one was sent: the session takes this one only right after that one.
+        self.follows = follows
         #: The receiving session's count of queue reads begun when it took this one.
         self.read_gen = 0
         self.state = WaitState.PENDING
@@ -110,9 +121,17 @@ class DirectBatch:
         self._future: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, message_id: bytes, size: int, sender: Address, after_seq: int = 0) -> DirectWait:
-        """A new pending wait of this batch (``after_seq``: see ``DirectWait.after_seq``)."""
-        return self.join(DirectWait(self, message_id, size, sender, after_seq))
+    def add(
+        self,
+        message_id: bytes,
+        size: int,
+        sender: Address,
+        after_seq: int = 0,
+        *,
+        follows: bytes = b"",
+    ) -> DirectWait:
+        """A new pending wait of this batch (``after_seq``, ``follows``: see ``DirectWait``)."""
+        return self.join(DirectWait(self, message_id, size, sender, after_seq, follows=follows))
 
     def join(self, wait: DirectWait) -> DirectWait:
         """Count ``wait`` (made with this batch, still pending) among this batch's waits."""

@@ -89,7 +89,8 @@ class RemoteWaits:
         if key in self._waits or len(self._waits) >= MAX_REMOTE_WAITS:
             return False
         self._waits[key] = wait
-        self._links.offer(target.node_id, [Offered(envelope, target.epoch, wait.after_seq)])
+        offered = Offered(envelope, target.epoch, wait.after_seq, wait.follows)
+        self._links.offer(target.node_id, [offered])
         return True
 
     def settle(self, target: RemoteSession, wait: DirectWait) -> None:
@@ -138,7 +139,12 @@ class _ReportingWait(DirectWait):
     def __init__(self, batch: DirectBatch, item: Offered, peer: str, links: NodeLinks) -> None:
         envelope = item.envelope
         super().__init__(
-            batch, envelope.message_id, len(envelope.content), envelope.sender, item.after_seq
+            batch,
+            envelope.message_id,
+            len(envelope.content),
+            envelope.sender,
+            item.after_seq,
+            follows=item.follows,
         )
         self._links = links
         self._peer = peer

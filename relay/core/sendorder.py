@@ -31,7 +31,9 @@ mix of paths: an envelope to recipient R may go direct only when
   waits for an ack to come back before it goes direct, and
 - every direct envelope of the pair still unresolved went to that same session (so the
   session's own FIFO orders them; one node link, itself FIFO, carries them to a remote
-  one).
+  one), and each names the one before it (``DirectWait.follows``): a session that never
+  got that one (the link lost it) or dropped it unwritten (its deadline passed first)
+  does not deliver the later ones, which fail and are stored after it.
 
 Otherwise the envelope takes the store path and the pair is unclean until that
 envelope's ack is seen (a missed pair goes direct again only then). Store-path envelopes
@@ -78,6 +80,8 @@ class Pair:
     #: Seq of the latest envelope stored to the recipient (``Pushed.prev_seq`` of the next);
     #: 0 when unknown (none yet, or the latest was a duplicate of one stored before).
     last_seq: int = 0
+    #: Message id of the latest envelope of the pair that went direct.
+    last_direct: bytes = b""
     #: Resolution of the latest batch with an envelope of the pair (the next one waits).
     resolving: asyncio.Future[None] | None = None
 
@@ -179,6 +183,15 @@ class SendOrder:
         if pair.clean:
             return 0
         return pair.last_seq or FRESH_READ
+
+    @staticmethod
+    def follows(pair: Pair) -> bytes:
+        """What a direct envelope of ``pair`` must come right after (``DirectWait.follows``).
+
+        The pair's latest direct envelope while any is unresolved (it may still be lost or
+        dropped unwritten), else nothing.
+        """
+        return pair.last_direct if pair.outstanding else b""
 
     def acked_stored(self, recipient: Address, message_id: bytes) -> None:
         """The recipient acked a store-path envelope of this stream."""

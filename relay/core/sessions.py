@@ -8,10 +8,15 @@ Envelopes pushed *direct* (not stored, ``offer_direct``) are delivered in the or
 were offered, but never ahead of a pending re-read (whatever the queue holds from before
 comes first), nor ahead of the stored envelope of their pair they must follow
 (``DirectWait.after_seq``: the session re-reads until it has delivered it, or until a
-read begun after the offer has completed without it, i.e. it was acked). Their senders
-wait for the device's ack (``relay.core.direct``); a session that ends fails every wait
-it holds at once, so those envelopes are stored. Pushed and unacked envelopes are bounded
-per session by count and bytes: past either, a direct offer is refused (the sender
+read begun after the offer has completed without it, i.e. it was acked), nor ahead of
+a direct envelope of their sender that this session never took (a lost forward) or
+dropped unwritten (its sender stored it at its deadline): ``DirectWait.follows`` names
+the previous direct envelope of the pair, and a session takes an offer only right after
+that one; when one is dropped unwritten, the later direct envelopes of its sender held
+here fail, so their senders store them after it. Their senders wait for the device's
+ack (``relay.core.direct``); a session that ends fails every wait it holds at once, so
+those envelopes are stored. Pushed and unacked envelopes are bounded per session by
+count and bytes: past either, a direct offer is refused (the sender
 stores it) and stored pushes are left to the next re-read.
 
 Any session (receiving or send-only) can be ended from outside with the error its
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -41,6 +46,9 @@ MAX_EPHEMERAL_BUFFER = 256
 #: Store-path acks a session watches for its senders' order (``SendOrder``); past it a
 #: sender's pair simply stays on the store path a while longer.
 MAX_WATCHED_ACKS = 4096
+#: Senders whose last direct envelope a session remembers (``DirectWait.follows``); an
+#: offer that names a forgotten one is refused (it is stored: speed, never order).
+MAX_DIRECT_SENDERS = 4096
 #: Content bytes per Deliver frame (a frame carries at least one envelope); well under
 #: the 16 MiB message limit of the servers and the SDK.
 MAX_DELIVER_FRAME_BYTES = 4 * 1024 * 1024
@@ -132,6 +140,9 @@ class Session:
         self._held: dict[EnvelopeKey, int] = {}
         self._queued: set[EnvelopeKey] = set()
         self._direct_bytes = 0
+        #: Per sender: message id of the last direct envelope this session took from it
+        #: (b"" once one was dropped unwritten: none may follow it).
+        self._last_direct: OrderedDict[Address, bytes] = OrderedDict()
         #: Store-path envelopes whose ack a sender stream waits to see.
         self._watched: dict[EnvelopeKey, AckWatcher] = {}
         #: Queue reads begun, and the count of reads begun before the latest one that
@@ -183,6 +194,12 @@ class Session:
             or self._direct_bytes + wait.size > self._max_inflight_bytes
         ):
             return False
+        if wait.follows and self._last_direct.get(envelope.sender) != wait.follows:
+            return False  # the one before it was lost, refused or dropped: it goes first
+        self._last_direct[envelope.sender] = envelope.message_id
+        self._last_direct.move_to_end(envelope.sender)
+        if len(self._last_direct) > MAX_DIRECT_SENDERS:
+            self._last_direct.popitem(last=False)
         self._direct[key] = wait
         self._held[key] = wait.size
         self._direct_bytes += wait.size
@@ -347,13 +364,20 @@ class Session:
         """
         out: list[Envelope] = []
         held: list[Pushed] = []
+        dropped: set[Address] = set()
         for item in self._pending:
             env = item.envelope
             if item.direct:
                 wait = self._direct.get(env.key)
-                if wait is None:
+                if wait is None or env.sender in dropped:
+                    # Settled by its sender unwritten (it is stored), or after one that
+                    # was: it and the later ones of its sender go to the store after it.
                     self._dequeue(env.key)
-                    continue  # resolved by its sender: acked, or stored (the queue has it)
+                    if wait is not None:
+                        wait.fail()
+                    dropped.add(env.sender)
+                    self._last_direct[env.sender] = b""
+                    continue
                 if not self._follows(wait):
                     held.append(item)
                     self._reread = True  # the stored one before it is in the queue

@@ -200,6 +200,7 @@ class GrpcNodeLinks:
                     direct=True,
                     epoch=item.epoch,
                     prev_seq=item.after_seq,
+                    follows_message_id=item.follows,
                 )
             )
 
@@ -281,7 +282,12 @@ class NodeLinkServicer(node_pb2_grpc.NodeLinkServicer):
                     if stored:
                         self._peers.accept(peer, stored)
                     direct = [
-                        Offered(envelope_from_wire(f.envelope), f.epoch, f.prev_seq)
+                        Offered(
+                            envelope_from_wire(f.envelope),
+                            f.epoch,
+                            f.prev_seq,
+                            f.follows_message_id,
+                        )
                         for f in batch.forwards
                         if f.direct
                     ]

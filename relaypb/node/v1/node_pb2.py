@@ -26,7 +26,7 @@ from relaypb.common.v1 import address_pb2 as relaypb_dot_common_dot_v1_dot_addre
 from relaypb.relay.v1 import relay_pb2 as relaypb_dot_relay_dot_v1_dot_relay__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arelaypb/node/v1/node.proto\x12\x0frelaypb.node.v1\x1a\x1frelaypb/common/v1/address.proto\x1a\x1crelaypb/relay/v1/relay.proto\"\x89\x01\n\x07\x46orward\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.relaypb.relay.v1.Envelope\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08prev_seq\x18\x03 \x01(\x04\x12\x0e\n\x06\x64irect\x18\x04 \x01(\x08\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nreport_ack\x18\x06 \x01(\x08\"\x96\x01\n\x06Notice\x12-\n\trecipient\x18\x01 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12*\n\x06sender\x18\x02 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12\x12\n\nmessage_id\x18\x03 \x01(\x0c\x12\r\n\x05\x61\x63ked\x18\x04 \x01(\x08\x12\x0e\n\x06\x64irect\x18\x05 \x01(\x08\"E\n\x08\x44isplace\x12*\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\xb6\x01\n\tNodeBatch\x12\x11\n\tfrom_node\x18\x01 \x01(\t\x12*\n\x08\x66orwards\x18\x02 \x03(\x0b\x32\x18.relaypb.node.v1.Forward\x12,\n\tdisplaces\x18\x03 \x03(\x0b\x32\x19.relaypb.node.v1.Displace\x12\x12\n\nrepoll_all\x18\x04 \x01(\x08\x12(\n\x07notices\x18\x05 \x03(\x0b\x32\x17.relaypb.node.v1.Notice\"\x1e\n\x0bLinkSummary\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x32N\n\x08NodeLink\x12\x42\n\x04Link\x12\x1a.relaypb.node.v1.NodeBatch\x1a\x1c.relaypb.node.v1.LinkSummary(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arelaypb/node/v1/node.proto\x12\x0frelaypb.node.v1\x1a\x1frelaypb/common/v1/address.proto\x1a\x1crelaypb/relay/v1/relay.proto\"\xa5\x01\n\x07\x46orward\x12,\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1a.relaypb.relay.v1.Envelope\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08prev_seq\x18\x03 \x01(\x04\x12\x0e\n\x06\x64irect\x18\x04 \x01(\x08\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x12\n\nreport_ack\x18\x06 \x01(\x08\x12\x1a\n\x12\x66ollows_message_id\x18\x07 \x01(\x0c\"\x96\x01\n\x06Notice\x12-\n\trecipient\x18\x01 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12*\n\x06sender\x18\x02 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12\x12\n\nmessage_id\x18\x03 \x01(\x0c\x12\r\n\x05\x61\x63ked\x18\x04 \x01(\x08\x12\x0e\n\x06\x64irect\x18\x05 \x01(\x08\"E\n\x08\x44isplace\x12*\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x1a.relaypb.common.v1.Address\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\xb6\x01\n\tNodeBatch\x12\x11\n\tfrom_node\x18\x01 \x01(\t\x12*\n\x08\x66orwards\x18\x02 \x03(\x0b\x32\x18.relaypb.node.v1.Forward\x12,\n\tdisplaces\x18\x03 \x03(\x0b\x32\x19.relaypb.node.v1.Displace\x12\x12\n\nrepoll_all\x18\x04 \x01(\x08\x12(\n\x07notices\x18\x05 \x03(\x0b\x32\x17.relaypb.node.v1.Notice\"\x1e\n\x0bLinkSummary\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x32N\n\x08NodeLink\x12\x42\n\x04Link\x12\x1a.relaypb.node.v1.NodeBatch\x1a\x1c.relaypb.node.v1.LinkSummary(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,15 +34,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'relaypb.node.v1.node_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FORWARD']._serialized_start=111
-  _globals['_FORWARD']._serialized_end=248
-  _globals['_NOTICE']._serialized_start=251
-  _globals['_NOTICE']._serialized_end=401
-  _globals['_DISPLACE']._serialized_start=403
-  _globals['_DISPLACE']._serialized_end=472
-  _globals['_NODEBATCH']._serialized_start=475
-  _globals['_NODEBATCH']._serialized_end=657
-  _globals['_LINKSUMMARY']._serialized_start=659
-  _globals['_LINKSUMMARY']._serialized_end=689
-  _globals['_NODELINK']._serialized_start=691
-  _globals['_NODELINK']._serialized_end=769
+  _globals['_FORWARD']._serialized_end=276
+  _globals['_NOTICE']._serialized_start=279
+  _globals['_NOTICE']._serialized_end=429
+  _globals['_DISPLACE']._serialized_start=431
+  _globals['_DISPLACE']._serialized_end=500
+  _globals['_NODEBATCH']._serialized_start=503
+  _globals['_NODEBATCH']._serialized_end=685
+  _globals['_LINKSUMMARY']._serialized_start=687
+  _globals['_LINKSUMMARY']._serialized_end=717
+  _globals['_NODELINK']._serialized_start=719
+  _globals['_NODELINK']._serialized_end=797
 # @@protoc_insertion_point(module_scope)

@@ -30,6 +30,7 @@ class Forward(_message.Message):
     DIRECT_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     REPORT_ACK_FIELD_NUMBER: _builtins.int
+    FOLLOWS_MESSAGE_ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """The envelope's position in the recipient's queue (0 for ephemeral envelopes)."""
     prev_seq: _builtins.int
@@ -49,6 +50,12 @@ class Forward(_message.Message):
     """A stored forward whose ack the sending node waits to see (its send order, see
     relay/core/sendorder.py): the target reports the device's ack in a Notice.
     """
+    follows_message_id: _builtins.bytes
+    """Direct path: the message id of the previous direct envelope of the pair, when that
+    one was still unresolved as this one was sent (empty otherwise). The target takes
+    this one only if that one is the last direct envelope of the sender its session
+    took, so a lost forward is never overtaken by the next.
+    """
     @_builtins.property
     def envelope(self) -> _relay_pb2.Envelope: ...
     def __init__(
@@ -60,10 +67,11 @@ class Forward(_message.Message):
         direct: _builtins.bool = ...,
         epoch: _builtins.int = ...,
         report_ack: _builtins.bool = ...,
+        follows_message_id: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct", b"direct", "envelope", b"envelope", "epoch", b"epoch", "prev_seq", b"prev_seq", "report_ack", b"report_ack", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["direct", b"direct", "envelope", b"envelope", "epoch", b"epoch", "follows_message_id", b"follows_message_id", "prev_seq", b"prev_seq", "report_ack", b"report_ack", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
