@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -487,7 +486,8 @@ class Relay:
                 f"{field}.message_id has {len(env.message_id)} bytes; it must be "
                 f"{MESSAGE_ID_BYTES} random bytes"
             )
-        env.recipient.validate(field=f"{field}.recipient")
+        if env.recipient not in known:  # known ones were validated (``_registered``)
+            env.recipient.validate(field=f"{field}.recipient")
         if env.recipient.tenant != sender.tenant:
             raise PermissionDenied(
                 f"{field}.recipient is in tenant {env.recipient.tenant!r}; "
@@ -509,7 +509,8 @@ class Relay:
                 f"{field}.ttl_seconds {ttl} is over limits.max_ttl_seconds "
                 f"({self._limits.max_ttl_seconds})"
             )
-        env = dataclasses.replace(env, sender=sender, server_timestamp_ms=now, ttl_seconds=ttl)
+        # Made whole, not dataclasses.replace: this runs for every envelope sent.
+        env = Envelope(env.message_id, sender, env.recipient, env.content, env.ephemeral, ttl, now)
         return env, ttl
 
     def _queue_full(self, recipient: Address, limit: str) -> LimitExceeded:

@@ -10,6 +10,12 @@ the device already holds is not delivered again.
 
 A ``DirectBatch`` gathers the waits of one SendBatch and resolves once every one of
 them has ended, or at its deadline (which fails those still pending).
+
+No reference cycle outlives a send: a wait lets go of its batch once it has ended and
+the batch lets go of its timer and future once it has waited, so both are freed by
+reference counting. (They were the relay's main cyclic garbage: tens of thousands of
+objects a second at load, and the collector's pauses were latency spikes for every
+stream.)
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ class DirectWait:
         *,
         follows: bytes = b"",
     ) -> None:
-        self._batch = batch
+        self._batch: DirectBatch | None = batch
         self.message_id = message_id
         self.size = size
         self.sender = sender
@@ -84,7 +90,7 @@ class DirectWait:
         """The recipient device acked the envelope."""
         if self.state is WaitState.PENDING:
             self.state = WaitState.ACKED
-            self._batch.one_done()
+            self._ended()
         elif self.state is WaitState.FAILED:
             self.late_ack = True
 
@@ -92,7 +98,12 @@ class DirectWait:
         """No ack will count any more (deadline, session ended, push refused)."""
         if self.state is WaitState.PENDING:
             self.state = WaitState.FAILED
-            self._batch.one_done()
+            self._ended()
+
+    def _ended(self) -> None:
+        batch, self._batch = self._batch, None  # no cycle with the batch once ended
+        if batch is not None:
+            batch.one_done()
 
 
 class DirectTarget(Protocol):
@@ -156,6 +167,7 @@ class DirectBatch:
             await self._future
         finally:
             self._timer.cancel()
+            self._timer = self._future = None  # both refer back to the batch
             self.expire()  # cancelled: nothing pending may still count as delivered
 
     def expire(self) -> None:
