@@ -19,6 +19,42 @@ def address_to_pb(address: Address) -> address_pb2.Address:
     return address_pb2.Address(tenant=address.tenant, user=address.user, device=address.device)
 
 
+#: Protobuf forms of recently seen addresses (copied into messages, never changed);
+#: emptied when it reaches ``_MAX_CACHED_ADDRESSES``.
+_address_pbs: dict[Address, address_pb2.Address] = {}
+_MAX_CACHED_ADDRESSES = 100_000
+
+
+def _cached_address_pb(address: Address) -> address_pb2.Address:
+    pb = _address_pbs.get(address)
+    if pb is None:
+        if len(_address_pbs) >= _MAX_CACHED_ADDRESSES:
+            _address_pbs.clear()
+        pb = _address_pbs[address] = address_to_pb(address)
+    return pb
+
+
+def cached_address_pb(address: Address) -> address_pb2.Address:
+    """``address_to_pb(address)``, shared: copy it into a message, never change it."""
+    return _cached_address_pb(address)
+
+
+def fill_envelope(pb: relay_pb2.Envelope, env: Envelope) -> None:
+    """Write ``env`` into the empty message ``pb``, for delivery to a device or a peer.
+
+    Fill the message in place (``repeated.add()``, or a field of the frame): building an
+    Envelope message and copying it into its frame costs twice as much (2.7 against
+    1.3 us per envelope in a frame of 20).
+    """
+    pb.message_id = env.message_id
+    pb.content = env.content
+    if env.ephemeral:
+        pb.ephemeral = True
+    pb.server_timestamp_ms = env.server_timestamp_ms
+    pb.sender.CopyFrom(_cached_address_pb(env.sender))
+    pb.recipient.CopyFrom(_cached_address_pb(env.recipient))
+
+
 def envelope_from_pb(pb: relay_pb2.Envelope, sender: Address) -> Envelope:
     """Domain Envelope from a client's protobuf; the sender comes from authentication."""
     return Envelope(
@@ -28,18 +64,6 @@ def envelope_from_pb(pb: relay_pb2.Envelope, sender: Address) -> Envelope:
         content=pb.content,
         ephemeral=pb.ephemeral,
         ttl_seconds=pb.ttl_seconds,
-    )
-
-
-def envelope_to_pb(env: Envelope) -> relay_pb2.Envelope:
-    """Protobuf Envelope for delivery to a device."""
-    return relay_pb2.Envelope(
-        message_id=env.message_id,
-        sender=address_to_pb(env.sender),
-        recipient=address_to_pb(env.recipient),
-        content=env.content,
-        ephemeral=env.ephemeral,
-        server_timestamp_ms=env.server_timestamp_ms,
     )
 
 

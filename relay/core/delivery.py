@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 MAX_REMEMBERED_REMOVALS = 100_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per envelope, and a frozen init costs 3x
 class _Planned:
     """One envelope of a send after dispatch: direct (``wait`` set) or for the store."""
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from relay.common.convert import address_from_pb, address_to_pb, envelope_from_wire, envelope_to_pb
+from relay.common.convert import address_from_pb, address_to_pb, envelope_from_wire, fill_envelope
 from relay.common.logs import outside_calls
 from relay.common.status import abort
 from relay.common.tls import channel_credentials, node_id_from_auth_context
@@ -181,28 +181,24 @@ class GrpcNodeLinks:
         """Queue live envelopes for sessions on ``node_id``."""
         peer = self._peer(node_id)
         for item in items:
-            peer.put(
-                node_pb2.Forward(
-                    envelope=envelope_to_pb(item.envelope),
-                    seq=item.seq,
-                    prev_seq=item.prev_seq,
-                    report_ack=item.report_ack,
-                )
+            forward = node_pb2.Forward(
+                seq=item.seq, prev_seq=item.prev_seq, report_ack=item.report_ack
             )
+            fill_envelope(forward.envelope, item.envelope)
+            peer.put(forward)
 
     def offer(self, node_id: str, items: Sequence[Offered]) -> None:
         """Queue direct (unstored) envelopes for sessions on ``node_id``."""
         peer = self._peer(node_id)
         for item in items:
-            peer.put(
-                node_pb2.Forward(
-                    envelope=envelope_to_pb(item.envelope),
-                    direct=True,
-                    epoch=item.epoch,
-                    prev_seq=item.after_seq,
-                    follows_message_id=item.follows,
-                )
+            forward = node_pb2.Forward(
+                direct=True,
+                epoch=item.epoch,
+                prev_seq=item.after_seq,
+                follows_message_id=item.follows,
             )
+            fill_envelope(forward.envelope, item.envelope)
+            peer.put(forward)
 
     def report(self, node_id: str, notices: Sequence[Notice]) -> None:
         """Queue notices for ``node_id`` about envelopes it forwarded here."""

@@ -13,9 +13,9 @@ import grpc
 from relay.common.convert import (
     OUTCOME_TO_PB,
     address_from_pb,
-    address_to_pb,
+    cached_address_pb,
     envelope_from_pb,
-    envelope_to_pb,
+    fill_envelope,
 )
 from relay.common.status import abort, unary
 from relay.common.tls import BEARER_NEEDS_TLS, call_is_protected
@@ -48,22 +48,17 @@ def mismatches_to_pb(
     ]
 
 
-def results_to_pb(outcomes: Sequence[SendOutcome]) -> list[relay_pb2.SendResult]:
-    """SendResult messages for core outcomes."""
-    out = []
+def add_results(results: Any, outcomes: Sequence[SendOutcome]) -> None:
+    """Append SendResult messages for core outcomes to the repeated field ``results``."""
+    add = results.add
     for o in outcomes:
+        r = add(message_id=o.message_id, outcome=OUTCOME_TO_PB[o.outcome])
+        r.recipient.CopyFrom(cached_address_pb(o.recipient))
         err = o.error
-        out.append(
-            relay_pb2.SendResult(
-                message_id=o.message_id,
-                recipient=address_to_pb(o.recipient),
-                outcome=OUTCOME_TO_PB[o.outcome],
-                code=int(err.status) if err else 0,
-                message=err.message if err else "",
-                limit=err.metadata.get("limit", "") if err else "",
-            )
-        )
-    return out
+        if err is not None:
+            r.code = int(err.status)
+            r.message = err.message
+            r.limit = err.metadata.get("limit", "")
 
 
 class RelayServicer(relay_pb2_grpc.RelayServicer):
@@ -228,34 +223,30 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         lock: asyncio.Lock,
     ) -> None:
         """Handle one SendBatch of a stream and write its SendResults."""
+        reply = relay_pb2.ServerFrame()
+        answer = reply.send_results
+        answer.batch_id = batch.batch_id
         try:
             outcomes, mismatches = await self._send(
                 session.address, batch.envelopes, batch.complete_device_lists, session, turn
             )
-            results = results_to_pb(outcomes)
+            add_results(answer.results, outcomes)
+            answer.device_list_mismatches.extend(mismatches_to_pb(mismatches))
         except RelayError as exc:
-            results = [_batch_failure(e, exc) for e in batch.envelopes]
-            mismatches = []
+            del answer.results[:]
+            answer.results.extend(_batch_failure(e, exc) for e in batch.envelopes)
         finally:
             turn.resolved()
-        reply = relay_pb2.ServerFrame(
-            send_results=relay_pb2.SendResults(
-                batch_id=batch.batch_id,
-                results=results,
-                device_list_mismatches=mismatches_to_pb(mismatches),
-            )
-        )
         async with lock:
             await context.write(reply)
 
     async def _write_events(self, session: Session, context: Ctx, lock: asyncio.Lock) -> None:
         async for event in session.events():
             if isinstance(event, Deliver):
-                frame = relay_pb2.ServerFrame(
-                    deliver=relay_pb2.Deliver(
-                        envelopes=[envelope_to_pb(e) for e in event.envelopes]
-                    )
-                )
+                frame = relay_pb2.ServerFrame()
+                add = frame.deliver.envelopes.add
+                for env in event.envelopes:
+                    fill_envelope(add(), env)
                 count = len(event.envelopes)
             else:
                 assert isinstance(event, QueueEmpty)
@@ -300,9 +291,9 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         outcomes, mismatches = await self._send(
             sender.address, request.envelopes, request.complete_device_lists
         )
-        return relay_pb2.SendResponse(
-            results=results_to_pb(outcomes), device_list_mismatches=mismatches_to_pb(mismatches)
-        )
+        response = relay_pb2.SendResponse(device_list_mismatches=mismatches_to_pb(mismatches))
+        add_results(response.results, outcomes)
+        return response
 
     async def _send(
         self,
