@@ -78,6 +78,10 @@ def _stack_lines(task: asyncio.Future[Any]) -> list[str]:
     return lines
 
 
+#: The channel argument that makes a bind fail when another process holds the port.
+REUSEPORT_OFF = ("grpc.so_reuseport", 0)
+
+
 class GrpcServer:
     """Serve ``services`` on ``listen`` (``host:port``; port 0 picks a free port).
 
@@ -110,6 +114,10 @@ class GrpcServer:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            # grpcio binds with SO_REUSEPORT by default: a second process started on the
+            # same port would then split its traffic silently. Only ``relayd relay
+            # --processes N`` shares a port, on purpose (it passes 1).
+            *([] if any(k == "grpc.so_reuseport" for k, _ in options) else [REUSEPORT_OFF]),
             *options,
         ]
         self._server: grpc.aio.Server | None = None
@@ -136,12 +144,18 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        if self._credentials is None:
-            self.port = server.add_insecure_port(self._listen)
-        else:
-            self.port = server.add_secure_port(self._listen, self._credentials)
+        try:  # grpcio raises RuntimeError or returns 0, depending on the version
+            if self._credentials is None:
+                self.port = server.add_insecure_port(self._listen)
+            else:
+                self.port = server.add_secure_port(self._listen, self._credentials)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {self._listen}")
+            raise OSError(
+                f"cannot listen on {self._listen}: the address is in use (another process "
+                "holds the port?) or not an address of this host"
+            )
         await server.start()
         for name in [*names, ""]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
