@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -141,8 +141,9 @@ class Session:
         self._queued: set[EnvelopeKey] = set()
         self._direct_bytes = 0
         #: Per sender: message id of the last direct envelope this session took from it
-        #: (b"" once one was dropped unwritten: none may follow it).
-        self._last_direct: OrderedDict[Address, bytes] = OrderedDict()
+        #: (b"" once one was dropped unwritten: none may follow it), oldest sender first.
+        #: Made at the first direct offer: an idle stream costs nothing for it.
+        self._last_direct: dict[Address, bytes] | None = None
         #: Store-path envelopes whose ack a sender stream waits to see.
         self._watched: dict[EnvelopeKey, AckWatcher] = {}
         #: Queue reads begun, and the count of reads begun before the latest one that
@@ -194,12 +195,15 @@ class Session:
             or self._direct_bytes + wait.size > self._max_inflight_bytes
         ):
             return False
-        if wait.follows and self._last_direct.get(envelope.sender) != wait.follows:
+        last = self._last_direct
+        if wait.follows and (last is None or last.get(envelope.sender) != wait.follows):
             return False  # the one before it was lost, refused or dropped: it goes first
-        self._last_direct[envelope.sender] = envelope.message_id
-        self._last_direct.move_to_end(envelope.sender)
-        if len(self._last_direct) > MAX_DIRECT_SENDERS:
-            self._last_direct.popitem(last=False)
+        if last is None:
+            last = self._last_direct = {}
+        last.pop(envelope.sender, None)  # to the end: most recent last
+        last[envelope.sender] = envelope.message_id
+        if len(last) > MAX_DIRECT_SENDERS:
+            del last[next(iter(last))]
         self._direct[key] = wait
         self._held[key] = wait.size
         self._direct_bytes += wait.size
@@ -376,7 +380,8 @@ class Session:
                     if wait is not None:
                         wait.fail()
                     dropped.add(env.sender)
-                    self._last_direct[env.sender] = b""
+                    if self._last_direct is not None:  # it was taken: never None here
+                        self._last_direct[env.sender] = b""
                     continue
                 if not self._follows(wait):
                     held.append(item)
