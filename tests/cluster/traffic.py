@@ -39,6 +39,9 @@ class Traffic:
         default_factory=lambda: defaultdict(list)
     )
     outcomes: dict[bytes, Outcome] = field(default_factory=dict)
+    #: Where each message was when it was answered and when it was received (diagnostics).
+    answered_on: dict[bytes, str] = field(default_factory=dict)
+    received_on: dict[bytes, str] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _readers: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -61,6 +64,8 @@ class Traffic:
         me = self.addresses[i]
         async for message in self.clients[i].messages():
             self.received[me].append((message.sender, message.message_id, message.content))
+            client = self.clients[i]
+            self.received_on[message.message_id] = f"{client.node_id}/{client.session_epoch}"
             self._changed.set()
 
     async def send(
@@ -95,6 +100,8 @@ class Traffic:
                     assert r.outcome in ACKED, r
                     self.acked[self.addresses[src], r.recipient].append(r.message_id)
                     self.outcomes[r.message_id] = r.outcome
+                    client = self.clients[src]
+                    self.answered_on[r.message_id] = f"{client.node_id}/{client.session_epoch}"
                 done += len(receipts)
                 if on_acked is not None:
                     on_acked(done)
@@ -147,14 +154,34 @@ class Traffic:
             ids = [mid for (_, mid, _) in msgs]
             assert len(ids) == len(set(ids)), f"{dst} got a message twice"
             by_sender: dict[Address, list[int]] = defaultdict(list)
-            for sender, _, content in msgs:
+            ids_of: dict[Address, list[bytes]] = defaultdict(list)
+            for sender, mid, content in msgs:
                 by_sender[sender].append(int(content))
+                ids_of[sender].append(mid)
             for sender, seq in by_sender.items():
-                assert seq == sorted(seq), f"{sender} -> {dst} out of order: {seq[:20]}"
+                assert seq == sorted(seq), (
+                    f"{sender} -> {dst} out of order: {seq[:20]}\n"
+                    f"{self._explain_order(sender, dst, seq, ids_of[sender])}"
+                )
                 assert len(seq) == len(set(seq)), f"{sender} -> {dst} duplicated"
             count += len(ids)
         assert self.missing() == 0
         return count
+
+    def _explain_order(self, src: Address, dst: Address, seq: list[int], ids: list[bytes]) -> str:
+        """The outcomes and nodes of an out-of-order pair's messages (a failure message)."""
+        i, j = self.addresses.index(src), self.addresses.index(dst)
+        lines = [
+            f"sender on node {self.clients[i].node_id}, recipient on node "
+            f"{self.clients[j].node_id} (epoch {self.clients[j].session_epoch})"
+        ]
+        for n, mid in zip(seq, ids, strict=True):
+            lines.append(
+                f"  #{n} id {mid.hex()[:8]} answered {self.outcomes.get(mid)} "
+                f"(sender on {self.answered_on.get(mid)}), received on "
+                f"{self.received_on.get(mid)}"
+            )
+        return "\n".join(lines[:30])
 
     async def close(self) -> None:
         for task in self._readers:
