@@ -23,6 +23,7 @@ from relay.clock import SystemClock
 from relay.config import LimitsConfig
 from relay.core.delivery import Relay, SendOutcome
 from relay.core.direct import DirectBatch, DirectWait
+from relay.core.sendorder import SendOrder
 from relay.core.sessions import Deliver, Session
 from relay.metrics import RelayMetrics
 from relay.model import Address, Envelope, EnvelopeKey, Outcome, QueueLimits
@@ -471,3 +472,20 @@ async def test_direct_sends_leave_no_cyclic_garbage() -> None:
             assert alive() == before
         finally:
             gc.enable()
+
+
+def test_an_ack_reported_while_the_next_envelopes_are_appended_does_not_clean_the_pair() -> None:
+    """The ack of the pair's latest stored envelope makes it clean, unless later envelopes
+    of the pair are being appended meanwhile: theirs is the ack to wait for. (Regression,
+    the cluster's Redis-restart test: the ack of #5 came back while #6 and #7 were being
+    appended, their wake-ups were lost to the presence outage, and #8 went direct with
+    nothing to follow, ahead of them.)"""
+    order = SendOrder(direct=True)
+    pair = order.pair(BOB)
+    pair.watching, pair.missed = b"5", True
+    pair.storing = 1  # #6 dispatched to the store path, its append in flight
+    order.acked_stored(BOB, b"5")
+    assert not pair.clean and pair.missed
+    pair.storing = 0
+    order.acked_stored(BOB, b"5")  # no later one: now it is the latest, and acked
+    assert pair.clean and not pair.missed

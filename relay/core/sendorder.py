@@ -194,9 +194,15 @@ class SendOrder:
         return pair.last_direct if pair.outstanding else b""
 
     def acked_stored(self, recipient: Address, message_id: bytes) -> None:
-        """The recipient acked a store-path envelope of this stream."""
+        """The recipient acked a store-path envelope of this stream.
+
+        The pair is clean only if that envelope is still the latest stored one: not while
+        a later one is being appended (``storing``), whose ack is the one to wait for.
+        (Regression: an ack reported while the next envelopes' append was in flight made
+        the pair clean; with their wake-ups lost, the next direct envelope overtook them.)
+        """
         pair = self._pairs.get(recipient)
-        if pair is not None and pair.watching == message_id:
+        if pair is not None and pair.watching == message_id and not pair.storing:
             pair.clean = True
             pair.missed = False
             pair.watching = b""
