@@ -61,8 +61,9 @@ class Wire:
     def __init__(self) -> None:
         self.nodes: dict[str, Relay] = {}
         self.cut = False
-        #: Offers (direct forwards) to lose before carrying any again.
+        #: Offers (direct forwards) and stored forwards to lose before carrying any again.
         self.lose_offers = 0
+        self.lose_forwards = 0
         self.carried: list[tuple[str, str, str]] = []  # (from, to, kind)
         self.notices: list[Notice] = []
         self.tasks: set[asyncio.Future[bool]] = set()
@@ -88,6 +89,9 @@ class _Links:
         return True
 
     def forward(self, node_id: str, items: Sequence[Pushed]) -> None:
+        if self._wire.lose_forwards:
+            self._wire.lose_forwards -= 1
+            return
         self._wire.carry(self._me, node_id, "forward", lambda p: p.accept(self._me, items))
 
     def displace(self, node_id: str, device: Address, epoch: int) -> None:
@@ -300,3 +304,37 @@ async def test_a_lost_direct_forward_is_not_overtaken_by_the_next() -> None:
             b.router.reread_all()
             await until_seen(bob, e3.message_id)
             assert history[-2:] == [e2.message_id, e3.message_id]
+
+
+async def test_an_ack_reported_while_the_next_is_appended_does_not_let_the_next_overtake() -> None:
+    """E5 goes unacked and is stored (the pair missed); E6 takes the store path and its
+    wake-up is lost; bob's ack of E5 is reported back while E6 is still being appended.
+    E8 must not go direct ahead of E6. (Regression: that report made the pair clean, E8
+    went direct with nothing to follow and bob got E8 before E6; the cluster's
+    Redis-restart test, where presence was down and wake-ups were lost.)"""
+    async with (
+        two_nodes(direct_ack_ms=100) as (a, b, queue, wire),
+        a.session(ALICE, receive=True) as alice,
+    ):
+        history: list[bytes] = []
+        async with reading(b, BOB, history) as bob:
+            await prove(a, alice, queue)
+            bob.ack = False
+            e5, e6, e8 = env(content=b"5"), env(content=b"6"), env(content=b"8")
+            assert [o.outcome for o in await send(a, alice, e5)] == [Outcome.STORED]
+            await until_seen(bob, e5.message_id)
+            await asyncio.gather(*b.peers.offers._tasks)  # b no longer holds e5 direct
+            queue.hold, queue.appending = asyncio.Event(), asyncio.Event()
+            wire.lose_forwards = 1  # e6's wake-up
+            six = asyncio.create_task(send(a, alice, e6))
+            await asyncio.wait_for(queue.appending.wait(), 5)
+            await b.ack(bob.session, [e5.message_id])  # reported to a while e6 is appended
+            assert Notice(BOB, ALICE, e5.message_id, acked=True, direct=False) in wire.notices
+            queue.hold.set()
+            assert [o.outcome for o in await six] == [Outcome.STORED]
+            bob.ack = True
+            await send(a, alice, e8)
+            b.router.reread_all()
+            await until_seen(bob, e8.message_id)
+            await until_seen(bob, e6.message_id)
+            assert history.index(e6.message_id) < history.index(e8.message_id)
