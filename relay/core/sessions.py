@@ -123,7 +123,9 @@ class Session:
         self._pending: list[Pushed] = []
         #: Content bytes of the stored envelopes in ``_pending`` (direct ones: ``_direct_bytes``).
         self._pending_bytes = 0
-        self._ephemeral: deque[Envelope] = deque(maxlen=MAX_EPHEMERAL_BUFFER)
+        #: Made at the first ephemeral envelope (an empty deque costs 760 bytes, and
+        #: most streams never get one).
+        self._ephemeral: deque[Envelope] | None = None
         #: Keys delivered in this session and not seen removed yet (never delivered twice
         #: here), as message id -> its senders: an ack names ids only (``acked``).
         self._delivered: dict[bytes, set[Address]] = {}
@@ -138,7 +140,7 @@ class Session:
         #: Direct envelopes this session holds memory for: unresolved, or still in
         #: ``_pending`` (not yet written to the device), with their sizes; and the bytes.
         self._held: dict[EnvelopeKey, int] = {}
-        self._queued: set[EnvelopeKey] = set()
+        self._queued: dict[EnvelopeKey, None] = {}  # a set: an empty dict is 64 B, a set 216
         self._direct_bytes = 0
         #: Per sender: message id of the last direct envelope this session took from it
         #: (b"" once one was dropped unwritten: none may follow it), oldest sender first.
@@ -167,6 +169,8 @@ class Session:
         """Hand live envelopes (already durable, or ephemeral) to the session."""
         for item in items:
             if item.envelope.ephemeral:
+                if self._ephemeral is None:
+                    self._ephemeral = deque(maxlen=MAX_EPHEMERAL_BUFFER)
                 self._ephemeral.append(item.envelope)
             elif (
                 len(self._pending) < self._max_inflight
@@ -208,7 +212,7 @@ class Session:
         self._held[key] = wait.size
         self._direct_bytes += wait.size
         wait.read_gen = self._reads_begun
-        self._queued.add(key)
+        self._queued[key] = None
         self._pending.append(Pushed(envelope, direct=True))
         self._wake.set()
         return True
@@ -413,7 +417,7 @@ class Session:
 
     def _dequeue(self, key: EnvelopeKey) -> None:
         """A direct envelope left ``_pending``; its memory goes once its wait is settled too."""
-        self._queued.discard(key)
+        self._queued.pop(key, None)
         if key not in self._direct:
             self._release(key)
 
