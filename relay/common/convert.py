@@ -25,18 +25,14 @@ _address_pbs: dict[Address, address_pb2.Address] = {}
 _MAX_CACHED_ADDRESSES = 100_000
 
 
-def _cached_address_pb(address: Address) -> address_pb2.Address:
+def cached_address_pb(address: Address) -> address_pb2.Address:
+    """``address_to_pb(address)``, shared: copy it into a message, never change it."""
     pb = _address_pbs.get(address)
     if pb is None:
         if len(_address_pbs) >= _MAX_CACHED_ADDRESSES:
             _address_pbs.clear()
         pb = _address_pbs[address] = address_to_pb(address)
     return pb
-
-
-def cached_address_pb(address: Address) -> address_pb2.Address:
-    """``address_to_pb(address)``, shared: copy it into a message, never change it."""
-    return _cached_address_pb(address)
 
 
 def fill_envelope(pb: relay_pb2.Envelope, env: Envelope) -> None:
@@ -51,8 +47,8 @@ def fill_envelope(pb: relay_pb2.Envelope, env: Envelope) -> None:
     if env.ephemeral:
         pb.ephemeral = True
     pb.server_timestamp_ms = env.server_timestamp_ms
-    pb.sender.CopyFrom(_cached_address_pb(env.sender))
-    pb.recipient.CopyFrom(_cached_address_pb(env.recipient))
+    pb.sender.CopyFrom(cached_address_pb(env.sender))
+    pb.recipient.CopyFrom(cached_address_pb(env.recipient))
 
 
 def envelope_from_pb(pb: relay_pb2.Envelope, sender: Address) -> Envelope:

@@ -233,7 +233,6 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             add_results(answer.results, outcomes)
             answer.device_list_mismatches.extend(mismatches_to_pb(mismatches))
         except RelayError as exc:
-            del answer.results[:]
             answer.results.extend(_batch_failure(e, exc) for e in batch.envelopes)
         finally:
             turn.resolved()
